@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Subscriber throughput, side by side in one run: wikipulse's batched, atomic fold vs the seed's fold.
+
+`pipenv run python -m bench.bench_subscriber [--events N]`: the same N events are loaded into the
+stream of a real Redis; each variant folds all of them from it. The baseline is the seed's shape:
+one pipeline of HINCRBYs (every resolution and dimension) executed per event.
+Also: pub/sub mode (events PUBLISHed by a second process) and Redis memory after the fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from bench.common import redis_server, report, write_events
+from wikipulse import keys
+from wikipulse.events import Accepted, validate
+from wikipulse.fold import fold
+from wikipulse.settings import Settings
+from wikipulse.subscriber import Subscriber
+
+PUBLISH_SCRIPT = """
+import sys, redis
+client = redis.Redis.from_url(sys.argv[1])
+lines = open(sys.argv[2], "rb").read().splitlines()
+for i in range(0, len(lines), 1000):
+    pipe = client.pipeline(transaction=False)
+    for line in lines[i:i + 1000]:
+        pipe.publish("wiki", line)
+    pipe.execute()
+"""
+
+
+async def load(client: aioredis.Redis, lines: list[bytes]) -> None:
+    await client.flushall()
+    for i in range(0, len(lines), 5000):
+        pipe = client.pipeline(transaction=False)
+        for line in lines[i : i + 5000]:
+            pipe.xadd("wiki:events", {"data": line})
+        await pipe.execute()
+
+
+async def seed_style(redis_url: str, lines: list[bytes], retention: dict[str, int]) -> float:
+    async with aioredis.Redis.from_url(redis_url) as client:
+        await load(client, lines)
+        started = time.perf_counter()
+        last = "0"
+        done = 0
+        while done < len(lines):
+            reply = await client.xread({"wiki:events": last}, count=1000)
+            for entry_id, fields in reply[0][1]:
+                verdict = validate(fields[b"data"])
+                if isinstance(verdict, Accepted):
+                    inc = fold([verdict.event], time.time(), retention)
+                    pipe = client.pipeline(transaction=False)
+                    for (key, field), n in inc.counts.items():
+                        pipe.hincrby(key, field, n)
+                    await pipe.execute()
+                last = entry_id
+                done += 1
+        return len(lines) / (time.perf_counter() - started)
+
+
+async def ours(settings: Settings, lines: list[bytes], pubsub_file: Path | None = None) -> tuple[float, int]:
+    async with aioredis.Redis.from_url(settings.redis_url) as client:
+        if pubsub_file is None:
+            await load(client, lines)
+        else:
+            await client.flushall()
+        subscriber = Subscriber(settings, client)
+        task = asyncio.create_task(subscriber.run_stream() if pubsub_file is None else subscriber.run_pubsub())
+        publisher = None
+        if pubsub_file is not None:
+            while dict(await client.pubsub_numsub("wiki")).get(b"wiki", 0) == 0:
+                await asyncio.sleep(0.01)
+            publisher = await asyncio.create_subprocess_exec(sys.executable, "-c", PUBLISH_SCRIPT, settings.redis_url, str(pubsub_file))
+        started = time.perf_counter()
+        while int(await client.hget(keys.SUBSCRIBER_STATS, "folded") or 0) < len(lines):
+            await asyncio.sleep(0.005)
+            if publisher is not None and publisher.returncode is not None and time.perf_counter() - started > 120:
+                break
+        rate = int(await client.hget(keys.SUBSCRIBER_STATS, "folded") or 0) / (time.perf_counter() - started)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if publisher is not None:
+            await publisher.wait()
+        memory = int((await client.info("memory"))["used_memory"])
+        return rate, memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.ndjson"
+        write_events(path, args.events)
+        lines = path.read_bytes().splitlines()
+        with redis_server() as server:
+            settings = Settings.from_args(environ={}, redis_url=server.url, consumer="bench", stats_interval=3600.0)
+            retention = settings.retention_seconds()
+            base = asyncio.run(seed_style(server.url, lines[: args.events // 10], retention))
+            stream_rate, memory = asyncio.run(ours(settings, lines))
+            pubsub_rate, _ = asyncio.run(ours(Settings.from_args(environ={}, redis_url=server.url, source="pubsub"), lines, path))
+    report(f"subscriber: {args.events:,} events (baseline on a tenth of them)", [
+        ("seed-style: one pipeline of HINCRBYs per event", base, "events/s"),
+        ("wikipulse, stream mode (exactly-once: one Lua script per batch)", stream_rate, "events/s"),
+        ("wikipulse, pub/sub mode (published by another process)", pubsub_rate, "events/s"),
+    ])  # fmt: skip
+    print(f"\nRedis used_memory after the stream fold: {memory / 1e6:.1f} MB (stream included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Shared test helpers: run the pipeline's stages in-process against real services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import cache
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+
+from tests.conftest import CALIBRATED
+from wikipulse.eventstreams import ReplaySource
+from wikipulse.publisher import Publisher
+from wikipulse.settings import Settings
+
+
+@cache
+def calibrated_lines() -> tuple[bytes, ...]:
+    return tuple(CALIBRATED.read_bytes().splitlines())
+
+
+def calibrated_source() -> ReplaySource:
+    return ReplaySource(calibrated_lines())
+
+
+def non_canary_ids(lines: tuple[bytes, ...] | list[bytes]) -> list[str]:
+    out = []
+    for line in lines:
+        meta = orjson.loads(line)["meta"]
+        if meta["domain"] != "canary":
+            out.append(meta["id"])
+    return out
+
+
+def assert_same(got: Mapping[Any, Any] | Sequence[Any], expected: Mapping[Any, Any] | Sequence[Any], show: int = 5) -> None:
+    """Equality with a short report: pytest's own diff of two 10,000-entry collections takes minutes."""
+    if got == expected:
+        return
+    if isinstance(got, Mapping) and isinstance(expected, Mapping):
+        wrong = [(k, got.get(k), expected.get(k)) for k in sorted(set(got) | set(expected), key=repr) if got.get(k) != expected.get(k)]
+        raise AssertionError(f"{len(wrong)} keys differ (got, expected), e.g. {wrong[:show]}")
+    got_list, expected_list = list(got), list(expected)
+    first = next(
+        (i for i, (a, b) in enumerate(zip(got_list, expected_list, strict=False)) if a != b), min(len(got_list), len(expected_list))
+    )
+    raise AssertionError(f"lengths {len(got_list)} vs {len(expected_list)}; first difference at {first}: "
+                         f"{got_list[first:first + show]} vs {expected_list[first:first + show]}")  # fmt: skip
+
+
+async def stream_ids(client: aioredis.Redis, stream: str = "wiki:events") -> list[str]:
+    entries = await client.xrange(stream)
+    return [orjson.loads(fields[b"data"])["meta"]["id"] for _, fields in entries]
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str, task: asyncio.Task[None] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if task is not None and task.done():
+            task.result()  # surface the stage's exception
+            raise AssertionError(f"the task ended before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def run_publisher_until(settings: Settings, check: Callable[[aioredis.Redis], Awaitable[bool]], timeout: float = 60) -> Publisher:
+    """Run a Publisher until `check(client)` holds, then stop it as SIGINT would."""
+    async with aioredis.Redis.from_url(settings.redis_url) as client, aiohttp.ClientSession() as session:
+        publisher = Publisher(settings, client, session)
+        task = asyncio.create_task(publisher.run())
+        try:
+            await wait_for(lambda: check(client), timeout, "the publisher's condition", task)
+        finally:
+            await stop(task)
+            await publisher.close()
+    return publisher
+
+
+def xlen_at_least(n: int, stream: str = "wiki:events") -> Callable[[aioredis.Redis], Awaitable[bool]]:
+    async def check(client: aioredis.Redis) -> bool:
+        return int(await client.xlen(stream)) >= n
+
+    return check

@@ -1,0 +1,60 @@
+"""No Docker engine runs here: check docker-compose.yml against the scripts and the settings instead."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wikipulse.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_NAMES = {f.metadata["env"] for f in fields(Settings)}
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_services_and_their_commands() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "publisher", "subscriber", "dash"}
+    for name, script in (("publisher", "publisher.py"), ("subscriber", "subscriber.py"), ("dash", "dash_app.py")):
+        service = services[name]
+        assert service["command"] == ["python", script]
+        assert (ROOT / script).is_file()
+        assert service["build"] == "."
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_every_environment_variable_is_a_setting() -> None:
+    for name, service in compose()["services"].items():
+        if name != "redis":
+            assert set(service["environment"]) <= ENV_NAMES, name
+
+
+def test_redis_is_persistent_and_healthchecked() -> None:
+    data = compose()
+    redis = data["services"]["redis"]
+    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert redis["volumes"] == ["redis-data:/data"] and "redis-data" in data["volumes"]
+    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+
+
+def test_dashboard_published_on_loopback_only() -> None:
+    dash = compose()["services"]["dash"]
+    assert dash["ports"] == ["127.0.0.1:8050:8050"]
+    assert dash["environment"]["DASH_PORT"] == "8050"
+    assert "healthcheck" in dash
+
+
+def test_dockerfile_copies_what_the_services_run() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for path in ("wikipulse", "publisher.py", "subscriber.py", "dash_app.py", "Pipfile.lock"):
+        assert path in dockerfile
+    assert "--deploy" in dockerfile and "USER nobody" in dockerfile

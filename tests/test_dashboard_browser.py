@@ -1,0 +1,260 @@
+"""The page in a real headless Chromium (Debian's), against a real Redis fed with known events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from wikipulse import keys
+from wikipulse.fold import fold
+from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.series import SeriesWriter
+from wikipulse.settings import Settings
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install Debian's chromium for the browser tests")
+    pytest.skip("no chromium installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
+
+RETENTION = Settings.from_args(environ={}).retention_seconds()
+
+
+def fold_into(url: str, events: list[dict[str, Any]]) -> None:
+    """Fold events into Redis the way the subscriber does (pub/sub style: no stream entries to ack)."""
+
+    async def go() -> None:
+        async with aioredis.Redis.from_url(url) as client:
+            inc = fold(events, time.time(), RETENTION)
+            await SeriesWriter(client, "wiki:events", "wikipulse", "test").apply(inc, [], {"folded": inc.folded})
+
+    # Playwright's sync API runs an event loop in this thread: fold in another one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: asyncio.run(go())).result()
+
+
+def make_events(domain: str, n: int, t: float, kind: str = "edit", bot: bool = False) -> list[dict[str, Any]]:
+    return [{"meta": {"domain": domain, "id": f"{domain}-{t}-{i}"}, "timestamp": int(t), "type": kind, "bot": bot} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def dash_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    server = RedisServer(tmp_path_factory.mktemp("dash-redis")).start()
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": server.url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "dash_app.py"], env=env, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(base, timeout=2).close()
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.2)
+    yield server.url, base
+    process.terminate()
+    process.wait(10)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def seeded(dash_env: tuple[str, str]) -> Iterator[tuple[redis.Redis, str]]:
+    url, base = dash_env
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    now = time.time()
+    fold_into(url, make_events("en.wikipedia.org", 30, now - 15) + make_events("commons.wikimedia.org", 50, now - 15, "categorize", True)
+              + make_events("www.wikidata.org", 40, now - 15) + make_events("de.wikipedia.org", 5, now - 15, "new"))  # fmt: skip
+    client.hset(keys.PUBLISHER_STATS, mapping={"updated_at": now, "last_publish_at": now, "lag_seconds": 1.2})
+    event = {
+        "meta": {"domain": "en.wikipedia.org"},
+        "type": "edit",
+        "title": "Zürich",
+        "title_url": "https://en.wikipedia.org/wiki/Z%C3%BCrich",
+        "user": "Ann",
+        "bot": False,
+    }
+    client.xadd("wiki:events", {"data": orjson.dumps(event)})
+    yield client, base
+    client.close()
+
+
+def open_page(browser: Browser, url: str) -> tuple[Page, list[str]]:
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+
+    def on_console(msg: ConsoleMessage) -> None:
+        if msg.type == "error":
+            errors.append(msg.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_function(
+        "() => { const g = document.querySelector('#graph .js-plotly-plot'); return g && g.data && g.data.length > 0 }", timeout=15000
+    )
+    return page, errors
+
+
+def trace_names(page: Page) -> list[str]:
+    return list(page.evaluate("() => document.querySelector('#graph .js-plotly-plot').data.map(t => t.name)"))
+
+
+def test_page_loads_with_defaults_and_no_console_errors(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, errors = open_page(browser, base)
+    assert sorted(trace_names(page)) == ["commons.wikimedia.org", "en.wikipedia.org", "www.wikidata.org"]
+    page.wait_for_function("() => document.querySelector('#h-hour').textContent === '125'", timeout=10000)
+    assert "Zürich" in page.inner_text("#ticker")
+    assert page.get_attribute("#ticker a", "href") == "https://en.wikipedia.org/wiki/Z%C3%BCrich"
+    assert "domains=" in page.url  # the selection is in the URL: a reload keeps it
+    page.wait_for_timeout(2500)  # a refresh or two
+    assert errors == []
+    page.close()
+
+
+def test_picking_a_domain_changes_the_traces_and_survives_reload(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, errors = open_page(browser, base + "?domains=en.wikipedia.org")
+    assert trace_names(page) == ["en.wikipedia.org"]
+    page.click("#domains")
+    page.keyboard.type("de.wikipedia")
+    page.click(".dash-dropdown-option:has-text('de.wikipedia.org')", timeout=10000)  # waits for the filtered option
+    page.wait_for_function("() => document.querySelector('#graph .js-plotly-plot').data.length === 2", timeout=10000)
+    assert trace_names(page) == ["en.wikipedia.org", "de.wikipedia.org"]
+    page.wait_for_function("() => location.search.includes('de.wikipedia.org')", timeout=10000)
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#graph .js-plotly-plot')?.data?.length === 2", timeout=10000)
+    assert trace_names(page) == ["en.wikipedia.org", "de.wikipedia.org"]
+    assert errors == []
+    page.close()
+
+
+def test_a_newly_folded_event_shows_up_within_3_seconds(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    page, _ = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s")
+    total = "() => document.querySelector('#graph .js-plotly-plot').data[0].y.reduce((a, b) => a + (b || 0), 0)"
+    assert page.evaluate(total) == 0
+    url = client.connection_pool.connection_kwargs
+    fold_into(f"redis://127.0.0.1:{url['port']}/0", make_events("fr.wikipedia.org", 7, time.time()))
+    started = time.monotonic()
+    page.wait_for_function(f"() => ({total})() === 7", timeout=3000)
+    assert time.monotonic() - started < 3
+    page.close()
+
+
+def test_switching_resolution(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s")
+    page.click("#resolution >> text=1m")
+    page.wait_for_function("() => location.search.includes('res=1m') && location.search.includes('window=6h')", timeout=10000)
+    step = (
+        "() => { const x = document.querySelector('#graph .js-plotly-plot').data[0].x; return (Date.parse(x[1]) - Date.parse(x[0])) / 1e3 }"
+    )
+    page.wait_for_function(f"() => ({step})() === 60", timeout=10000)
+    assert errors == []
+    page.close()
+
+
+def test_breakdown_by_bot(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, _ = open_page(browser, base + "?domains=commons.wikimedia.org&by=bot")
+    assert trace_names(page) == ["commons.wikimedia.org · bot", "commons.wikimedia.org · human"]
+    page.close()
+
+
+def test_stale_banner(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    client.hset(keys.PUBLISHER_STATS, "last_publish_at", time.time() - 120)
+    page, _ = open_page(browser, base)
+    page.wait_for_selector("#stale-banner", state="visible", timeout=10000)
+    assert "Stale" in page.inner_text("#stale-banner")
+    page.close()
+
+
+def test_clicking_a_top_domain_adds_it(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, _ = open_page(browser, base + "?domains=en.wikipedia.org")
+    page.click("#top-hour >> text=www.wikidata.org")
+    page.wait_for_function("() => document.querySelector('#graph .js-plotly-plot').data.length === 2", timeout=10000)
+    assert trace_names(page) == ["en.wikipedia.org", "www.wikidata.org"]
+    page.close()
+
+
+def test_a_malicious_domain_is_refused(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    before = sorted(client.keys("*"))
+    page, _ = open_page(browser, base + "?domains=en.wikipedia.org")
+    # Send the refresh callback a hostile value directly, as a crafted request would.
+    response = page.evaluate(
+        """async () => {
+            const deps = await (await fetch('/_dash-dependencies')).json();
+            const refresh = deps.find(d => d.output.includes('graph.figure'));
+            const values = {domains: ['en.wikipedia.org}:*', 'x\\r\\nFLUSHALL'], resolution: '10s', window: '30m', breakdown: 'total'};
+            const inputs = refresh.inputs.map(i => ({...i, value: i.id in values ? values[i.id] : 1}));
+            const r = await fetch('/_dash-update-component', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({output: refresh.output, outputs: refresh.output.slice(2, -2).split('...').map(s => {
+                    const [id, property] = s.split('.'); return {id, property}}), inputs, changedPropIds: ['domains.value'], state: []})});
+            return {status: r.status, body: await r.text()};
+        }"""
+    )
+    assert response["status"] == 200, response["body"][:2000]
+    assert "Refused" in response["body"] and "FLUSHALL" not in response["body"].replace("Refused: not a domain", "")
+    assert sorted(client.keys("*")) == before  # nothing was read or written under a crafted key
+    page.close()
+
+
+def test_debug_is_off_and_bound_to_loopback(dash_env: tuple[str, str]) -> None:
+    _, base = dash_env
+    assert base.startswith("http://127.0.0.1:")
+    # A callback request naming no callback makes Dash raise: in debug mode Werkzeug would answer with its debugger.
+    bogus = {"output": "nope.children", "outputs": {"id": "nope", "property": "children"}, "inputs": [], "changedPropIds": []}
+    request = urllib.request.Request(
+        base + "_dash-update-component", data=orjson.dumps(bogus), headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        urllib.request.urlopen(request, timeout=10)
+    body = failure.value.read().decode(errors="replace")
+    failure.value.close()
+    assert failure.value.code == 500
+    assert "Werkzeug Debugger" not in body
+    assert "Traceback" not in body
+
+
+def test_screenshot(browser: Browser, seeded: tuple[redis.Redis, str], tmp_path: Any) -> None:
+    _, base = seeded
+    page, _ = open_page(browser, base)
+    path = os.environ.get("WIKIPULSE_SCREENSHOT", str(tmp_path / "dashboard.png"))
+    page.screenshot(path=path, full_page=True)
+    assert os.path.getsize(path) > 10_000
+    page.close()

@@ -1,0 +1,94 @@
+"""The fold against an independent, per-event reference, on a fixed clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from tests.conftest import CALIBRATED
+from tests.helpers import assert_same
+from wikipulse import keys
+from wikipulse.fold import FUTURE_TOLERANCE, fold
+from wikipulse.settings import Settings
+
+RETENTION = Settings.from_args(environ={}).retention_seconds()
+
+
+def load(path: Any = CALIBRATED) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[str, str, int, str]]:
+    """(domain, resolution, bucket, dimension) -> count, one event at a time, with no shared code path."""
+    out: Counter[tuple[str, str, int, str]] = Counter()
+    for e in events:
+        if e["meta"]["domain"] == "canary":
+            continue
+        t = int(e["timestamp"])
+        kind = e["type"] if e["type"] in ("edit", "new", "log", "categorize") else "other"
+        who = "bot" if e["bot"] else "human"
+        for name, step in (("10s", 10), ("1m", 60), ("1h", 3600)):
+            for d in (e["meta"]["domain"], "_all"):
+                for dim in ("", kind, who):
+                    out[(d, name, t // step * step, dim)] += 1
+    return out
+
+
+def as_reference(counts: Counter[tuple[str, str]]) -> Counter[tuple[str, str, int, str]]:
+    out: Counter[tuple[str, str, int, str]] = Counter()
+    for (key, fld), n in counts.items():
+        _, _, tag, res, _window = key.split(":")
+        bucket, _, dim = fld.partition(":")
+        out[(tag.strip("{}"), res, int(bucket), dim)] += n
+    return out
+
+
+def test_fold_equals_reference_at_every_resolution_and_dimension() -> None:
+    events = [e for e in load() if e["meta"]["domain"] != "canary"]
+    now = max(e["timestamp"] for e in events) + 60
+    inc = fold(events, now, RETENTION)
+    assert inc.folded == len(events) == 9996
+    assert_same(as_reference(inc.counts), reference_fold(events, now))
+
+
+def test_keys_cover_fixed_windows_and_expire_after_retention() -> None:
+    t = 1_700_000_123
+    inc = fold([{"meta": {"domain": "a.org"}, "timestamp": t, "type": "edit", "bot": False}], t + 1, RETENTION)
+    for res in keys.RESOLUTIONS:
+        window = t - t % res.window
+        key = keys.series_key("a.org", res, window)
+        assert inc.expire_at[key] == window + res.window + RETENTION[res.name]
+        assert inc.counts[(key, str(t - t % res.step))] == 1
+        assert inc.counts[(key, f"{t - t % res.step}:edit")] == 1
+        assert inc.counts[(key, f"{t - t % res.step}:human")] == 1
+
+
+def test_late_future_and_untimed_are_counted_not_folded() -> None:
+    now = 1_700_000_000
+    events: list[dict[str, Any]] = [
+        {"meta": {"domain": "a.org"}, "timestamp": now - 401 * 86400},
+        {"meta": {"domain": "a.org"}, "timestamp": now + FUTURE_TOLERANCE + 1},
+        {"meta": {"domain": "a.org"}},
+        {"meta": {"domain": "a.org", "dt": "2023-11-14T22:13:20Z"}},  # falls back to meta.dt
+    ]
+    inc = fold(events, now, RETENTION)
+    assert (inc.late, inc.future, inc.untimed, inc.folded) == (1, 1, 1, 1)
+
+
+def test_resolutions_past_their_retention_are_skipped() -> None:
+    now = 1_700_000_000
+    old = now - 2 * 86400  # too old for 10 s (6 h) but kept at 1 min and 1 h
+    inc = fold([{"meta": {"domain": "a.org"}, "timestamp": old}], now, RETENTION)
+    resolutions = {key.split(":")[3] for key, _ in inc.counts}
+    assert resolutions == {"1m", "1h"}
+    assert not inc.rank  # the ranking only keeps the last hour
+
+
+def test_rank_counts_per_minute() -> None:
+    now = 1_700_000_000
+    events = [{"meta": {"domain": d}, "timestamp": now - 5} for d in ("a.org", "a.org", "b.org")]
+    inc = fold(events, now, RETENTION)
+    minute = (now - 5) // 60 * 60
+    assert inc.rank == Counter({(keys.rank_key(minute), "a.org"): 2, (keys.rank_key(minute), "b.org"): 1})

@@ -1,0 +1,57 @@
+"""End to end: `up --simulate` as a user runs it, against its own embedded Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import redis
+
+from wikipulse.redis_server import free_port
+
+
+def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> None:
+    redis_port, dash_port = free_port(), free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**os.environ, "REDIS_URL": url, "DASH_PORT": str(dash_port), "LOG_LEVEL": "INFO"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "wikipulse", "up", "--simulate", "--rate", "200", "--data-dir", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        started = time.monotonic()
+        banner = up.stdout.readline()
+        while "wikipulse is up" not in banner:
+            assert up.poll() is None and time.monotonic() - started < 60, f"up did not start: {banner}"
+            banner = up.stdout.readline()
+        assert f"http://127.0.0.1:{dash_port}/" in banner
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # redis-server, feed, publisher, subscriber, dashboard
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        folded = 0
+        while folded < 50:
+            assert time.monotonic() < deadline, "no events reached the counters within 10 s"
+            folded = int(client.hget("wp:subscriber:stats", "folded") or 0)
+            time.sleep(0.2)
+        assert any(k.startswith(b"wp:ts:{") for k in client.scan_iter("wp:ts:*"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/", timeout=10) as page:
+            assert page.status == 200 and b"wikipulse" in page.read()
+        client.close()
+        assert (tmp_path / "redis" / "appendonly.aof").exists() or (tmp_path / "redis" / "appendonlydir").exists()
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        if up.stdout is not None:
+            up.stdout.close()
+    time.sleep(0.5)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], "orphans left behind"

@@ -1,0 +1,120 @@
+"""The dashboard's pure parts with plain values: selection checks, figure, header, ticker, CSV."""
+
+from __future__ import annotations
+
+import pytest
+
+from wikipulse import keys
+from wikipulse.dashboard import render
+from wikipulse.view import (
+    Selection,
+    SelectionError,
+    Snapshot,
+    clean_selection,
+    default_domains,
+    events_per_second,
+    fill_gaps,
+    header,
+    make_figure,
+    query_from_selection,
+    selection_from_query,
+    stale_seconds,
+    ticker_rows,
+    to_frame,
+)
+
+NOW = 1_700_000_005.0
+BUCKETS = [1_699_999_970, 1_699_999_980, 1_699_999_990, 1_700_000_000]
+
+
+def snapshot(**kw: object) -> Snapshot:
+    base = dict(
+        now=NOW,
+        buckets=BUCKETS,
+        series={
+            keys.ALL_DOMAINS: {"": [None, 10, 12, 3]},
+            "a.org": {"": [None, 4, None, 1], "edit": [None, 4, None, 1]},
+        },
+        publisher={"updated_at": NOW - 1, "last_publish_at": NOW - 1, "lag_seconds": 1.5},
+        recent_10s=[10, 12, 3],
+        last_hour_1m=[100, None, 50],
+        ranked_hour=[("b.org", 5.0), ("a.org", 9.0)],
+        ranked_5min=[("a.org", 2.0)],
+    )
+    base.update(kw)
+    return Snapshot(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "domains", [["a.org}"], ["{a.org}"], ["a org"], ["A.org"], [5], "x" * 300, ["a.org"] * 13, {"a": 1}, ["*"], ["a.org\r\nFLUSHALL"]]
+)
+def test_hostile_domains_are_refused(domains: object) -> None:
+    with pytest.raises(SelectionError):
+        clean_selection(domains, "10s", "30m", "total")
+
+
+@pytest.mark.parametrize(("res", "by"), [("2s", "total"), ("10s", "evil"), (None, "total")])
+def test_unknown_resolution_or_breakdown_refused(res: object, by: object) -> None:
+    with pytest.raises(SelectionError):
+        clean_selection(["a.org"], res, "30m", by)
+
+
+def test_window_falls_back_to_the_resolution_default() -> None:
+    assert clean_selection(["a.org"], "1h", "30m", "bot").window == "7d"
+
+
+def test_url_round_trip() -> None:
+    sel = Selection(("a.org", "b.org"), "1m", "6h", "type")
+    raw = selection_from_query(query_from_selection(sel))
+    assert clean_selection(raw["domains"], raw["resolution"], raw["window"], raw["breakdown"]) == sel
+
+
+def test_default_domains_include_enwiki_when_active() -> None:
+    ranked = [("commons.wikimedia.org", 50.0), ("www.wikidata.org", 20.0), ("de.wikipedia.org", 9.0), ("en.wikipedia.org", 8.0)]
+    assert default_domains(ranked) == ["commons.wikimedia.org", "www.wikidata.org", "en.wikipedia.org"]
+    assert default_domains(ranked[:3]) == ["commons.wikimedia.org", "www.wikidata.org", "de.wikipedia.org"]
+
+
+def test_gaps_only_where_the_pipeline_recorded_nothing() -> None:
+    assert fill_gaps([None, 4, None, 1], [False, True, True, True]) == [None, 4, 0, 1]
+
+
+def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_bucket() -> None:
+    sel = Selection(("a.org",), "10s", "30m", "type")
+    fig = make_figure(snapshot(), sel)
+    names = [t.name for t in fig.data]
+    assert names == [f"a.org · {t}" for t in keys.EVENT_TYPES]
+    edit = fig.data[0]
+    assert list(edit.y) == [None, 4, 0, 1]
+    assert fig.layout.shapes and fig.layout.uirevision == "a.org|10s|30m|type"
+
+
+def test_header_and_stale() -> None:
+    head = header(snapshot())
+    assert head == {"eps": "1.2", "hour": "150", "active": "1", "lag": "1.5 s", "publisher": "running"}
+    assert stale_seconds(snapshot()) is None
+    assert stale_seconds(snapshot(publisher={"last_publish_at": NOW - 61})) == pytest.approx(61)
+    assert stale_seconds(snapshot(publisher={})) == float("inf")
+    assert events_per_second([5]) is None
+
+
+def test_ticker_links_only_http() -> None:
+    rows = ticker_rows([
+        {"meta": {"domain": "a.org"}, "type": "edit", "title": "T", "title_url": "javascript:alert(1)", "user": "u", "bot": True},
+        {"meta": {"domain": "a.org"}, "type": "new", "title": "U", "title_url": "https://a.org/wiki/U", "user": "v"},
+    ])  # fmt: skip
+    assert [r["url"] for r in rows] == [None, "https://a.org/wiki/U"]
+    assert [r["bot"] for r in rows] == [True, False]
+
+
+def test_csv_frame() -> None:
+    frame = to_frame(snapshot(), Selection(("a.org",), "10s", "30m", "total"))
+    assert list(frame.columns) == ["bucket_start", "a.org"]
+    assert frame["a.org"].tolist()[1:] == [4, 0, 1]
+
+
+def test_render_ranks_options_and_top_lists() -> None:
+    out = render(snapshot(), Selection(("c.org",), "10s", "30m", "total"))
+    options = out[1]
+    assert [o["value"] for o in options] == ["a.org", "b.org", "c.org"]  # ranked, and the picked one kept
+    assert out[8] == {"display": "none"}  # no stale banner

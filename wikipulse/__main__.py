@@ -1,0 +1,5 @@
+import sys
+
+from wikipulse.cli import main
+
+sys.exit(main())

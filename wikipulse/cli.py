@@ -1,0 +1,207 @@
+"""Command line: `python -m wikipulse COMMAND`, and the top-level scripts users run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from wikipulse.settings import Settings, SettingsError, redact_url
+
+logger = logging.getLogger("wikipulse")
+
+REDIS = ("redis_url", "log_level")
+PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
+             "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval")  # fmt: skip
+SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "retention", "batch_size",
+              "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval")  # fmt: skip
+DASH = (*REDIS, "host", "port", "stream", "group", "channel")
+ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_until_signal(main: Callable[[], Awaitable[Any]]) -> int:
+    """Run `main` until it ends or SIGINT/SIGTERM cancels it; a signal is a clean stop (exit 0)."""
+
+    async def runner() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        await main()
+
+    try:
+        asyncio.run(runner())
+    except asyncio.CancelledError:
+        logger.info("stopped")
+    return 0
+
+
+def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.publisher import run_publisher
+
+    logger.info(
+        "publisher: %s -> %s (channel %r, stream %r)",
+        settings.stream_url,
+        redact_url(settings.redis_url),
+        settings.channel,
+        settings.stream,
+    )
+    return run_until_signal(lambda: run_publisher(settings))
+
+
+def cmd_subscribe(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.subscriber import run_subscriber
+
+    logger.info("subscriber: %s (%s)", redact_url(settings.redis_url), settings.source)
+    return run_until_signal(lambda: run_subscriber(settings))
+
+
+def cmd_dash(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.dashboard import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.supervisor import Plan, run_up
+
+    plan = Plan(settings=settings, simulate=args.simulate, replay=args.replay, rate=args.rate, data_dir=Path(args.data_dir))
+    return run_until_signal(lambda: run_up(plan))
+
+
+def _server_options(args: argparse.Namespace) -> Any:
+    from wikipulse.eventstreams import ServerOptions
+
+    return ServerOptions(rate=args.rate, drop_every=args.drop_every, overlap=args.overlap, malformed_every=args.malformed_every)
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.eventstreams import ReplaySource, serve
+
+    source = ReplaySource.from_file(args.file)
+    return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.eventstreams import SimulatedSource, serve
+    from wikipulse.simulate import LIVE_RATE, Simulator
+
+    count = args.count
+    # Endless: a few seconds back, so the feed's lag (now - meta.dt) looks like the live one.
+    start = args.start if args.start is not None else time.time() - (count / LIVE_RATE if count else 3.0)
+    sim = Simulator(seed=args.seed, start=start)
+    if args.out:
+        if count is None:
+            raise SettingsError("simulate --out needs --count")
+        with open(args.out, "wb") as out:
+            for i in range(count):
+                out.write(orjson.dumps(sim.event(i)) + b"\n")
+        return 0
+    return run_until_signal(lambda: serve(SimulatedSource(sim, count), _server_options(args), args.host, args.port))
+
+
+def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import counts
+
+    result = asyncio.run(counts(settings, args.domain, args.resolution, args.since, args.until, args.by))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    return 0
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import stats
+
+    sys.stdout.write(orjson.dumps(asyncio.run(stats(settings)), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    p.add_argument("--rate", type=float, default=35.0, help="events/s, 0 = as fast as the client reads (default 35)")
+    p.add_argument("--drop-every", type=int, default=0, help="fault injection: close the connection after N events")
+    p.add_argument("--overlap", type=int, default=0, help="fault injection: re-deliver N events before the resume point")
+    p.add_argument("--malformed-every", type=int, default=0, help="fault injection: a malformed frame after every N events")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wikipulse", description="The live pulse of the Wikimedia wikis, through Redis.", epilog=ENV_HELP
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[Settings, argparse.Namespace], int], help: str, options: Sequence[str]
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=ENV_HELP)
+        Settings.add_arguments(p, dict.fromkeys(options))
+        p.set_defaults(func=func)
+        return p
+
+    command("publish", cmd_publish, "read the EventStreams feed and republish every event to Redis", PUBLISHER)
+    command("subscribe", cmd_subscribe, "fold events into per-domain time series in Redis", SUBSCRIBER)
+    command("dash", cmd_dash, "serve the live dashboard", DASH)
+    up = command("up", cmd_up, "run everything (Redis included, if none answers) as one supervised group", (*PUBLISHER, *SUBSCRIBER, *DASH))
+    feed = up.add_mutually_exclusive_group()
+    feed.add_argument("--simulate", action="store_true", help="feed the pipeline from a local simulated EventStreams server")
+    feed.add_argument("--replay", metavar="FILE", help="feed the pipeline from a local server replaying FILE (JSON lines or .sse)")
+    up.add_argument("--rate", type=float, default=35.0, help="events/s of --simulate/--replay (default 35, 0 = max)")
+    up.add_argument("--data-dir", default=".wikipulse", help="where the embedded Redis keeps its data (default .wikipulse)")
+
+    replay = sub.add_parser("replay", help="serve FILE (JSON lines or an .sse capture) as a local EventStreams server")
+    replay.add_argument("file")
+    _add_server_args(replay)
+    replay.set_defaults(func=cmd_replay)
+
+    simulate = sub.add_parser("simulate", help="serve simulated events as a local EventStreams server, or write them with --out")
+    simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    simulate.add_argument("--count", type=int, default=None, help="events to generate (default: endless)")
+    simulate.add_argument(
+        "--start", type=float, default=None, help="unix time of the first event (default: now, or count/35 s ago with --count)"
+    )
+    simulate.add_argument("--out", help="write --count events as JSON lines to this file instead of serving")
+    _add_server_args(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+    counts = command("counts", cmd_counts, "print a domain's counts as JSON {bucket_start: count}", ("redis_url", "retention", "log_level"))
+    counts.add_argument("domain", help="e.g. en.wikipedia.org, or _all for every domain together")
+    counts.add_argument("--resolution", default="1m", choices=("10s", "1m", "1h"))
+    counts.add_argument("--since", help="start: unix seconds or ISO date (default: one hour of buckets back)")
+    counts.add_argument("--until", help="end: unix seconds or ISO date (default now)")
+    counts.add_argument("--by", choices=("type", "bot"), help="break down by event type or bot/human")
+
+    command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_args(args)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    setup_logging(settings.log_level)
+    try:
+        return int(args.func(settings, args))
+    except SettingsError as exc:
+        parser.error(str(exc))
+
+
+def script(command: str) -> None:
+    """Entry of the top-level scripts: `./publisher.py ARGS` is `python -m wikipulse publish ARGS`."""
+    sys.exit(main([command, *sys.argv[1:]]))

@@ -1,0 +1,318 @@
+"""The Dash page: pick domains, watch their edit rates. Reads Redis only; never writes counters.
+
+All Redis reads of a refresh are one pipelined round trip (`read_snapshot`); what the
+page shows is computed by the pure functions in view.py. Debug is off and the server
+binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import dash
+import orjson
+import redis
+from dash import ALL, Input, Output, State, ctx, dcc, html
+from dash.exceptions import PreventUpdate
+
+from wikipulse import keys
+from wikipulse.series import bucket_range, fields_for
+from wikipulse.settings import Settings
+from wikipulse.status import decode_hash
+from wikipulse.view import (
+    BREAKDOWNS,
+    DEFAULT_WINDOW,
+    WINDOWS,
+    Selection,
+    SelectionError,
+    Snapshot,
+    clean_selection,
+    default_domains,
+    header,
+    make_figure,
+    query_from_selection,
+    selection_from_query,
+    stale_seconds,
+    ticker_rows,
+    to_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+REFRESH_MS = 2000
+TICKER_SIZE = 12
+TOP_SIZE = 10
+
+
+def read_snapshot(client: redis.Redis, stream: str, sel: Selection, now: float | None = None) -> Snapshot:
+    """Everything one refresh needs, in one pipelined round trip."""
+    now = time.time() if now is None else now
+    t = int(now)
+    res = sel.res
+    buckets = bucket_range(res, t - sel.seconds + res.step, t)
+    pipe = client.pipeline(transaction=False)
+    plan: list[tuple[str, list[str]]] = []
+    for domain in (*sel.domains, keys.ALL_DOMAINS):
+        dims = sel.dims if domain != keys.ALL_DOMAINS else ("",)
+        for key, flds in fields_for(res, domain, buckets, dims).items():
+            plan.append((domain, flds))
+            pipe.hmget(key, flds)
+    ten = keys.RESOLUTION_BY_NAME["10s"]
+    minute = keys.RESOLUTION_BY_NAME["1m"]
+    recent = fields_for(ten, keys.ALL_DOMAINS, bucket_range(ten, t - 20, t), ("",))
+    hour = fields_for(minute, keys.ALL_DOMAINS, bucket_range(minute, t - 3540, t), ("",))
+    for key, flds in (*recent.items(), *hour.items()):
+        pipe.hmget(key, flds)
+    pipe.zunion(keys.rank_keys(t, 3600), withscores=True)
+    pipe.zunion(keys.rank_keys(t, 300), withscores=True)
+    pipe.hgetall(keys.PUBLISHER_STATS)
+    pipe.xrevrange(stream, count=TICKER_SIZE)
+    replies = pipe.execute()
+
+    series: dict[str, dict[str, list[int | None]]] = {}
+    for (domain, _flds), values in zip(plan, replies, strict=False):
+        dims = sel.dims if domain != keys.ALL_DOMAINS else ("",)
+        per_dim = series.setdefault(domain, {d: [] for d in dims})
+        for i, v in enumerate(values):
+            per_dim[dims[i % len(dims)]].append(None if v is None else int(v))
+    rest = replies[len(plan) :]
+    n_recent, n_hour = len(recent), len(hour)
+    recent_values = [None if v is None else int(v) for r in rest[:n_recent] for v in r]
+    hour_values = [None if v is None else int(v) for r in rest[n_recent : n_recent + n_hour] for v in r]
+    ranked_hour, ranked_5min, publisher, latest = rest[n_recent + n_hour :]
+    return Snapshot(
+        now=now,
+        buckets=buckets,
+        series=series,
+        ranked_hour=[(m.decode(), s) for m, s in ranked_hour],
+        ranked_5min=[(m.decode(), s) for m, s in ranked_5min],
+        publisher=decode_hash(publisher),
+        recent_10s=recent_values,
+        last_hour_1m=hour_values,
+        latest=[_parse(fields.get(b"data", b"")) for _, fields in latest],
+    )
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def ranked_desc(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    return sorted(pairs, key=lambda p: (-p[1], p[0]))
+
+
+def stat_card(label: str, id_: str) -> html.Div:
+    return html.Div([html.Div(label, className="label"), html.Div("–", id=id_, className="value")], className="card")
+
+
+def serve_layout() -> html.Div:
+    """A function, so every page load gets fresh defaults."""
+    return html.Div(
+        [
+            dcc.Location(id="url", refresh=False),
+            dcc.Store(id="initialized", data=False),
+            dcc.Interval(id="tick", interval=REFRESH_MS),
+            dcc.Download(id="download"),
+            html.Div(id="stale-banner", className="stale", style={"display": "none"}),
+            html.H1("wikipulse · the live pulse of the Wikimedia wikis"),
+            html.Div(
+                [
+                    stat_card("events/s now", "h-eps"),
+                    stat_card("events, last hour", "h-hour"),
+                    stat_card("active domains (5 min)", "h-active"),
+                    stat_card("ingest lag", "h-lag"),
+                    stat_card("publisher", "h-publisher"),
+                ],
+                className="cards",
+            ),
+            html.Div(
+                [
+                    dcc.Dropdown(id="domains", multi=True, searchable=True, placeholder="Pick domains…", options=[], value=[]),
+                    dcc.RadioItems(id="resolution", options=list(WINDOWS), value="10s", inline=True),
+                    dcc.Dropdown(id="window", options=list(WINDOWS["10s"]), value="30m", clearable=False, style={"width": "110px"}),
+                    dcc.RadioItems(id="breakdown", options=list(BREAKDOWNS), value="total", inline=True),
+                    html.Button("Download CSV", id="export"),
+                ],
+                className="controls",
+            ),
+            html.Div(id="selection-error", className="error"),
+            dcc.Graph(id="graph", config={"displaylogo": False}),
+            html.Div(
+                [
+                    html.Div([html.H3("Top domains · 5 min"), html.Div(id="top-5min")], className="top"),
+                    html.Div([html.H3("Top domains · hour"), html.Div(id="top-hour")], className="top"),
+                    html.Div([html.H3("Latest changes"), html.Table(id="ticker")], className="ticker"),
+                ],
+                className="bottom",
+            ),
+        ],
+        className="page",
+    )
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; }
+.page { max-width: 1280px; margin: 0 auto; padding: 12px 20px; }
+h1 { font-size: 22px; margin: 8px 0 12px; }
+.cards { display: flex; gap: 12px; flex-wrap: wrap; }
+.card { background: white; border-radius: 8px; padding: 8px 14px; min-width: 140px; box-shadow: 0 1px 2px #0002; }
+.card .label { color: #666; font-size: 12px; } .card .value { font-size: 22px; font-weight: 600; }
+.controls { display: grid; grid-template-columns: 1fr auto auto auto auto; gap: 12px; align-items: center; margin: 12px 0; }
+.stale { background: #b00020; color: white; padding: 8px 16px; font-weight: 600; }
+.error { color: #b00020; }
+.bottom { display: grid; grid-template-columns: 1fr 1fr 2fr; gap: 16px; }
+.top button { display: block; width: 100%; text-align: left; margin: 2px 0; border: 0; background: white; padding: 4px 8px; }
+.top button { cursor: pointer; }
+.ticker table, .ticker td { font-size: 13px; } .ticker td { padding: 2px 6px; }
+"""
+
+
+def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Dash:
+    client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    app = dash.Dash(__name__, title="wikipulse", update_title="")
+    app.layout = serve_layout
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
+
+    register_selection_callbacks(app, client)
+
+    @app.callback(Output("window", "options"), Input("resolution", "value"))
+    def window_options(resolution: str) -> list[str]:
+        return list(WINDOWS.get(resolution, WINDOWS["10s"]))
+
+    @app.callback(
+        Output("graph", "figure"), Output("domains", "options"), Output("h-eps", "children"), Output("h-hour", "children"),
+        Output("h-active", "children"), Output("h-lag", "children"), Output("h-publisher", "children"),
+        Output("stale-banner", "children"), Output("stale-banner", "style"), Output("top-5min", "children"),
+        Output("top-hour", "children"), Output("ticker", "children"), Output("selection-error", "children"),
+        Input("tick", "n_intervals"), Input("domains", "value"), Input("resolution", "value"), Input("window", "value"),
+        Input("breakdown", "value"),
+    )  # fmt: skip
+    def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any) -> tuple[Any, ...]:
+        try:
+            sel = clean_selection(domains, resolution, window or DEFAULT_WINDOW.get(resolution), breakdown)
+        except SelectionError as exc:
+            logger.warning("refused a selection from the browser: %s", exc)
+            return (*([dash.no_update] * 12), f"Refused: {exc}")
+        return render(read_snapshot(client, settings.stream, sel), sel)
+
+    @app.callback(
+        Output("download", "data"), Input("export", "n_clicks"),
+        State("domains", "value"), State("resolution", "value"), State("window", "value"), State("breakdown", "value"),
+        prevent_initial_call=True,
+    )  # fmt: skip
+    def export(_clicks: Any, domains: Any, resolution: Any, window: Any, breakdown: Any) -> Any:
+        try:
+            sel = clean_selection(domains, resolution, window, breakdown)
+        except SelectionError:
+            raise PreventUpdate from None
+        frame = to_frame(read_snapshot(client, settings.stream, sel), sel)
+        csv_name = f"wikipulse-{sel.resolution}-{int(time.time())}.csv"
+        return dcc.send_data_frame(frame.to_csv, csv_name, index=False)  # type: ignore[attr-defined,no-untyped-call]
+
+    return app
+
+
+def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
+    """The selection lives in the URL: read once per page load, then kept in step with the controls."""
+
+    @app.callback(
+        Output("domains", "value"), Output("resolution", "value"), Output("window", "value"), Output("breakdown", "value"),
+        Output("initialized", "data"), Output("domains", "options", allow_duplicate=True),
+        Input("url", "search"), State("initialized", "data"),
+        prevent_initial_call="initial_duplicate",
+    )  # fmt: skip
+    def selection_from_url(search: str | None, initialized: bool) -> tuple[Any, ...]:
+        """Once per page load: the URL's selection (a reload or a shared link), else the most active domains."""
+        if initialized:
+            raise PreventUpdate
+        wanted = selection_from_query(search)
+        ranked = ranked_desc(_ranked(client))
+        try:
+            sel = clean_selection(wanted["domains"] or default_domains(ranked), wanted["resolution"] or "10s",
+                                  wanted["window"], wanted["breakdown"] or "total")  # fmt: skip
+        except SelectionError as exc:
+            logger.warning("refused a selection from the URL: %s", exc)
+            sel = clean_selection(default_domains(ranked), "10s", None, "total")
+        # The picker drops values missing from its options: send both together.
+        return list(sel.domains), sel.resolution, sel.window, sel.breakdown, True, domain_options(ranked, sel)
+
+    @app.callback(
+        Output("url", "search"),
+        Input("domains", "value"), Input("resolution", "value"), Input("window", "value"), Input("breakdown", "value"),
+        State("initialized", "data"), State("url", "search"),
+    )  # fmt: skip
+    def selection_to_url(domains: Any, resolution: Any, window: Any, breakdown: Any, initialized: bool, search: str | None) -> Any:
+        """The URL follows the controls, so a reload shows the same page."""
+        if not initialized:
+            raise PreventUpdate
+        try:
+            query = query_from_selection(clean_selection(domains, resolution, window, breakdown))
+        except SelectionError:
+            raise PreventUpdate from None
+        return dash.no_update if query == search else query
+
+    @app.callback(
+        Output("domains", "value", allow_duplicate=True),
+        Input({"type": "top", "domain": ALL}, "n_clicks"), State("domains", "value"),
+        prevent_initial_call=True,
+    )  # fmt: skip
+    def add_top_domain(_clicks: Any, domains: Any) -> Any:
+        """A click on a top domain adds it to the picker (new buttons appearing are not clicks)."""
+        trigger = ctx.triggered_id
+        if not isinstance(trigger, dict) or not any(t["value"] for t in ctx.triggered):
+            raise PreventUpdate
+        picked = list(domains or [])
+        if trigger["domain"] in picked:
+            raise PreventUpdate
+        return [*picked, trigger["domain"]]
+
+
+def _ranked(client: redis.Redis) -> list[tuple[str, float]]:
+    return [(m.decode(), s) for m, s in client.zunion(keys.rank_keys(int(time.time()), 3600), withscores=True)]
+
+
+def render(snap: Snapshot, sel: Selection) -> tuple[Any, ...]:
+    """Every output of a refresh, from a snapshot (pure)."""
+    head = header(snap)
+    hour = ranked_desc(snap.ranked_hour)
+    options = domain_options(hour, sel)
+    stale = stale_seconds(snap)
+    banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
+    banner_style = {"display": "none"} if stale is None else {"display": "block"}
+    return (
+        make_figure(snap, sel), options, head["eps"], head["hour"], head["active"], head["lag"], head["publisher"],
+        banner, banner_style, top_list(ranked_desc(snap.ranked_5min)), top_list(hour), ticker(snap), "",
+    )  # fmt: skip
+
+
+def domain_options(ranked: list[tuple[str, float]], sel: Selection) -> list[dict[str, str]]:
+    """Active domains by events in the last hour, then any picked domain that is quiet."""
+    active = {d for d, _ in ranked}
+    options = [{"label": f"{d}  ({int(n):,}/h)", "value": d} for d, n in ranked]
+    return options + [{"label": d, "value": d} for d in sel.domains if d not in active]
+
+
+def top_list(ranked: list[tuple[str, float]]) -> list[html.Button]:
+    return [html.Button(f"{d} · {int(n):,}", id={"type": "top", "domain": d}, title=f"add {d} to the graph") for d, n in ranked[:TOP_SIZE]]
+
+
+def ticker(snap: Snapshot) -> list[html.Tr]:
+    rows = []
+    for r in ticker_rows(snap.latest):
+        title: Any = html.A(r["title"], href=r["url"], target="_blank", rel="noopener noreferrer") if r["url"] else r["title"]
+        rows.append(
+            html.Tr([html.Td(r["domain"]), html.Td(r["type"]), html.Td(title), html.Td(r["user"]), html.Td("bot" if r["bot"] else "")])
+        )
+    return rows
+
+
+def serve(settings: Settings) -> None:
+    app = build_app(settings)
+    logger.info("dashboard on http://%s:%d/", settings.host, settings.port)
+    app.run(host=settings.host, port=settings.port, debug=False)

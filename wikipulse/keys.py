@@ -1,0 +1,90 @@
+"""Every Redis key, field and retention of wikipulse, in one place.
+
+Writers (publisher, subscriber) and the reader (dashboard, CLI) import their key
+names from here only, so they cannot drift apart. The README documents the same
+layout for `redis-cli` users.
+
+Keys that hold per-domain data carry the domain as a Redis Cluster hash tag
+(`{en.wikipedia.org}`), so one domain's keys share a slot; keys read together
+across domains (the ranking) share the `{rank}` tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "wp"
+
+# Publisher state. The position and the dedup window are written in the same
+# MULTI/EXEC as the events they describe, so they can never disagree with the stream.
+POSITION = f"{PREFIX}:publisher:position"  # string: last SSE `id:` stored, verbatim
+SEEN = f"{PREFIX}:publisher:seen"  # zset meta.id -> sequence no.; the dedup window
+PUBLISHER_STATS = f"{PREFIX}:publisher:stats"  # hash of counters (see README)
+REJECTED = f"{PREFIX}:publisher:rejected"  # list: last rejected frames, newest first
+REJECTED_KEEP = 100  # rejected frames kept for inspection
+
+SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
+
+# The pseudo-domain that holds the totals over all domains. It cannot collide
+# with a real domain: validated domains never contain "_".
+ALL_DOMAINS = "_all"
+
+# Event-type and bot dimensions stored beside each bucket's total.
+EVENT_TYPES = ("edit", "new", "log", "categorize", "other")
+BOT_DIMENSIONS = ("bot", "human")
+DIMENSIONS = EVENT_TYPES + BOT_DIMENSIONS
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """One time-series resolution: buckets of `step` seconds, grouped into
+    hashes that each cover `window` seconds, so a hash stops growing once its
+    window is over and can expire as a whole."""
+
+    name: str
+    step: int
+    window: int
+    default_retention: int  # seconds a bucket stays readable, at least
+
+
+RESOLUTIONS: tuple[Resolution, ...] = (
+    Resolution("10s", 10, 3600, 6 * 3600),
+    Resolution("1m", 60, 86400, 7 * 86400),
+    Resolution("1h", 3600, 30 * 86400, 400 * 86400),
+)
+RESOLUTION_BY_NAME = {r.name: r for r in RESOLUTIONS}
+
+# Ranking of domains by activity: one sorted set per minute of event time,
+# kept for an hour, so "top of the last 5 minutes / hour" is a ZUNION of them.
+RANK_STEP = 60
+RANK_RETENTION = 3600 + RANK_STEP
+
+
+def window_start(res: Resolution, t: int) -> int:
+    return t - t % res.window
+
+
+def series_key(domain: str, res: Resolution, window: int) -> str:
+    """Hash of counts for one domain, resolution and window.
+
+    Fields: `<bucket start>` = total, `<bucket start>:<dimension>` = by type/bot."""
+    return f"{PREFIX}:ts:{{{domain}}}:{res.name}:{window}"
+
+
+def total_field(bucket: int) -> str:
+    return str(bucket)
+
+
+def dimension_field(bucket: int, dimension: str) -> str:
+    return f"{bucket}:{dimension}"
+
+
+def rank_key(minute: int) -> str:
+    """Sorted set domain -> events in the minute starting at `minute`."""
+    return f"{PREFIX}:{{rank}}:1m:{minute}"
+
+
+def rank_keys(now: int, seconds: int) -> list[str]:
+    """Rank keys covering the last `seconds` up to and including now's minute."""
+    last = now - now % RANK_STEP
+    return [rank_key(m) for m in range(last - seconds + RANK_STEP, last + 1, RANK_STEP)]

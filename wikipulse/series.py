@@ -1,0 +1,136 @@
+"""Writing folded increments to Redis atomically, and reading the series back.
+
+Writes go through one Lua script so that a batch's increments, its counters and
+the XACK of the stream entries that produced them are one atomic step: a crash
+before it leaves the entries pending (they are folded again), a crash after it
+leaves them acknowledged (never folded again). The script first XCLAIMs the
+entries to its own consumer (JUSTID, no idle floor): only entries still pending
+come back, so when another consumer already acknowledged some of them, the
+script applies nothing and returns the ids it still owns for a re-fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import orjson
+import redis.asyncio as aioredis
+
+from wikipulse import keys
+from wikipulse.fold import Increments
+
+# KEYS: the stream, the stats hash. ARGV: group, consumer, then one JSON payload
+#   {"ids": [...], "stats": {name: n}, "h": {key: [expire_at, {field: n}]}, "z": {key: [expire_at, {member: n}]}}
+# One JSON string instead of thousands of ARGV items: packing each item costs the client far more
+# than cjson.decode costs Redis. The series keys are therefore not declared in KEYS: on a Redis
+# Cluster a batch would have to be split per slot first (each domain's keys share one slot).
+APPLY_SCRIPT = """
+local group, consumer = ARGV[1], ARGV[2]
+local p = cjson.decode(ARGV[3])
+local ids = p['ids']
+local nids = #ids
+if nids > 0 then
+  local owned = {}
+  for i = 1, nids, 1000 do
+    local got = redis.call('XCLAIM', KEYS[1], group, consumer, 0, unpack(ids, i, math.min(i + 999, nids)))
+    for _, id in ipairs(got) do
+      owned[#owned + 1] = type(id) == 'table' and id[1] or id
+    end
+  end
+  if #owned < nids then
+    return owned
+  end
+  for i = 1, nids, 1000 do
+    redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 999, nids)))
+  end
+end
+for name, n in pairs(p['stats']) do
+  redis.call('HINCRBY', KEYS[2], name, n)
+end
+for key, spec in pairs(p['h']) do
+  for field, n in pairs(spec[2]) do
+    redis.call('HINCRBY', key, field, n)
+  end
+  redis.call('EXPIREAT', key, spec[1])
+end
+for key, spec in pairs(p['z']) do
+  for member, n in pairs(spec[2]) do
+    redis.call('ZINCRBY', key, n, member)
+  end
+  redis.call('EXPIREAT', key, spec[1])
+end
+return true
+"""
+
+
+def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> bytes:
+    """The JSON payload of APPLY_SCRIPT (pure, so it can be tested with plain values)."""
+    hashes: dict[str, tuple[int, dict[str, int]]] = {}
+    for (key, fld), n in inc.counts.items():
+        hashes.setdefault(key, (inc.expire_at[key], {}))[1][fld] = n
+    zsets: dict[str, tuple[int, dict[str, int]]] = {}
+    for (key, member), n in inc.rank.items():
+        zsets.setdefault(key, (inc.expire_at[key], {}))[1][member] = n
+    return orjson.dumps({
+        "ids": [i.decode() if isinstance(i, bytes) else i for i in ids],
+        "stats": {k: v for k, v in stats.items() if v},
+        "h": hashes,
+        "z": zsets,
+    })  # fmt: skip
+
+
+class SeriesWriter:
+    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
+        self._client = client
+        self._script = client.register_script(APPLY_SCRIPT)
+        self._stream, self._group, self._consumer = stream, group, consumer
+
+    async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> list[bytes] | None:
+        """Apply atomically. None when done; else the subset of `ids` this consumer still owns
+        (the others were acknowledged elsewhere) and nothing was written."""
+        payload = script_payload(inc, ids, stats)
+        result = await self._script(keys=[self._stream, keys.SUBSCRIBER_STATS], args=[self._group, self._consumer, payload])
+        if result == 1:
+            return None
+        return [i if isinstance(i, bytes) else str(i).encode() for i in result]
+
+
+def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:
+    """Bucket starts from the one holding `start` to the one holding `end`, inclusive."""
+    first = start - start % res.step
+    return list(range(first, end - end % res.step + 1, res.step))
+
+
+def fields_for(res: keys.Resolution, domain: str, buckets: Iterable[int], dims: Sequence[str]) -> dict[str, list[str]]:
+    """{key: [fields in bucket order]} needed to read `dims` ('' = total) for the buckets."""
+    out: dict[str, list[str]] = {}
+    for b in buckets:
+        key = keys.series_key(domain, res, keys.window_start(res, b))
+        out.setdefault(key, []).extend(keys.total_field(b) if d == "" else keys.dimension_field(b, d) for d in dims)
+    return out
+
+
+async def read_series(
+    client: aioredis.Redis,
+    domains: Sequence[str],
+    res: keys.Resolution,
+    start: int,
+    end: int,
+    dims: Sequence[str] = ("",),
+) -> dict[str, dict[str, list[int | None]]]:
+    """{domain: {dim: [count or None per bucket]}} in one pipelined round trip.
+
+    None means nothing was recorded for that bucket (a gap, not a zero)."""
+    buckets = bucket_range(res, start, end)
+    plan: list[tuple[str, str, list[str]]] = []
+    pipe = client.pipeline(transaction=False)
+    for domain in domains:
+        for key, flds in fields_for(res, domain, buckets, dims).items():
+            plan.append((domain, key, flds))
+            pipe.hmget(key, flds)
+    replies = await pipe.execute()
+    out: dict[str, dict[str, list[int | None]]] = {d: {dim: [] for dim in dims} for d in domains}
+    for (domain, _key, _flds), values in zip(plan, replies, strict=True):
+        for i, v in enumerate(values):
+            out[domain][dims[i % len(dims)]].append(None if v is None else int(v))
+    return out

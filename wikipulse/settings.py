@@ -1,0 +1,164 @@
+"""Configuration: one frozen object per process, from flag, then environment, then default.
+
+Built in each entry point's `main()`, never at import time. Each field names its
+flag and environment variable; `add_arguments` shows both and the default in `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from wikipulse import __version__
+
+LIVE_STREAM_URL = "https://stream.wikimedia.org/v2/stream/recentchange"
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names it."""
+
+
+def _opt(env: str, help: str, default: Any, **kw: Any) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, **kw})
+
+
+def parse_duration(text: str) -> int:
+    """'90' or '90s', '5m', '6h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"not a duration: {text!r} (use e.g. 90s, 5m, 6h, 7d)") from None
+
+
+def parse_retention(text: str) -> dict[str, int]:
+    """'10s=6h,1m=7d,1h=400d' -> {'10s': 21600, ...}; an empty string keeps the defaults."""
+    from wikipulse.keys import RESOLUTION_BY_NAME
+
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in RESOLUTION_BY_NAME:
+            raise SettingsError(f"bad retention {part!r}: use NAME=DURATION with NAME in {sorted(RESOLUTION_BY_NAME)}")
+        out[name] = parse_duration(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = _opt("REDIS_URL", "Redis server URL (redis://, rediss://, with :password@)", "redis://127.0.0.1:6379/0")
+    stream_url: str = _opt("WIKI_STREAM_URL", "EventStreams recentchange URL", LIVE_STREAM_URL, flag="--url")
+    channel: str = _opt("PUBSUB_CHANNEL", "Redis pub/sub channel for raw events", "wiki")
+    stream: str = _opt("REDIS_STREAM", "Redis stream for raw events (durable)", "wiki:events")
+    stream_maxlen: int = _opt("STREAM_MAXLEN", "approximate length the stream is trimmed to", 1_000_000)
+    user_agent: str = _opt(
+        "WIKI_USER_AGENT",
+        "User-Agent sent to EventStreams (Wikimedia asks for a contact)",
+        f"wikipulse/{__version__} (https://github.com/wikipulse/wikipulse; wikipulse@example.org) aiohttp",
+    )
+    since: str = _opt("WIKI_SINCE", "cold-start backfill: ISO date or ms epoch (ignored when a position is stored)", "")
+    reset_position: bool = _opt("WIKI_RESET_POSITION", "forget the stored position and start from --since or now", False)
+    idle_timeout: float = _opt("WIKI_IDLE_TIMEOUT", "seconds without data before reconnecting", 60.0)
+    backoff_cap: float = _opt("WIKI_BACKOFF_CAP", "longest wait between reconnects, seconds", 30.0)
+    batch_size: int = _opt("BATCH_SIZE", "events written to Redis in one round trip, at most", 500)
+    batch_delay: float = _opt("BATCH_DELAY", "seconds a partial batch waits before it is written", 0.005)
+    max_event_bytes: int = _opt("MAX_EVENT_BYTES", "frames larger than this are rejected", 1 << 20)
+    dedup_window: int = _opt("DEDUP_WINDOW", "recent meta.id values remembered for deduplication", 50_000)
+    source: str = _opt(
+        "SUBSCRIBER_SOURCE", "where the subscriber reads: stream (exactly-once) or pubsub", "stream", choices=("stream", "pubsub")
+    )
+    group: str = _opt("CONSUMER_GROUP", "consumer group on the stream", "wikipulse")
+    consumer: str = _opt("CONSUMER_NAME", "consumer name in the group (default: the host name, stable across restarts)", "")
+    claim_idle: float = _opt("CLAIM_IDLE", "seconds before another consumer's pending entries are claimed", 60.0)
+    retention: str = _opt("RETENTION", "retention per resolution, e.g. 10s=6h,1m=7d,1h=400d", "")
+    stats_interval: float = _opt("STATS_INTERVAL", "seconds between logged counter summaries", 30.0)
+    host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
+    port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
+    log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
+
+    def retention_seconds(self) -> dict[str, int]:
+        from wikipulse.keys import RESOLUTIONS
+
+        configured = parse_retention(self.retention)
+        return {r.name: configured.get(r.name, r.default_retention) for r in RESOLUTIONS}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+        by_name = {f.name: f for f in fields(cls)}
+        for name in names:
+            f = by_name[name]
+            flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
+            text = f"{f.metadata['help']} [env {f.metadata['env']}, default {f.default!r}]"
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            else:
+                parser.add_argument(flag, dest=name, default=None, help=text, choices=f.metadata.get("choices"))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Flag, then environment, then default; values are converted to each field's type."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw: Any = overrides.get(f.name, getattr(args, f.name, None) if args is not None else None)
+            if raw is None:
+                raw = environ.get(f.metadata["env"])
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, raw, f.default if f.default is not MISSING else None)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as its environment variable, to hand to child processes."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return out
+
+    def validate(self) -> None:
+        choices = {f.name: f.metadata.get("choices") for f in fields(self)}
+        for name, allowed in choices.items():
+            if allowed and getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.batch_size < 1:
+            raise SettingsError(f"batch_size must be at least 1, not {self.batch_size}")
+        self.retention_seconds()
+
+
+def _convert(name: str, raw: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name}: not a boolean: {raw!r}")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: not a number: {raw!r}") from None
+    return str(raw)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

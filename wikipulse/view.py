@@ -1,0 +1,213 @@
+"""What the dashboard shows, computed from plain values: pure, testable without Redis or a browser.
+
+Data shapes:
+  Selection   validated choices from the browser (domains, resolution, window, breakdown)
+  Snapshot    what one pipelined Redis round trip returned, already decoded
+  series      {domain: {dimension: [count or None per bucket]}}; '' is the total
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from wikipulse import keys
+from wikipulse.events import is_valid_domain
+from wikipulse.settings import parse_duration
+from wikipulse.status import STALE_AFTER
+
+MAX_DOMAINS = 12  # picked at once; each is a trace (or several) and a few HMGETs
+WINDOWS = {
+    "10s": ("10m", "30m", "1h", "6h"),
+    "1m": ("1h", "6h", "24h", "7d"),
+    "1h": ("24h", "7d", "30d", "400d"),
+}
+DEFAULT_WINDOW = {"10s": "30m", "1m": "6h", "1h": "7d"}
+BREAKDOWNS = {"total": ("",), "type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
+
+
+class SelectionError(ValueError):
+    """A value from the browser that may not become part of a Redis key."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    domains: tuple[str, ...]
+    resolution: str = "10s"
+    window: str = "30m"
+    breakdown: str = "total"
+
+    @property
+    def res(self) -> keys.Resolution:
+        return keys.RESOLUTION_BY_NAME[self.resolution]
+
+    @property
+    def seconds(self) -> int:
+        return parse_duration(self.window)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return BREAKDOWNS[self.breakdown]
+
+
+def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any) -> Selection:
+    """Validate everything the browser sent before any of it names a Redis key."""
+    if domains is None:
+        domains = []
+    if isinstance(domains, str):
+        domains = [domains]
+    if not isinstance(domains, list) or len(domains) > MAX_DOMAINS:
+        raise SelectionError(f"domains must be a list of at most {MAX_DOMAINS}")
+    bad = [d for d in domains if not is_valid_domain(d)]
+    if bad:
+        raise SelectionError(f"not a domain: {str(bad[0])[:80]!r}")
+    if resolution not in keys.RESOLUTION_BY_NAME:
+        raise SelectionError(f"unknown resolution: {str(resolution)[:20]!r}")
+    if window not in WINDOWS[resolution]:
+        window = DEFAULT_WINDOW[resolution]  # e.g. after switching resolution: fall back, do not fail
+    if breakdown not in BREAKDOWNS:
+        raise SelectionError(f"unknown breakdown: {str(breakdown)[:20]!r}")
+    return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown)
+
+
+def selection_from_query(search: str | None) -> dict[str, Any]:
+    """`?domains=a,b&res=1m&window=6h&by=type` -> the raw values (validated later)."""
+    query = parse_qs((search or "").lstrip("?"))
+    first = {k: v[0] for k, v in query.items() if v}
+    domains = [d for d in first.get("domains", "").split(",") if d]
+    return {"domains": domains, "resolution": first.get("res"), "window": first.get("window"), "breakdown": first.get("by")}
+
+
+def query_from_selection(sel: Selection) -> str:
+    return "?" + urlencode({"domains": ",".join(sel.domains), "res": sel.resolution, "window": sel.window, "by": sel.breakdown})
+
+
+def default_domains(ranked: list[tuple[str, float]], n: int = 3) -> list[str]:
+    """The n most active domains, en.wikipedia.org among them when it is active at all."""
+    names = [d for d, _ in ranked]
+    top = names[:n]
+    if "en.wikipedia.org" in names and "en.wikipedia.org" not in top:
+        top = [*top[: n - 1], "en.wikipedia.org"]
+    return top
+
+
+@dataclass
+class Snapshot:
+    now: float
+    buckets: list[int]
+    series: dict[str, dict[str, list[int | None]]]  # includes keys.ALL_DOMAINS totals
+    ranked_hour: list[tuple[str, float]] = field(default_factory=list)
+    ranked_5min: list[tuple[str, float]] = field(default_factory=list)
+    publisher: dict[str, Any] = field(default_factory=dict)
+    recent_10s: list[int | None] = field(default_factory=list)  # global totals, last few 10 s buckets
+    last_hour_1m: list[int | None] = field(default_factory=list)  # global totals, last 60 minutes
+    latest: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fill_gaps(values: list[int | None], pipeline_up: list[bool]) -> list[int | None]:
+    """A missing bucket is 0 where the pipeline recorded anything at all, and a gap (None) where it did not."""
+    return [v if v is not None else (0 if up else None) for v, up in zip(values, pipeline_up, strict=True)]
+
+
+def make_figure(snap: Snapshot, sel: Selection) -> go.Figure:
+    """Events per bucket for each picked domain (and dimension), gaps where the pipeline was down."""
+    x = pd.to_datetime(snap.buckets, unit="s")
+    totals = snap.series.get(keys.ALL_DOMAINS, {}).get("", [None] * len(snap.buckets))
+    up = [v is not None for v in totals]
+    fig = go.Figure()
+    for domain in sel.domains:
+        for dim in sel.dims:
+            values = fill_gaps(snap.series.get(domain, {}).get(dim, [None] * len(snap.buckets)), up)
+            name = domain if dim == "" else f"{domain} · {dim}"
+            fig.add_trace(go.Scatter(x=x, y=values, mode="lines", name=name, connectgaps=False, line={"width": 2}))
+    if snap.buckets:
+        current = snap.buckets[-1]
+        fig.add_vrect(
+            x0=pd.to_datetime(current, unit="s"),
+            x1=pd.to_datetime(current + sel.res.step, unit="s"),
+            fillcolor="#999", opacity=0.15, line_width=0,
+            annotation_text="filling", annotation_position="top left",
+        )  # fmt: skip
+    fig.update_layout(
+        # Same uirevision while the selection is the same: refreshes keep the user's zoom.
+        uirevision=f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}",
+        margin={"l": 50, "r": 20, "t": 30, "b": 40},
+        yaxis_title=f"events per {sel.resolution}",
+        xaxis={"title": "UTC", "type": "date"},
+        legend={"orientation": "h", "y": -0.15},
+        template="plotly_white",
+        height=460,
+    )
+    return fig
+
+
+def events_per_second(recent_10s: list[int | None]) -> float | None:
+    """From the last complete 10 s bucket (the current one is still filling)."""
+    if len(recent_10s) < 2 or recent_10s[-2] is None:
+        return None
+    return recent_10s[-2] / 10
+
+
+def header(snap: Snapshot) -> dict[str, str]:
+    eps = events_per_second(snap.recent_10s)
+    last_hour = sum(v for v in snap.last_hour_1m if v is not None)
+    lag = snap.publisher.get("lag_seconds")
+    seen = snap.publisher.get("updated_at")
+    status = "no publisher yet"
+    if isinstance(seen, (int, float)):
+        status = "running" if snap.now - seen < STALE_AFTER else f"silent for {int(snap.now - seen)} s"
+    return {
+        "eps": "–" if eps is None else f"{eps:.1f}",
+        "hour": f"{last_hour:,}",
+        "active": f"{len(snap.ranked_5min):,}",
+        "lag": "–" if not isinstance(lag, (int, float)) else f"{lag:.1f} s",
+        "publisher": status,
+    }
+
+
+def stale_seconds(snap: Snapshot) -> float | None:
+    """Seconds since the last event was published, when that is over STALE_AFTER (else None)."""
+    last = snap.publisher.get("last_publish_at")
+    if not isinstance(last, (int, float)):
+        return float("inf")
+    age = snap.now - last
+    return age if age > STALE_AFTER else None
+
+
+def safe_link(url: Any) -> str | None:
+    """Only http(s) links reach the page (no javascript: URLs from the feed)."""
+    if isinstance(url, str) and urlsplit(url).scheme in ("http", "https"):
+        return url
+    return None
+
+
+def ticker_rows(latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for e in latest:
+        raw_meta = e.get("meta")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+        rows.append({
+            "domain": str(meta.get("domain", "")),
+            "type": str(e.get("type", "")),
+            "title": str(e.get("title", ""))[:120],
+            "url": safe_link(e.get("title_url")) or safe_link(meta.get("uri")),
+            "user": str(e.get("user", ""))[:60],
+            "bot": e.get("bot") is True,
+        })  # fmt: skip
+    return rows
+
+
+def to_frame(snap: Snapshot, sel: Selection) -> pd.DataFrame:
+    """The shown series as a table (CSV export): one row per bucket, one column per trace."""
+    totals = snap.series.get(keys.ALL_DOMAINS, {}).get("", [None] * len(snap.buckets))
+    up = [v is not None for v in totals]
+    columns: dict[str, Any] = {"bucket_start": pd.to_datetime(snap.buckets, unit="s")}
+    for domain in sel.domains:
+        for dim in sel.dims:
+            values = fill_gaps(snap.series.get(domain, {}).get(dim, [None] * len(snap.buckets)), up)
+            columns[domain if dim == "" else f"{domain}:{dim}"] = pd.array(values, dtype="Int64")
+    return pd.DataFrame(columns)
