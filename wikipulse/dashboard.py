@@ -14,7 +14,7 @@ from typing import Any
 import dash
 import orjson
 import redis
-from dash import ALL, Input, Output, State, ctx, dcc, html
+from dash import ALL, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
@@ -257,20 +257,20 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
             raise PreventUpdate from None
         return dash.no_update if query == search else query
 
-    @app.callback(
+    # In the browser, not on the server: the top lists are re-rendered every refresh, and new buttons fire this
+    # callback again; a server round trip in flight would be superseded by that call and the click lost.
+    app.clientside_callback(
+        """function (_clicks, domains) {
+            const picked = domains || [];
+            const hit = dash_clientside.callback_context.triggered.find(t => t.value);
+            if (!hit) { return dash_clientside.no_update; }
+            const domain = JSON.parse(hit.prop_id.slice(0, hit.prop_id.lastIndexOf("."))).domain;
+            return picked.includes(domain) ? dash_clientside.no_update : [...picked, domain];
+        }""",
         Output("domains", "value", allow_duplicate=True),
         Input({"type": "top", "domain": ALL}, "n_clicks"), State("domains", "value"),
         prevent_initial_call=True,
     )  # fmt: skip
-    def add_top_domain(_clicks: Any, domains: Any) -> Any:
-        """A click on a top domain adds it to the picker (new buttons appearing are not clicks)."""
-        trigger = ctx.triggered_id
-        if not isinstance(trigger, dict) or not any(t["value"] for t in ctx.triggered):
-            raise PreventUpdate
-        picked = list(domains or [])
-        if trigger["domain"] in picked:
-            raise PreventUpdate
-        return [*picked, trigger["domain"]]
 
 
 def _ranked(client: redis.Redis) -> list[tuple[str, float]]:
