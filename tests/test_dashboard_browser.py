@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -208,6 +210,20 @@ def test_clicking_a_top_domain_adds_it(browser: Browser, seeded: tuple[redis.Red
     page.click("#top-hour >> text=www.wikidata.org")
     page.wait_for_function("() => document.querySelector('#graph .js-plotly-plot').data.length === 2", timeout=10000)
     assert trace_names(page) == ["en.wikipedia.org", "www.wikidata.org"]
+    page.close()
+
+
+def test_export_downloads_the_shown_series_as_csv(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, _ = open_page(browser, base + "?domains=en.wikipedia.org,de.wikipedia.org&res=10s&window=10m")
+    with page.expect_download(timeout=10000) as download:
+        page.click("#export")
+    assert download.value.suggested_filename.endswith(".csv")
+    rows = list(csv.DictReader(io.StringIO(download.value.path().read_text(encoding="utf-8"))))
+    assert list(rows[0]) == ["bucket_start", "en.wikipedia.org", "de.wikipedia.org"]
+    assert len(rows) in (60, 61)  # 10 minutes of 10 s buckets (the clock may tick into the next one)
+    assert sum(int(r["en.wikipedia.org"] or 0) for r in rows) == 30
+    assert sum(int(r["de.wikipedia.org"] or 0) for r in rows) == 5
     page.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
 import pytest
 
 from wikipulse import keys
@@ -81,12 +82,14 @@ def test_gaps_only_where_the_pipeline_recorded_nothing() -> None:
 
 def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_bucket() -> None:
     sel = Selection(("a.org",), "10s", "30m", "type")
-    fig = make_figure(snapshot(), sel)
+    fig = go.Figure(make_figure(snapshot(), sel))  # Plotly's own validators: a typo in the dict fails here
     names = [t.name for t in fig.data]
     assert names == [f"a.org · {t}" for t in keys.EVENT_TYPES]
     edit = fig.data[0]
     assert list(edit.y) == [None, 4, 0, 1]
-    assert fig.layout.shapes and fig.layout.uirevision == "a.org|10s|30m|type"
+    assert edit.x[0] == "2023-11-14T22:12:50"  # BUCKETS[0] as a naive UTC timestamp
+    assert fig.layout.shapes[0].x0 == edit.x[-1] and fig.layout.annotations[0].text == "filling"
+    assert fig.layout.uirevision == "a.org|10s|30m|type"
 
 
 def test_header_and_stale() -> None:

@@ -18,7 +18,7 @@ from dash import ALL, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
-from wikipulse.series import bucket_range, fields_for
+from wikipulse.series import SeriesRead, bucket_range
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
 from wikipulse.view import (
@@ -52,45 +52,40 @@ def read_snapshot(client: redis.Redis, stream: str, sel: Selection, now: float |
     t = int(now)
     res = sel.res
     buckets = bucket_range(res, t - sel.seconds + res.step, t)
+    ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
+    picked_read = SeriesRead.plan(res, buckets, sel.dims)  # the same fields for every picked domain
+    reads = [  # (domain, plan): the picked domains, the global totals for gaps, then the header's totals
+        *((domain, picked_read) for domain in sel.domains),
+        (keys.ALL_DOMAINS, SeriesRead.plan(res, buckets, ("",))),
+        (keys.ALL_DOMAINS, SeriesRead.plan(ten, bucket_range(ten, t - 20, t), ("",))),
+        (keys.ALL_DOMAINS, SeriesRead.plan(minute, bucket_range(minute, t - 3540, t), ("",))),
+    ]
     pipe = client.pipeline(transaction=False)
-    plan: list[tuple[str, list[str]]] = []
-    for domain in (*sel.domains, keys.ALL_DOMAINS):
-        dims = sel.dims if domain != keys.ALL_DOMAINS else ("",)
-        for key, flds in fields_for(res, domain, buckets, dims).items():
-            plan.append((domain, flds))
-            pipe.hmget(key, flds)
-    ten = keys.RESOLUTION_BY_NAME["10s"]
-    minute = keys.RESOLUTION_BY_NAME["1m"]
-    recent = fields_for(ten, keys.ALL_DOMAINS, bucket_range(ten, t - 20, t), ("",))
-    hour = fields_for(minute, keys.ALL_DOMAINS, bucket_range(minute, t - 3540, t), ("",))
-    for key, flds in (*recent.items(), *hour.items()):
-        pipe.hmget(key, flds)
+    for domain, read in reads:
+        for key, fields in read.commands(domain):
+            pipe.hmget(key, fields)
     pipe.zunion(keys.rank_keys(t, 3600), withscores=True)
     pipe.zunion(keys.rank_keys(t, 300), withscores=True)
     pipe.hgetall(keys.PUBLISHER_STATS)
     pipe.xrevrange(stream, count=TICKER_SIZE)
     replies = pipe.execute()
 
-    series: dict[str, dict[str, list[int | None]]] = {}
-    for (domain, _flds), values in zip(plan, replies, strict=False):
-        dims = sel.dims if domain != keys.ALL_DOMAINS else ("",)
-        per_dim = series.setdefault(domain, {d: [] for d in dims})
-        for i, v in enumerate(values):
-            per_dim[dims[i % len(dims)]].append(None if v is None else int(v))
-    rest = replies[len(plan) :]
-    n_recent, n_hour = len(recent), len(hour)
-    recent_values = [None if v is None else int(v) for r in rest[:n_recent] for v in r]
-    hour_values = [None if v is None else int(v) for r in rest[n_recent : n_recent + n_hour] for v in r]
-    ranked_hour, ranked_5min, publisher, latest = rest[n_recent + n_hour :]
+    decoded = []
+    at = 0
+    for _, read in reads:
+        decoded.append(read.decode(replies[at : at + len(read.windows)]))
+        at += len(read.windows)
+    *picked, totals, recent, hour = decoded
+    ranked_hour, ranked_5min, publisher, latest = replies[at:]
     return Snapshot(
         now=now,
         buckets=buckets,
-        series=series,
+        series={**dict(zip(sel.domains, picked, strict=True)), keys.ALL_DOMAINS: totals},
         ranked_hour=[(m.decode(), s) for m, s in ranked_hour],
         ranked_5min=[(m.decode(), s) for m, s in ranked_5min],
         publisher=decode_hash(publisher),
-        recent_10s=recent_values,
-        last_hour_1m=hour_values,
+        recent_10s=recent[""],
+        last_hour_1m=hour[""],
         latest=[_parse(fields.get(b"data", b"")) for _, fields in latest],
     )
 
@@ -259,7 +254,7 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
 
     # In the browser, not on the server: the top lists are re-rendered every refresh, and new buttons fire this
     # callback again; a server round trip in flight would be superseded by that call and the click lost.
-    app.clientside_callback(
+    app.clientside_callback(  # type: ignore[no-untyped-call]
         """function (_clicks, domains) {
             const picked = domains || [];
             const hit = dash_clientside.callback_context.triggered.find(t => t.value);

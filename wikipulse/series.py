@@ -11,7 +11,8 @@ script applies nothing and returns the ids it still owns for a re-fold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import orjson
 import redis.asyncio as aioredis
@@ -101,13 +102,41 @@ def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:
     return list(range(first, end - end % res.step + 1, res.step))
 
 
-def fields_for(res: keys.Resolution, domain: str, buckets: Iterable[int], dims: Sequence[str]) -> dict[str, list[str]]:
-    """{key: [fields in bucket order]} needed to read `dims` ('' = total) for the buckets."""
-    out: dict[str, list[str]] = {}
-    for b in buckets:
-        key = keys.series_key(domain, res, keys.window_start(res, b))
-        out.setdefault(key, []).extend(keys.total_field(b) if d == "" else keys.dimension_field(b, d) for d in dims)
-    return out
+@dataclass(frozen=True)
+class SeriesRead:
+    """How to read some dimensions ('' = total) of some buckets: one HMGET per window key.
+
+    The fields are the same for every domain, so a plan is made once per refresh and
+    reused for each domain. Fields go dimension-major, so each dimension is a slice."""
+
+    res: keys.Resolution
+    dims: tuple[str, ...]
+    windows: tuple[tuple[int, list[str]], ...]  # (window start, fields)
+
+    @classmethod
+    def plan(cls, res: keys.Resolution, buckets: Sequence[int], dims: Sequence[str]) -> SeriesRead:
+        by_window: dict[int, list[int]] = {}
+        for b in buckets:
+            by_window.setdefault(keys.window_start(res, b), []).append(b)
+        windows = tuple(
+            (window, [keys.total_field(b) if d == "" else keys.dimension_field(b, d) for d in dims for b in bs])
+            for window, bs in by_window.items()
+        )
+        return cls(res, tuple(dims), windows)
+
+    def commands(self, domain: str) -> list[tuple[str, list[str]]]:
+        """(key, fields) for each HMGET of this domain."""
+        return [(keys.series_key(domain, self.res, window), fields) for window, fields in self.windows]
+
+    def decode(self, replies: Sequence[Sequence[bytes | None]]) -> dict[str, list[int | None]]:
+        """The HMGET replies of one domain, in command order -> {dim: [count or None per bucket]}."""
+        out: dict[str, list[int | None]] = {d: [] for d in self.dims}
+        n_dims = len(self.dims)
+        for values in replies:
+            per_dim = len(values) // n_dims
+            for i, d in enumerate(self.dims):
+                out[d].extend(None if v is None else int(v) for v in values[i * per_dim : (i + 1) * per_dim])
+        return out
 
 
 async def read_series(
@@ -121,16 +150,11 @@ async def read_series(
     """{domain: {dim: [count or None per bucket]}} in one pipelined round trip.
 
     None means nothing was recorded for that bucket (a gap, not a zero)."""
-    buckets = bucket_range(res, start, end)
-    plan: list[tuple[str, str, list[str]]] = []
+    read = SeriesRead.plan(res, bucket_range(res, start, end), dims)
     pipe = client.pipeline(transaction=False)
     for domain in domains:
-        for key, flds in fields_for(res, domain, buckets, dims).items():
-            plan.append((domain, key, flds))
-            pipe.hmget(key, flds)
+        for key, fields in read.commands(domain):
+            pipe.hmget(key, fields)
     replies = await pipe.execute()
-    out: dict[str, dict[str, list[int | None]]] = {d: {dim: [] for dim in dims} for d in domains}
-    for (domain, _key, _flds), values in zip(plan, replies, strict=True):
-        for i, v in enumerate(values):
-            out[domain][dims[i % len(dims)]].append(None if v is None else int(v))
-    return out
+    n = len(read.windows)
+    return {domain: read.decode(replies[i * n : (i + 1) * n]) for i, domain in enumerate(domains)}

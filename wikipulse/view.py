@@ -9,11 +9,11 @@ Data shapes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pandas as pd
-import plotly.graph_objects as go
 
 from wikipulse import keys
 from wikipulse.events import is_valid_domain
@@ -113,36 +113,49 @@ def fill_gaps(values: list[int | None], pipeline_up: list[bool]) -> list[int | N
     return [v if v is not None else (0 if up else None) for v, up in zip(values, pipeline_up, strict=True)]
 
 
-def make_figure(snap: Snapshot, sel: Selection) -> go.Figure:
-    """Events per bucket for each picked domain (and dimension), gaps where the pipeline was down."""
-    x = pd.to_datetime(snap.buckets, unit="s")
+def utc_iso(t: int) -> str:
+    """A bucket start as the naive UTC timestamp Plotly's date axis reads."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def make_figure(snap: Snapshot, sel: Selection) -> dict[str, Any]:
+    """Events per bucket for each picked domain (and dimension), gaps where the pipeline was down.
+
+    A plain Plotly figure dict, not a `go.Figure`: validating every point through graph_objects costs
+    more than the whole rest of a refresh (BENCHMARKS.md); tests check the dict against those validators.
+    """
+    x = [utc_iso(b) for b in snap.buckets]
     totals = snap.series.get(keys.ALL_DOMAINS, {}).get("", [None] * len(snap.buckets))
     up = [v is not None for v in totals]
-    fig = go.Figure()
+    traces = []
     for domain in sel.domains:
         for dim in sel.dims:
             values = fill_gaps(snap.series.get(domain, {}).get(dim, [None] * len(snap.buckets)), up)
             name = domain if dim == "" else f"{domain} · {dim}"
-            fig.add_trace(go.Scatter(x=x, y=values, mode="lines", name=name, connectgaps=False, line={"width": 2}))
+            trace = {"type": "scatter", "x": x, "y": values, "mode": "lines", "name": name, "connectgaps": False, "line": {"width": 2}}
+            traces.append(trace)
+    shapes, annotations = [], []
     if snap.buckets:
-        current = snap.buckets[-1]
-        fig.add_vrect(
-            x0=pd.to_datetime(current, unit="s"),
-            x1=pd.to_datetime(current + sel.res.step, unit="s"),
-            fillcolor="#999", opacity=0.15, line_width=0,
-            annotation_text="filling", annotation_position="top left",
-        )  # fmt: skip
-    fig.update_layout(
+        start, end = utc_iso(snap.buckets[-1]), utc_iso(snap.buckets[-1] + sel.res.step)
+        shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": end, "y0": 0, "y1": 1,
+                       "fillcolor": "#999", "opacity": 0.15, "line": {"width": 0}, "layer": "below"})  # fmt: skip
+        annotations.append({"x": start, "y": 1, "xref": "x", "yref": "paper", "text": "filling", "showarrow": False,
+                            "xanchor": "left", "yanchor": "top"})  # fmt: skip
+    grid = {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "linecolor": "#ebf0f8"}
+    layout = {
         # Same uirevision while the selection is the same: refreshes keep the user's zoom.
-        uirevision=f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}",
-        margin={"l": 50, "r": 20, "t": 30, "b": 40},
-        yaxis_title=f"events per {sel.resolution}",
-        xaxis={"title": "UTC", "type": "date"},
-        legend={"orientation": "h", "y": -0.15},
-        template="plotly_white",
-        height=460,
-    )
-    return fig
+        "uirevision": f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}",
+        "margin": {"l": 50, "r": 20, "t": 30, "b": 40},
+        "yaxis": {"title": {"text": f"events per {sel.resolution}"}, "rangemode": "tozero", **grid},
+        "xaxis": {"title": {"text": "UTC"}, "type": "date", **grid},
+        "legend": {"orientation": "h", "y": -0.15},
+        "plot_bgcolor": "white",
+        "paper_bgcolor": "white",
+        "height": 460,
+        "shapes": shapes,
+        "annotations": annotations,
+    }
+    return {"data": traces, "layout": layout}
 
 
 def events_per_second(recent_10s: list[int | None]) -> float | None:
