@@ -54,7 +54,7 @@ def naive_snapshot(client: redis.Redis, sel: Selection, now: float) -> Snapshot:
     return snap
 
 
-def graph_objects_figure(snap: Snapshot, sel: Selection) -> go.Figure:
+def graph_objects_figure(snap: Snapshot, sel: Selection, _zoom: Any = None) -> go.Figure:
     """The same figure built the usual way, through plotly's validating graph_objects."""
     x = pd.to_datetime(snap.buckets, unit="s")
     up = [v is not None for v in snap.series.get(keys.ALL_DOMAINS, {}).get("", [None] * len(snap.buckets))]

@@ -175,6 +175,30 @@ def test_a_newly_folded_event_shows_up_within_3_seconds(browser: Browser, seeded
     page.close()
 
 
+def test_a_refresh_keeps_the_users_zoom(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    _, base = seeded
+    page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s")
+    xrange = "() => document.querySelector('#graph .js-plotly-plot').layout.xaxis.range.map(v => Date.parse(v.replace(' ', 'T') + 'Z'))"
+    full = page.evaluate(xrange)
+    box = page.locator("#graph .nsewdrag").bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.3, y)  # drag across the middle of the plot: an x zoom, as a user does
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y + 3, steps=10)
+    page.mouse.up()
+    zoomed = page.evaluate(xrange)
+    assert zoomed[1] - zoomed[0] < (full[1] - full[0]) / 2
+    page.evaluate("() => { window.redraws = 0; document.querySelector('#graph .js-plotly-plot')"
+                  ".on('plotly_afterplot', () => window.redraws++) }")  # fmt: skip
+    page.wait_for_function("() => window.redraws >= 2", timeout=10000)  # two refreshes redrew the graph
+    assert page.evaluate(xrange) == zoomed
+    page.dblclick("#graph .nsewdrag", position={"x": box["width"] / 2, "y": box["height"] / 2})  # back to the whole window
+    page.wait_for_function(f"() => ({xrange})()[1] - ({xrange})()[0] > {(full[1] - full[0]) * 0.9}", timeout=10000)
+    assert errors == []
+    page.close()
+
+
 def test_switching_resolution(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
     _, base = seeded
     page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s")
@@ -240,7 +264,8 @@ def test_a_malicious_domain_is_refused(browser: Browser, seeded: tuple[redis.Red
             const inputs = refresh.inputs.map(i => ({...i, value: i.id in values ? values[i.id] : 1}));
             const r = await fetch('/_dash-update-component', {method: 'POST', headers: {'Content-Type': 'application/json'},
                 body: JSON.stringify({output: refresh.output, outputs: refresh.output.slice(2, -2).split('...').map(s => {
-                    const [id, property] = s.split('.'); return {id, property}}), inputs, changedPropIds: ['domains.value'], state: []})});
+                    const [id, property] = s.split('.'); return {id, property}}), inputs, changedPropIds: ['domains.value'],
+                    state: refresh.state.map(s => ({...s, value: null}))})});
             return {status: r.status, body: await r.text()};
         }"""
     )

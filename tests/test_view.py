@@ -22,6 +22,8 @@ from wikipulse.view import (
     stale_seconds,
     ticker_rows,
     to_frame,
+    ui_revision,
+    zoomed_ranges,
 )
 
 NOW = 1_700_000_005.0
@@ -121,3 +123,15 @@ def test_render_ranks_options_and_top_lists() -> None:
     options = out[1]
     assert [o["value"] for o in options] == ["a.org", "b.org", "c.org"]  # ranked, and the picked one kept
     assert out[8] == {"display": "none"}  # no stale banner
+
+
+def test_the_users_zoom_applies_only_to_the_selection_it_was_made_on() -> None:
+    sel = Selection(("a.org",), "10s", "30m", "total")
+    zoom = {"rev": ui_revision(sel), "xaxis": ["2023-11-14 22:12:55", "2023-11-14 22:13:10"], "yaxis": [0, "x" * 100]}
+    layout = make_figure(snapshot(), sel, zoom)["layout"]
+    assert layout["xaxis"]["range"] == zoom["xaxis"] and layout["xaxis"]["autorange"] is False
+    assert layout["yaxis"]["range"] == [0, "x" * 40]  # strings from the browser are cut short
+    other = Selection(("a.org", "b.org"), "10s", "30m", "total")
+    assert "range" not in make_figure(snapshot(), other, zoom)["layout"]["xaxis"]  # a new selection starts unzoomed
+    assert zoomed_ranges({"rev": ui_revision(sel), "xaxis": [True, {"a": 1}]}, sel) == {}
+    assert zoomed_ranges("garbage", sel) == {}

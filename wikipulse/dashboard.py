@@ -112,6 +112,7 @@ def serve_layout() -> html.Div:
         [
             dcc.Location(id="url", refresh=False),
             dcc.Store(id="initialized", data=False),
+            dcc.Store(id="zoom", data=None),
             dcc.Interval(id="tick", interval=REFRESH_MS),
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
@@ -186,15 +187,15 @@ def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Das
         Output("stale-banner", "children"), Output("stale-banner", "style"), Output("top-5min", "children"),
         Output("top-hour", "children"), Output("ticker", "children"), Output("selection-error", "children"),
         Input("tick", "n_intervals"), Input("domains", "value"), Input("resolution", "value"), Input("window", "value"),
-        Input("breakdown", "value"),
+        Input("breakdown", "value"), State("zoom", "data"),
     )  # fmt: skip
-    def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any) -> tuple[Any, ...]:
+    def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, zoom: Any) -> tuple[Any, ...]:
         try:
             sel = clean_selection(domains, resolution, window or DEFAULT_WINDOW.get(resolution), breakdown)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}")
-        return render(read_snapshot(client, settings.stream, sel), sel)
+        return render(read_snapshot(client, settings.stream, sel), sel, zoom)
 
     @app.callback(
         Output("download", "data"), Input("export", "n_clicks"),
@@ -252,6 +253,24 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
             raise PreventUpdate from None
         return dash.no_update if query == search else query
 
+    # The user's zoom, per axis, tagged with the figure's uirevision so a new selection drops it.
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        """function (relayout, figure, zoom) {
+            if (!relayout || !figure) { return dash_clientside.no_update; }
+            const rev = figure.layout.uirevision;
+            const next = zoom && zoom.rev === rev ? {...zoom} : {rev: rev};
+            for (const axis of ["xaxis", "yaxis"]) {
+                const low = relayout[axis + ".range[0]"], high = relayout[axis + ".range[1]"];
+                if (low !== undefined) { next[axis] = [low, high]; }
+                else if (relayout[axis + ".range"]) { next[axis] = relayout[axis + ".range"]; }
+                else if (relayout[axis + ".autorange"]) { delete next[axis]; }
+            }
+            return next;
+        }""",
+        Output("zoom", "data"), Input("graph", "relayoutData"), State("graph", "figure"), State("zoom", "data"),
+        prevent_initial_call=True,
+    )  # fmt: skip
+
     # In the browser, not on the server: the top lists are re-rendered every refresh, and new buttons fire this
     # callback again; a server round trip in flight would be superseded by that call and the click lost.
     app.clientside_callback(  # type: ignore[no-untyped-call]
@@ -272,7 +291,7 @@ def _ranked(client: redis.Redis) -> list[tuple[str, float]]:
     return [(m.decode(), s) for m, s in client.zunion(keys.rank_keys(int(time.time()), 3600), withscores=True)]
 
 
-def render(snap: Snapshot, sel: Selection) -> tuple[Any, ...]:
+def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     """Every output of a refresh, from a snapshot (pure)."""
     head = header(snap)
     hour = ranked_desc(snap.ranked_hour)
@@ -281,7 +300,7 @@ def render(snap: Snapshot, sel: Selection) -> tuple[Any, ...]:
     banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
     banner_style = {"display": "none"} if stale is None else {"display": "block"}
     return (
-        make_figure(snap, sel), options, head["eps"], head["hour"], head["active"], head["lag"], head["publisher"],
+        make_figure(snap, sel, zoom), options, head["eps"], head["hour"], head["active"], head["lag"], head["publisher"],
         banner, banner_style, top_list(ranked_desc(snap.ranked_5min)), top_list(hour), ticker(snap), "",
     )  # fmt: skip
 

@@ -118,7 +118,27 @@ def utc_iso(t: int) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def make_figure(snap: Snapshot, sel: Selection) -> dict[str, Any]:
+def ui_revision(sel: Selection) -> str:
+    """Plotly keeps UI state (hidden traces) while this stays the same; a new selection starts afresh."""
+    return f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}"
+
+
+def zoomed_ranges(zoom: Any, sel: Selection) -> dict[str, list[Any]]:
+    """{axis: [low, high]} the user zoomed to for this selection, from the browser's zoom store.
+
+    The zoom is applied by the server, not left to uirevision: Dash re-plots the figure object that
+    Plotly mutated on a zoom, which erases Plotly's record of the zoom (checked in Chromium)."""
+    if not isinstance(zoom, dict) or zoom.get("rev") != ui_revision(sel):
+        return {}
+    out = {}
+    for axis in ("xaxis", "yaxis"):
+        r = zoom.get(axis)
+        if isinstance(r, list) and len(r) == 2 and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in r):
+            out[axis] = [str(v)[:40] if isinstance(v, str) else v for v in r]
+    return out
+
+
+def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, Any]:
     """Events per bucket for each picked domain (and dimension), gaps where the pipeline was down.
 
     A plain Plotly figure dict, not a `go.Figure`: validating every point through graph_objects costs
@@ -142,9 +162,8 @@ def make_figure(snap: Snapshot, sel: Selection) -> dict[str, Any]:
         annotations.append({"x": start, "y": 1, "xref": "x", "yref": "paper", "text": "filling", "showarrow": False,
                             "xanchor": "left", "yanchor": "top"})  # fmt: skip
     grid = {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "linecolor": "#ebf0f8"}
-    layout = {
-        # Same uirevision while the selection is the same: refreshes keep the user's zoom.
-        "uirevision": f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}",
+    layout: dict[str, Any] = {
+        "uirevision": ui_revision(sel),
         "margin": {"l": 50, "r": 20, "t": 30, "b": 40},
         "yaxis": {"title": {"text": f"events per {sel.resolution}"}, "rangemode": "tozero", **grid},
         "xaxis": {"title": {"text": "UTC"}, "type": "date", **grid},
@@ -155,6 +174,8 @@ def make_figure(snap: Snapshot, sel: Selection) -> dict[str, Any]:
         "shapes": shapes,
         "annotations": annotations,
     }
+    for axis, r in zoomed_ranges(zoom, sel).items():
+        layout[axis] = {**layout[axis], "range": r, "autorange": False}
     return {"data": traces, "layout": layout}
 
 
