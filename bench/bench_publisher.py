@@ -65,7 +65,7 @@ def main() -> None:
             mine = asyncio.run(ours(url, server.url, args.events))
     report(f"publisher: {args.events:,} events, local SSE -> PUBLISH + XADD", [
         ("seed-style: aiohttp-sse-client, one awaited PUBLISH + XADD per event", base, "events/s"),
-        ("wikipulse publisher: own SSE decoder, one MULTI/EXEC per batch", mine, "events/s"),
+        ("wikipulse publisher: own SSE decoder, one Lua script call per batch, reading on while it runs", mine, "events/s"),
     ])  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 PREFIX = "wp"
 
 # Publisher state. The position and the dedup window are written in the same
-# MULTI/EXEC as the events they describe, so they can never disagree with the stream.
+# atomic script call as the events they describe, so they can never disagree with the stream.
 POSITION = f"{PREFIX}:publisher:position"  # string: last SSE `id:` stored, verbatim
 SEEN = f"{PREFIX}:publisher:seen"  # zset meta.id -> sequence no.; the dedup window
 PUBLISHER_STATS = f"{PREFIX}:publisher:stats"  # hash of counters (see README)
