@@ -80,27 +80,42 @@ def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, i
 
 
 def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, int], out: Increments) -> None:
-    """Turn per-class counts into HINCRBY/EXPIREAT/ZINCRBY work at every resolution."""
+    """Turn per-class counts into HINCRBY/EXPIREAT/ZINCRBY work at every resolution.
+
+    Classes are merged per resolution first (many fall into one 1 min or 1 h bucket), and the
+    global totals are summed apart, so each hash field is touched once per batch."""
     counts, expire_at, rank = out.counts, out.expire_at, out.rank
-    rank_floor = now - keys.RANK_RETENTION
-    for (domain, t, kind, bot), n in classes.items():
-        out.folded += n
-        who = "bot" if bot else "human"
-        for res in keys.RESOLUTIONS:
-            window = t - t % res.window
-            expires = window + res.window + retention[res.name]
+    for res in keys.RESOLUTIONS:
+        keep = retention[res.name]
+        per_domain: Counter[FoldKey] = Counter()
+        for (domain, t, kind, bot), n in classes.items():
+            per_domain[(domain, t - t % res.step, kind, bot)] += n
+        everywhere: Counter[tuple[str, int, str, bool]] = Counter()
+        for (domain, bucket, kind, bot), n in per_domain.items():
+            window = bucket - bucket % res.window
+            expires = window + res.window + keep
             if expires <= now:
                 continue  # this resolution no longer keeps that window
-            bucket = t - t % res.step
-            total, by_kind, by_who = str(bucket), f"{bucket}:{kind}", f"{bucket}:{who}"
-            for d in (domain, keys.ALL_DOMAINS):
-                key = keys.series_key(d, res, window)
-                counts[(key, total)] += n
-                counts[(key, by_kind)] += n
-                counts[(key, by_who)] += n
-                expire_at[key] = expires
+            key = keys.series_key(domain, res, window)
+            expire_at[key] = expires
+            _add_fields(counts, key, bucket, kind, bot, n)
+            everywhere[(keys.ALL_DOMAINS, bucket, kind, bot)] += n
+        for (domain, bucket, kind, bot), n in everywhere.items():
+            window = bucket - bucket % res.window
+            key = keys.series_key(domain, res, window)
+            expire_at[key] = window + res.window + keep
+            _add_fields(counts, key, bucket, kind, bot, n)
+    rank_floor = now - keys.RANK_RETENTION
+    for (domain, t, _kind, _bot), n in classes.items():
+        out.folded += n
         minute = t - t % keys.RANK_STEP
         if minute > rank_floor:
             rkey = keys.rank_key(minute)
             rank[(rkey, domain)] += n
             expire_at[rkey] = minute + keys.RANK_RETENTION
+
+
+def _add_fields(counts: Counter[tuple[str, str]], key: str, bucket: int, kind: str, bot: bool, n: int) -> None:
+    counts[(key, keys.total_field(bucket))] += n
+    counts[(key, keys.dimension_field(bucket, kind))] += n
+    counts[(key, keys.dimension_field(bucket, "bot" if bot else "human"))] += n
