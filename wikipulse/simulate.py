@@ -188,7 +188,8 @@ class Simulator:
         bot = rng.random() < 0.32
         title = f"{rng.choice(_TITLE_WORDS)} {rng.randrange(10**6)}"
         namespace = 14 if kind == "categorize" else rng.choice((0, 0, 0, 1, 2, 4, 6))
-        wiki = domain.split(".")[0].replace("-", "_") + ("wiki" if "wikipedia" in domain else domain.split(".")[1])
+        parts = domain.split(".")  # "canary" has one part
+        wiki = parts[0].replace("-", "_") + ("wiki" if "wikipedia" in domain else parts[min(1, len(parts) - 1)])
         server = f"https://{domain}"
         title_url = f"{server}/wiki/{title.replace(' ', '_')}"
         event: dict[str, Any] = {
