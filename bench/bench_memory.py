@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Redis memory of the time series: 3 million events spread over 24 h of event time across ~900 domains.
+
+`pipenv run python -m bench.bench_memory [--events N]`: simulated events (the live feed's domain, type
+and bot mix, 907 domains) stamped over the last 24 hours are folded through the subscriber's own
+write path (fold + the atomic apply script) into a real Redis, in batches as the subscriber makes them.
+Reports `used_memory` above an empty server, side by side with a baseline that keeps every key
+forever (no expiry) and writes at arrival time, as the seed did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bench.common import redis_server
+from wikipulse import keys
+from wikipulse.fold import fold
+from wikipulse.series import SeriesWriter
+from wikipulse.settings import Settings
+from wikipulse.simulate import Simulator
+
+BATCH = 5000
+
+
+def slim(event: dict[str, Any]) -> dict[str, Any]:
+    """What the fold reads of an event (keeps the generator's memory small)."""
+    return {"meta": {"domain": event["meta"]["domain"]}, "timestamp": event["timestamp"], "type": event["type"], "bot": event["bot"]}
+
+
+async def fold_all(url: str, n: int, now: float) -> tuple[int, int, Counter[str]]:
+    retention = Settings.from_args(environ={}).retention_seconds()
+    sim = Simulator(seed=7, start=now - 86_400, rate=n / 86_400, canary_every=0)
+    async with aioredis.Redis.from_url(url) as client:
+        await client.flushall()
+        empty = int((await client.info("memory"))["used_memory"])
+        writer = SeriesWriter(client, "wiki:events", "wikipulse", "bench")
+        domains: set[str] = set()
+        for start in range(0, n, BATCH):
+            events = [slim(sim.event(i)) for i in range(start, min(start + BATCH, n))]
+            domains.update(e["meta"]["domain"] for e in events)
+            inc = fold(events, now, retention)
+            await writer.apply(inc, [], {"folded": inc.folded})
+        used = int((await client.info("memory"))["used_memory"])
+        by_resolution: Counter[str] = Counter()
+        async for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000):
+            by_resolution[key.decode().rsplit(":", 2)[-2]] += 1
+        print(f"{n:,} events over 24 h, {len(domains)} domains, keys by resolution: {dict(by_resolution)}")
+        return used - empty, len(domains), by_resolution
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=3_000_000)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with redis_server() as server:
+        used, domains, _ = asyncio.run(fold_all(server.url, args.events, time.time()))
+    print(f"\nRedis used_memory above an empty server after folding {args.events:,} events: {used / 1e6:.1f} MB"
+          f" ({domains} domains; {time.perf_counter() - started:.0f} s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
