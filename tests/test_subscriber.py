@@ -217,3 +217,26 @@ async def test_two_subscribers_share_the_work_exactly(redis_client: aioredis.Red
     assert_same(await stored_counts(redis_client), Counter({k: 3 * v for k, v in expected.items()}))
     consumers = {c["name"]: c for c in await redis_client.xinfo_consumers("wiki:events", "wikipulse")}
     assert set(consumers) == {b"a", b"b"} or set(consumers) == {"a", "b"}
+
+
+async def test_a_flood_of_made_up_domains_is_capped(redis_client: aioredis.Redis, settings: Settings) -> None:
+    now = int(time.time())
+    flood = [{"meta": {"domain": f"a{i}.example.org"}, "timestamp": now - 30, "type": "edit", "bot": False} for i in range(40)]
+    real = [{"meta": {"domain": "en.wikipedia.org"}, "timestamp": now - 30, "type": "new", "bot": False}] * 3
+    await load_stream(redis_client, [orjson.dumps(e) for e in real + flood])  # "a…" sorts before "en…": order counts
+    capped = dataclasses.replace(settings, max_domains=5)
+    await run_subscriber(capped, redis_client, 43)
+    counts = await stored_counts(redis_client)
+    with_series = {domain for domain, res, _, _ in counts if res == "10s"} - {keys.ALL_DOMAINS}
+    assert len(with_series - {keys.OTHER_DOMAINS}) == 5 and "en.wikipedia.org" in with_series  # first come, first served
+    assert counts[(keys.OTHER_DOMAINS, "10s", (now - 30) // 10 * 10, "")] == 36  # the other 36 events: counted, not lost
+    assert counts[(keys.ALL_DOMAINS, "10s", (now - 30) // 10 * 10, "")] == 43
+    assert await stat(redis_client, "overflow") == 36
+    assert await redis_client.zcard(keys.DOMAINS) == 5
+    rank = await redis_client.zrange(keys.rank_key((now - 30) // 60 * 60), 0, -1)
+    assert len(rank) == 5 and keys.OTHER_DOMAINS.encode() not in rank
+    # A restarted subscriber (a new process: an empty cache) keeps to the same five.
+    await load_stream(redis_client, [orjson.dumps({**flood[-1], "meta": {"domain": "late.example.org"}}), orjson.dumps(real[0])])
+    await run_subscriber(capped, redis_client, 45)
+    assert await stat(redis_client, "overflow") == 37
+    assert await redis_client.zcard(keys.DOMAINS) == 5

@@ -109,7 +109,7 @@ def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, i
     for (domain, t, _kind, _bot), n in classes.items():
         out.folded += n
         minute = t - t % keys.RANK_STEP
-        if minute > rank_floor:
+        if minute > rank_floor and domain != keys.OTHER_DOMAINS:  # the ranking lists real domains only
             rkey = keys.rank_key(minute)
             rank[(rkey, domain)] += n
             expire_at[rkey] = minute + keys.RANK_RETENTION

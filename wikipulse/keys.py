@@ -29,6 +29,12 @@ SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 # with a real domain: validated domains never contain "_".
 ALL_DOMAINS = "_all"
 
+# A flood of made-up domains must not exhaust memory: at most max_domains get series of
+# their own (admitted in DOMAINS, domain -> unix time admitted); events of any other go to
+# the pseudo-domain OTHER_DOMAINS (and to the totals), and are counted as `overflow`.
+DOMAINS = f"{PREFIX}:domains"
+OTHER_DOMAINS = "_other"
+
 # Event-type and bot dimensions stored beside each bucket's total.
 EVENT_TYPES = ("edit", "new", "log", "categorize", "other")
 BOT_DIMENSIONS = ("bot", "human")

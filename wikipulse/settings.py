@@ -76,6 +76,7 @@ class Settings:
     group: str = _opt("CONSUMER_GROUP", "consumer group on the stream", "wikipulse")
     consumer: str = _opt("CONSUMER_NAME", "consumer name in the group (default: the host name, stable across restarts)", "")
     claim_idle: float = _opt("CLAIM_IDLE", "seconds before another consumer's pending entries are claimed", 60.0)
+    max_domains: int = _opt("MAX_DOMAINS", "domains that get series of their own; any more are folded as _other", 10_000)
     retention: str = _opt("RETENTION", "retention per resolution, e.g. 10s=6h,1m=7d,1h=400d", "")
     stats_interval: float = _opt("STATS_INTERVAL", "seconds between logged counter summaries", 30.0)
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
@@ -131,6 +132,8 @@ class Settings:
                 raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise SettingsError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.max_domains < 1:
+            raise SettingsError(f"max_domains must be at least 1, not {self.max_domains}")
         self.retention_seconds()
 
 

@@ -50,6 +50,7 @@ async def read_status(client: aioredis.Redis, stream: str, group: str) -> dict[s
         "duplicates": publisher.get("duplicates", 0),
         "rejected": sum(v for k, v in publisher.items() if k.startswith("rejected:")),
         "late": subscriber.get("late", 0),
+        "overflow": subscriber.get("overflow", 0),  # events of domains over max_domains, folded as _other
         "lag_seconds": publisher.get("lag_seconds"),
         "publisher_seen_seconds_ago": None if not isinstance(updated, (int, float)) else round(now - updated, 1),
     }

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
+from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import fold
 from wikipulse.publisher import REDIS_ERRORS, backoff_delay
@@ -44,6 +45,7 @@ class Subscriber:
         self.consumer = settings.consumer or default_consumer()
         self.retention = settings.retention_seconds()
         self.writer = SeriesWriter(client, settings.stream, settings.group, self.consumer)
+        self.gate = DomainGate(client, settings.max_domains)
         self.totals: Counter[str] = Counter()
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
 
@@ -68,6 +70,7 @@ class Subscriber:
     async def fold_and_write(self, ids: Sequence[bytes], payloads: Sequence[bytes | None]) -> None:
         while True:
             events, counters = self.verdicts(payloads)
+            counters["overflow"] = await self.gate.route(events)
             inc = fold(events, time.time(), self.retention)
             counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
             owned = await self.writer.apply(inc, ids, counters)
