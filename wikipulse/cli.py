@@ -21,7 +21,7 @@ logger = logging.getLogger("wikipulse")
 REDIS = ("redis_url", "log_level")
 PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
              "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval")  # fmt: skip
-SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "retention", "batch_size",
+SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval")  # fmt: skip
 DASH = (*REDIS, "host", "port", "stream", "group", "channel")
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
