@@ -109,15 +109,16 @@ async def test_malformed_entries_are_counted_acked_and_skipped(redis_client: aio
 
 async def test_expiry_removes_old_windows(redis_client: aioredis.Redis, settings: Settings) -> None:
     now = int(time.time())
-    t = now - 2 * 3600  # its 10 s window ended at least an hour ago
-    window_end = t - t % 3600 + 3600
+    ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
+    t = now - 2 * 3600  # its 10 s window ended long ago
+    window_end = t - t % ten.window + ten.window
     retention = now - window_end + 3  # so the window expires 3 s from now
     await load_stream(redis_client, [orjson.dumps({"meta": {"domain": "a.org"}, "timestamp": t})])
     await run_subscriber(dataclasses.replace(settings, retention=f"10s={retention}"), redis_client, 1)
-    key = keys.series_key("a.org", keys.RESOLUTION_BY_NAME["10s"], t - t % 3600)
+    key = keys.series_key("a.org", ten, t - t % ten.window)
     assert await redis_client.exists(key)
     assert 0 < await redis_client.ttl(key) <= 4
-    assert await redis_client.ttl(keys.series_key("a.org", keys.RESOLUTION_BY_NAME["1m"], t - t % 86400)) > 86400
+    assert await redis_client.ttl(keys.series_key("a.org", minute, t - t % minute.window)) > 86400
     await asyncio.sleep(4.2)
     assert not await redis_client.exists(key)
 
