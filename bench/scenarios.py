@@ -58,7 +58,7 @@ class Scenario:
 
 
 def scenarios(events: int, soak_minutes: float) -> dict[str, Scenario]:
-    short = {"RETENTION": "10s=5m,1m=10m,1h=1h", "STREAM_MAXLEN": "50000"}
+    short = {"RETENTION": "10s=2m,1m=5m,1h=1h", "STREAM_MAXLEN": "50000"}  # steady state within ~20 min
     soak = Scenario("soak", int(soak_minutes * 60 * 1000), rate=1000, soak_seconds=soak_minutes * 60, env=short)
     return {
         s.name: s
@@ -267,6 +267,33 @@ def write_samples(result: Result, out: Path) -> Path:
     return path
 
 
+def plot_samples(result: Result, out: Path) -> Path | None:
+    """The soak's memory curves as a PNG, drawn by plotly.js in headless Chromium (no extra dependency)."""
+    import plotly
+    from playwright.sync_api import sync_playwright
+
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        return None
+    minutes = [s["t"] / 60 for s in result.samples]
+    series = sorted({k for s in result.samples for k in s if k.endswith("_mb")})
+    traces = [{"x": minutes, "y": [s.get(name) for s in result.samples], "name": name, "mode": "lines"} for name in series]
+    layout = {"title": {"text": f"soak: {result.sent:,} events at 1,000/s"}, "xaxis": {"title": {"text": "minutes"}},
+              "yaxis": {"title": {"text": "MB"}, "rangemode": "tozero"}, "width": 900, "height": 420}  # fmt: skip
+    script = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text()
+    figure = f"Plotly.newPlot('g', {orjson.dumps(traces).decode()}, {orjson.dumps(layout).decode()})"
+    html = f"<div id=g></div><script>{script}</script><script>{figure}</script>"
+    path = out / f"{result.name}-memory.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 920, "height": 440})
+        page.set_content(html)
+        page.wait_for_selector("#g .main-svg")
+        page.locator("#g").screenshot(path=str(path))
+        browser.close()
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="scenarios to run (default: all but soak)")
@@ -289,7 +316,7 @@ def main() -> None:
         cells = [r.name, *numbers, exact, f"{r.rejected:,}", f"{r.seconds:.0f}"]
         print("| " + " | ".join(cells) + " |")
         if r.samples:
-            print(f"soak samples: {write_samples(r, args.out)}")
+            print(f"soak samples: {write_samples(r, args.out)}, plot: {plot_samples(r, args.out)}")
     sys.exit(0 if all(r.exact for r in results) else 1)
 
 
