@@ -50,7 +50,7 @@ def naive_snapshot(client: redis.Redis, sel: Selection, now: float) -> Snapshot:
     buckets = bucket_range(sel.res, int(now) - sel.seconds + sel.res.step, int(now))
     read = SeriesRead.plan(sel.res, buckets, sel.dims)
     for domain in sel.domains:
-        snap.series[domain] = read.decode([client.hmget(key, fields) for key, fields in read.commands(domain)])
+        snap.series[domain] = read.decode([client.hgetall(key) for key in read.hashes(domain)])
     return snap
 
 

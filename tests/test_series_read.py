@@ -1,4 +1,4 @@
-"""Reading series back: the HMGET plan shared by the dashboard and `counts`, against a real Redis."""
+"""Reading series back: the read plan shared by the dashboard and `counts`, against a real Redis."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ from wikipulse.series import SeriesRead, bucket_range, read_series
 TEN = keys.RESOLUTION_BY_NAME["10s"]
 
 
-def test_a_plan_spanning_two_windows_reads_each_key_once_with_the_same_fields_for_every_domain() -> None:
+def test_a_plan_spanning_two_windows_reads_each_hash_once_and_names_them_per_domain() -> None:
     start = TEN.window - 20  # the last two buckets of one window, the first of the next
     read = SeriesRead.plan(TEN, bucket_range(TEN, start, TEN.window), ("edit", "bot"))
-    assert [window for window, _ in read.windows] == [0, TEN.window]
-    assert read.windows[0][1] == [f"{start}:edit", f"{start + 10}:edit", f"{start}:bot", f"{start + 10}:bot"]
-    assert [key for key, _ in read.commands("a.org")] == [keys.series_key("a.org", TEN, 0), keys.series_key("a.org", TEN, TEN.window)]
-    assert [fields for _, fields in read.commands("b.org")] == [fields for _, fields in read.commands("a.org")]
+    assert read.windows == ((0, [start, start + 10]), (TEN.window, [TEN.window]))
+    assert read.hashes("a.org") == [keys.series_key("a.org", TEN, 0), keys.series_key("a.org", TEN, TEN.window)]
+    assert read.hashes("b.org") == [keys.series_key("b.org", TEN, 0), keys.series_key("b.org", TEN, TEN.window)]
 
 
-def test_decode_splits_each_reply_by_dimension_and_keeps_gaps() -> None:
-    read = SeriesRead.plan(TEN, [TEN.window - 10, TEN.window], ("edit", "bot"))
-    decoded = read.decode([[b"3", None], [b"7", b"1"]])  # window 1: edit, bot; window 2: edit, bot
-    assert decoded == {"edit": [3, 7], "bot": [None, 1]}
+def test_decode_picks_each_dimension_in_bucket_order_and_keeps_gaps() -> None:
+    b0, b1 = TEN.window - 10, TEN.window
+    read = SeriesRead.plan(TEN, [b0, b1], ("edit", "bot"))
+    first = {f"{b0}:edit".encode(): b"3", str(b0).encode(): b"3", f"{b0}:human".encode(): b"3"}  # no bot field: a gap
+    second = {f"{b1}:edit".encode(): b"7", f"{b1}:bot".encode(): b"1"}
+    assert read.decode([first, second]) == {"edit": [3, 7], "bot": [None, 1]}
 
 
 async def test_read_series_returns_what_was_written(redis_client: aioredis.Redis) -> None:

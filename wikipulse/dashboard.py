@@ -62,8 +62,8 @@ def read_snapshot(client: redis.Redis, stream: str, sel: Selection, now: float |
     ]
     pipe = client.pipeline(transaction=False)
     for domain, read in reads:
-        for key, fields in read.commands(domain):
-            pipe.hmget(key, fields)
+        for key in read.hashes(domain):
+            pipe.hgetall(key)
     pipe.zunion(keys.rank_keys(t, 3600), withscores=True)
     pipe.zunion(keys.rank_keys(t, 300), withscores=True)
     pipe.hgetall(keys.PUBLISHER_STATS)

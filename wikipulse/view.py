@@ -20,7 +20,7 @@ from wikipulse.events import is_valid_domain
 from wikipulse.settings import parse_duration
 from wikipulse.status import STALE_AFTER
 
-MAX_DOMAINS = 12  # picked at once; each is a trace (or several) and a few HMGETs
+MAX_DOMAINS = 12  # picked at once; each is a trace (or several) and a few HGETALLs
 WINDOWS = {
     "10s": ("10m", "30m", "1h", "6h"),
     "1m": ("1h", "6h", "24h", "7d"),
