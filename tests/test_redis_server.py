@@ -1,0 +1,25 @@
+"""The embedded Redis is safe by default: loopback only, protected mode, persistence on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import redis
+
+from wikipulse.redis_server import RedisServer
+
+
+def test_embedded_redis_listens_on_loopback_only_with_protected_mode_and_aof(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("protected-mode")["protected-mode"] == "yes"
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        client.close()
+        assert server.process is not None
+        listening = [c.laddr for c in psutil.Process(server.process.pid).net_connections() if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+    finally:
+        server.stop()
