@@ -30,7 +30,7 @@ from wikipulse.events import Accepted, Canary, Reject, Rejected, event_time, is_
         (b'{"meta": {"domain": "a b"}}', Reject.BAD_DOMAIN),
         (b'{"meta": {"domain": "a.org:*"}}', Reject.BAD_DOMAIN),
         (b'{"meta": {"domain": "{a.org"}}', Reject.BAD_DOMAIN),
-        (b'{"meta": {"domain": "' + b'a' * 10_000 + b'.org"}}', Reject.BAD_DOMAIN),
+        (b'{"meta": {"domain": "' + b"a" * 10_000 + b'.org"}}', Reject.BAD_DOMAIN),
         (b'{"meta": {"domain": "x\\r\\ny"}}', Reject.BAD_DOMAIN),
         (b'{"meta": {"domain": "\xd0\xb0.org"}}', Reject.BAD_DOMAIN),  # Cyrillic look-alike
         (b'{"meta": {"domain": 5}}', Reject.BAD_DOMAIN),
