@@ -10,11 +10,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from wikipulse.settings import Settings, SettingsError, redact_url
+
+if TYPE_CHECKING:
+    from wikipulse.simulate import Simulator
 
 logger = logging.getLogger("wikipulse")
 
@@ -96,14 +99,21 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
 
 
-def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.eventstreams import SimulatedSource, serve
+def make_simulator(args: argparse.Namespace) -> Simulator:
+    """Events stamped at the rate they are served, so event time keeps pace with the clock
+    (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
     from wikipulse.simulate import LIVE_RATE, Simulator
 
+    rate = args.rate if args.rate > 0 else LIVE_RATE
+    start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else 3.0)
+    return Simulator(seed=args.seed, start=start, rate=rate)
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.eventstreams import SimulatedSource, serve
+
     count = args.count
-    # Endless: a few seconds back, so the feed's lag (now - meta.dt) looks like the live one.
-    start = args.start if args.start is not None else time.time() - (count / LIVE_RATE if count else 3.0)
-    sim = Simulator(seed=args.seed, start=start)
+    sim = make_simulator(args)
     if args.out:
         if count is None:
             raise SettingsError("simulate --out needs --count")
@@ -171,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     simulate.add_argument("--count", type=int, default=None, help="events to generate (default: endless)")
     simulate.add_argument(
-        "--start", type=float, default=None, help="unix time of the first event (default: now, or count/35 s ago with --count)"
+        "--start", type=float, default=None, help="unix time of the first event (default: now, or count/rate s ago with --count)"
     )
     simulate.add_argument("--out", help="write --count events as JSON lines to this file instead of serving")
     _add_server_args(simulate)
