@@ -138,6 +138,18 @@ def zoomed_ranges(zoom: Any, sel: Selection) -> dict[str, list[Any]]:
     return out
 
 
+MAX_FILLING_LAG = 300.0  # a longer ingest lag is an outage (the stale banner), not buckets still filling
+
+
+def filling_from(snap: Snapshot, step: int) -> int:
+    """The first bucket still filling: events arrive `lag_seconds` after they happen, so every
+    bucket that ends less than that ago may still grow, not only the current one."""
+    lag = snap.publisher.get("lag_seconds")
+    lag = min(max(float(lag), 0.0), MAX_FILLING_LAG) if isinstance(lag, (int, float)) else 0.0
+    t = int(snap.now - lag)
+    return max(snap.buckets[0], min(snap.buckets[-1], t - t % step))
+
+
 def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, Any]:
     """Events per bucket for each picked domain (and dimension), gaps where the pipeline was down.
 
@@ -156,7 +168,8 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
             traces.append(trace)
     shapes, annotations = [], []
     if snap.buckets:
-        start, end = utc_iso(snap.buckets[-1]), utc_iso(snap.buckets[-1] + sel.res.step)
+        first = filling_from(snap, sel.res.step)
+        start, end = utc_iso(first), utc_iso(snap.buckets[-1] + sel.res.step)
         shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": end, "y0": 0, "y1": 1,
                        "fillcolor": "#999", "opacity": 0.15, "line": {"width": 0}, "layer": "below"})  # fmt: skip
         annotations.append({"x": start, "y": 1, "xref": "x", "yref": "paper", "text": "filling", "showarrow": False,
