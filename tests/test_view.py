@@ -91,15 +91,15 @@ def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_buc
     edit = fig.data[0]
     assert list(edit.y) == [None, 4, 0, 1]
     assert edit.x[0] == "2023-11-14T22:12:50"  # BUCKETS[0] as a naive UTC timestamp
-    assert fig.layout.shapes[0].x0 == edit.x[-1] and fig.layout.annotations[0].text == "filling"
+    assert fig.layout.shapes[0].x0 == edit.x[-2] and fig.layout.annotations[0].text == "filling"
     assert fig.layout.uirevision == "a.org|10s|30m|type"
 
 
 def test_buckets_within_the_ingest_lag_are_marked_filling() -> None:
-    assert filling_from(snapshot(), 10) == BUCKETS[-1]  # lag 1.5 s: only the current bucket
-    assert filling_from(snapshot(publisher={"lag_seconds": 12}), 10) == BUCKETS[-2]  # events of 12 s ago still arrive
+    assert filling_from(snapshot(), 10) == BUCKETS[-2]  # lag 1.5 s + the emit delay: events of 11.5 s ago still arrive
+    assert filling_from(snapshot(publisher={"lag_seconds": 12}), 10) == BUCKETS[-3]
     assert filling_from(snapshot(publisher={"lag_seconds": 9999}), 10) == BUCKETS[0]  # capped at the shown range
-    assert filling_from(snapshot(publisher={"lag_seconds": "x"}), 10) == BUCKETS[-1]
+    assert filling_from(snapshot(publisher={"lag_seconds": "x"}), 10) == BUCKETS[-2]
 
 
 def test_header_and_stale() -> None:

@@ -139,14 +139,15 @@ def zoomed_ranges(zoom: Any, sel: Selection) -> dict[str, list[Any]]:
 
 
 MAX_FILLING_LAG = 300.0  # a longer ingest lag is an outage (the stale banner), not buckets still filling
+EMIT_DELAY = 10  # seconds the feed takes from a change (`timestamp`) to emitting it (`meta.dt`), about
 
 
 def filling_from(snap: Snapshot, step: int) -> int:
-    """The first bucket still filling: events arrive `lag_seconds` after they happen, so every
-    bucket that ends less than that ago may still grow, not only the current one."""
+    """The first bucket still filling: events arrive the emit delay plus the ingest lag after they
+    happen, so every bucket that ended less than that ago may still grow, not only the current one."""
     lag = snap.publisher.get("lag_seconds")
     lag = min(max(float(lag), 0.0), MAX_FILLING_LAG) if isinstance(lag, (int, float)) else 0.0
-    t = int(snap.now - lag)
+    t = int(snap.now - lag - EMIT_DELAY)
     return max(snap.buckets[0], min(snap.buckets[-1], t - t % step))
 
 
