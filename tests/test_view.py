@@ -104,11 +104,11 @@ def test_buckets_within_the_ingest_lag_are_marked_filling() -> None:
 
 def test_header_and_stale() -> None:
     head = header(snapshot())
-    assert head == {"eps": "1.2", "hour": "150", "active": "1", "lag": "1.5 s", "publisher": "running"}
+    assert head == {"eps": "1.0", "hour": "150", "active": "1", "lag": "1.5 s", "publisher": "running"}
     assert stale_seconds(snapshot()) is None
     assert stale_seconds(snapshot(publisher={"last_publish_at": NOW - 61})) == pytest.approx(61)
     assert stale_seconds(snapshot(publisher={})) == float("inf")
-    assert events_per_second([5]) is None
+    assert events_per_second([5, 6]) is None
 
 
 def test_ticker_links_only_http() -> None:

@@ -194,10 +194,11 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
 
 
 def events_per_second(recent_10s: list[int | None]) -> float | None:
-    """From the last complete 10 s bucket (the current one is still filling)."""
-    if len(recent_10s) < 2 or recent_10s[-2] is None:
+    """From the last 10 s bucket that is complete: the current one and the one before are still
+    filling (events arrive seconds after they happen; see filling_from)."""
+    if len(recent_10s) < 3 or recent_10s[-3] is None:
         return None
-    return recent_10s[-2] / 10
+    return recent_10s[-3] / 10
 
 
 def header(snap: Snapshot) -> dict[str, str]:
