@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_fold import reference_fold
-from wikipulse import keys
+from wikipulse import keys, query
 from wikipulse.settings import Settings
 from wikipulse.subscriber import Subscriber
 
@@ -233,6 +233,8 @@ async def test_a_flood_of_made_up_domains_is_capped(redis_client: aioredis.Redis
     assert counts[(keys.OTHER_DOMAINS, "10s", (now - 30) // 10 * 10, "")] == 36  # the other 36 events: counted, not lost
     assert counts[(keys.ALL_DOMAINS, "10s", (now - 30) // 10 * 10, "")] == 43
     assert await stat(redis_client, "overflow") == 36
+    bucket = (now - 30) // 10 * 10
+    assert await query.counts(capped, keys.OTHER_DOMAINS, "10s", str(bucket), str(bucket), None) == {bucket: 36}  # readable from the shell
     assert await redis_client.zcard(keys.DOMAINS) == 5
     rank = await redis_client.zrange(keys.rank_key((now - 30) // 60 * 60), 0, -1)
     assert len(rank) == 5 and keys.OTHER_DOMAINS.encode() not in rank

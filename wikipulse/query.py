@@ -27,7 +27,7 @@ def parse_time(text: str | None, default: int) -> int:
 
 
 async def counts(settings: Settings, domain: str, resolution: str, since: str | None, until: str | None, by: str | None) -> dict[int, Any]:
-    if domain != keys.ALL_DOMAINS and not is_valid_domain(domain):
+    if domain not in (keys.ALL_DOMAINS, keys.OTHER_DOMAINS) and not is_valid_domain(domain):
         raise SettingsError(f"not a domain: {domain!r}")
     res = keys.RESOLUTION_BY_NAME[resolution]
     end = parse_time(until, int(time.time()))
