@@ -16,12 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
 import redis.asyncio as aioredis
 
 from bench.common import redis_server, report, write_events
 from wikipulse import keys
 from wikipulse.events import Accepted, validate
-from wikipulse.fold import fold
+from wikipulse.fold import fold, observe, summarize
 from wikipulse.settings import Settings
 from wikipulse.subscriber import Subscriber
 
@@ -46,11 +47,12 @@ PUBSUB_RATES = (10_000, 25_000)  # events/s offered to the pub/sub subscriber
 
 
 async def load(client: aioredis.Redis, lines: list[bytes]) -> None:
+    """The stream as the publisher writes it: each entry's raw JSON and its fold summary."""
     await client.flushall()
     for i in range(0, len(lines), 5000):
         pipe = client.pipeline(transaction=False)
         for line in lines[i : i + 5000]:
-            pipe.xadd("wiki:events", {"data": line})
+            pipe.xadd("wiki:events", {keys.DATA_FIELD: line, keys.FOLD_FIELD: summarize(observe(orjson.loads(line)))})
         await pipe.execute()
 
 

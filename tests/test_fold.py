@@ -6,11 +6,14 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import CALIBRATED
 from tests.helpers import assert_same
 from wikipulse import keys
-from wikipulse.fold import FUTURE_TOLERANCE, fold
+from wikipulse.fold import FUTURE_TOLERANCE, fold, observe, parse_summary, summarize
 from wikipulse.settings import Settings
 
 RETENTION = Settings.from_args(environ={}).retention_seconds()
@@ -92,3 +95,28 @@ def test_rank_counts_per_minute() -> None:
     inc = fold(events, now, RETENTION)
     minute = (now - 5) // 60 * 60
     assert inc.rank == Counter({(keys.rank_key(minute), "a.org"): 2, (keys.rank_key(minute), "b.org"): 1})
+
+
+def test_fold_summary_of_a_real_event() -> None:
+    event = load()[0]
+    expected = f"{event['meta']['domain']} {event['timestamp']} {event['type']} {'bot' if event['bot'] else 'human'}"
+    assert summarize(observe(event)) == expected
+    assert summarize(observe({"meta": {"domain": "a.org"}, "type": "weird", "bot": "yes"})) == "a.org - other human"
+
+
+_DOMAINS = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True).filter(lambda d: d != "canary")
+
+
+@given(_DOMAINS, st.none() | st.integers(0, 10**11), st.sampled_from(keys.EVENT_TYPES), st.booleans())
+def test_fold_summary_round_trips(domain: str, t: int | None, kind: str, bot: bool) -> None:
+    assert parse_summary(summarize((domain, t, kind, bot)).encode()) == (domain, t, kind, bot)
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [b"", b"a.org 1 edit", b"a.org 1 edit human extra", b"A.org 1 edit human", b"a..org 1 edit human", b"canary 1 edit human",
+     b"a.org -1 edit human", b"a.org 1.5 edit human", b"a.org 1 typo human", b"a.org 1 edit robot", b"a.org 1e9 edit human",
+     b"\xff.org 1 edit human", b"a.org 1 edit  human", b"a.org 99999999999999 edit human"],
+)  # fmt: skip
+def test_fold_summaries_it_did_not_write_are_refused(summary: bytes) -> None:
+    assert parse_summary(summary) is None

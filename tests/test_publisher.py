@@ -25,6 +25,7 @@ from tests.helpers import (
 )
 from wikipulse import keys
 from wikipulse.eventstreams import MALFORMED_FRAMES, PATH, ReplaySource, ServerOptions, event_id, frame
+from wikipulse.fold import observe, summarize
 from wikipulse.publisher import Publisher, backoff_delay, parse_retry_after
 from wikipulse.redis_server import RedisServer, free_port
 from wikipulse.settings import Settings
@@ -50,6 +51,10 @@ async def test_every_event_reaches_stream_and_channel_once(redis_client: aioredi
     assert_same(await stream_ids(redis_client), EXPECTED)
     raw = [line for line in calibrated_lines() if b'"domain":"canary"' not in line]
     assert_same(received, raw)  # the raw JSON, unchanged, in order
+    entries = await redis_client.xrange("wiki:events")
+    assert_same([e[b"data"] for _, e in entries], raw)
+    # beside each event, in step with it, its fold summary (what it means is tested in test_fold)
+    assert_same([e[b"fold"].decode() for _, e in entries], [summarize(observe(orjson.loads(line))) for line in raw])
     stats = await redis_client.hgetall(keys.PUBLISHER_STATS)
     assert int(stats[b"published"]) == 9996 and int(stats[b"canaries"]) == 4
     assert (await redis_client.get(keys.POSITION)).decode() == event_id(9999).decode()

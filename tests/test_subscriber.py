@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_fold import reference_fold
 from wikipulse import keys, query
+from wikipulse.fold import observe, summarize
 from wikipulse.settings import Settings
 from wikipulse.subscriber import Subscriber
 
@@ -30,10 +31,14 @@ def events(lines: tuple[bytes, ...] | list[bytes]) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in lines]
 
 
-async def load_stream(client: aioredis.Redis, lines: list[bytes] | tuple[bytes, ...], stream: str = "wiki:events") -> None:
+async def load_stream(client: aioredis.Redis, lines: list[bytes] | tuple[bytes, ...], with_fold: bool = False) -> None:
+    """Entries as other writers add them (`data` only), or as the publisher does (`data` and `fold`)."""
     pipe = client.pipeline(transaction=False)
     for line in lines:
-        pipe.xadd(stream, {"data": line})
+        fields: dict[str, bytes | str] = {"data": line}
+        if with_fold and b'"canary"' not in line:  # the publisher drops canaries
+            fields["fold"] = summarize(observe(orjson.loads(line)))
+        pipe.xadd("wiki:events", fields)
     await pipe.execute()
 
 
@@ -69,9 +74,10 @@ async def run_subscriber(settings: Settings, client: aioredis.Redis, n: int, tim
     return subscriber
 
 
-async def test_counts_equal_the_reference_fold(redis_client: aioredis.Redis, settings: Settings) -> None:
+@pytest.mark.parametrize("with_fold", [True, False], ids=["publisher's entries", "json only"])
+async def test_counts_equal_the_reference_fold(redis_client: aioredis.Redis, settings: Settings, with_fold: bool) -> None:
     lines = calibrated_lines()
-    await load_stream(redis_client, lines)
+    await load_stream(redis_client, lines, with_fold)
     await run_subscriber(dataclasses.replace(settings, retention=LONG), redis_client, 9996)
     assert_same(await stored_counts(redis_client), reference_fold(events(lines), time.time()))
     assert await stat(redis_client, "canaries") == 4
@@ -107,6 +113,20 @@ async def test_malformed_entries_are_counted_acked_and_skipped(redis_client: aio
     assert await stat(redis_client, "rejected:bad_domain") == 1
 
 
+async def test_the_fold_field_is_used_and_a_foreign_one_is_not_trusted(redis_client: aioredis.Redis, settings: Settings) -> None:
+    t = int(time.time()) - 30
+    event = {"meta": {"domain": "json.org"}, "timestamp": t, "type": "edit", "bot": False}
+    await redis_client.xadd("wiki:events", {"data": b"not json", "fold": f"fold.org {t} new bot"})  # the summary is what is folded
+    await redis_client.xadd("wiki:events", {"data": orjson.dumps(event), "fold": "not a summary"})  # unreadable: the JSON is
+    await redis_client.xadd("wiki:events", {"fold": f"other.org {t} log human", "data": b"{}"})  # any field order
+    await run_subscriber(settings, redis_client, 3)
+    counts = await stored_counts(redis_client)
+    bucket = t - t % 10
+    assert [counts[(d, "10s", bucket, "")] for d in ("fold.org", "json.org", "other.org")] == [1, 1, 1]
+    assert (counts[("fold.org", "10s", bucket, "new")], counts[("fold.org", "10s", bucket, "bot")]) == (1, 1)
+    assert await stat(redis_client, "rejected:not_json") == 0
+
+
 async def test_expiry_removes_old_windows(redis_client: aioredis.Redis, settings: Settings) -> None:
     now = int(time.time())
     ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
@@ -125,7 +145,7 @@ async def test_expiry_removes_old_windows(redis_client: aioredis.Redis, settings
 
 async def test_stalled_consumer_that_wakes_does_not_double_count(redis_client: aioredis.Redis, settings: Settings) -> None:
     lines = calibrated_lines()[:2000]
-    await load_stream(redis_client, lines)
+    await load_stream(redis_client, lines, with_fold=True)
     s = dataclasses.replace(settings, retention=LONG, claim_idle=0.3)
     sleeper = Subscriber(dataclasses.replace(s, consumer="sleeper"), redis_client)
     await sleeper.ensure_group()
@@ -177,8 +197,8 @@ def _spawn(redis_url: str, consumer: str, extra_env: dict[str, str] | None = Non
 
 @pytest.mark.slow
 async def test_kill_9_five_times_still_exact(redis_client: aioredis.Redis, settings: Settings) -> None:
-    lines = calibrated_lines() * 5  # 50,000 entries, folded 100 at a time
-    await load_stream(redis_client, lines)
+    lines = calibrated_lines() * 5  # 50,000 entries, folded 250 at a time
+    await load_stream(redis_client, lines, with_fold=True)
     rng = random.Random(7)
     kills = 0
     process = _spawn(settings.redis_url, "crashy")
@@ -204,7 +224,7 @@ async def test_kill_9_five_times_still_exact(redis_client: aioredis.Redis, setti
 @pytest.mark.slow
 async def test_two_subscribers_share_the_work_exactly(redis_client: aioredis.Redis, settings: Settings) -> None:
     lines = calibrated_lines() * 3
-    await load_stream(redis_client, lines)
+    await load_stream(redis_client, lines, with_fold=True)
     a, b = _spawn(settings.redis_url, "a"), _spawn(settings.redis_url, "b")
     try:
         await wait_for(folded_at_least(redis_client, 3 * 9996), 120, "all events folded")

@@ -10,12 +10,13 @@ a round trip.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from wikipulse import keys
+from wikipulse.fold import FoldKey
 
 # KEYS: the admitted-domains zset. ARGV: cap, now, then the candidate domains. Returns those admitted.
 ADMIT_SCRIPT = """
@@ -54,12 +55,16 @@ class DomainGate:
             self._refused.update(d for d in unknown if d not in got)
         return {d for d in wanted if d in self._admitted}
 
-    async def route(self, events: list[dict[str, Any]]) -> int:
-        """Send the events of domains over the cap to keys.OTHER_DOMAINS (in place); return how many."""
-        admitted = await self.admit(e["meta"]["domain"] for e in events)
+    async def route(self, classes: Counter[FoldKey]) -> tuple[Counter[FoldKey], int]:
+        """The classes with the domains over the cap folded into keys.OTHER_DOMAINS, and how many events that moved."""
+        admitted = await self.admit(domain for domain, _, _, _ in classes)
+        if all(domain in admitted for domain, _, _, _ in classes):
+            return classes, 0
+        routed: Counter[FoldKey] = Counter()
         overflow = 0
-        for e in events:
-            if e["meta"]["domain"] not in admitted:
-                e["meta"] = {**e["meta"], "domain": keys.OTHER_DOMAINS}
-                overflow += 1
-        return overflow
+        for (domain, t, kind, bot), n in classes.items():
+            if domain not in admitted:
+                domain = keys.OTHER_DOMAINS
+                overflow += n
+            routed[(domain, t, kind, bot)] += n
+        return routed, overflow

@@ -25,6 +25,12 @@ REJECTED_KEEP = 100  # rejected frames kept for inspection
 
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 
+# Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
+# (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
+# already; entries that other writers add without it are folded from their JSON.
+DATA_FIELD = "data"
+FOLD_FIELD = "fold"
+
 # The pseudo-domain that holds the totals over all domains. It cannot collide
 # with a real domain: validated domains never contain "_".
 ALL_DOMAINS = "_all"

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
+from wikipulse.fold import observe, summarize
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
 
@@ -36,16 +37,18 @@ THROTTLE_STATUSES = (429, 503)
 
 
 # KEYS: stream, seen zset, position, stats hash, rejected list.
-# ARGV: channel, stream maxlen, dedup window, JSON {"seen", "position", "counters", "status", "rejected"},
+# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "seen", "position", "counters", "status", "rejected"},
 #       then the raw event frames. The frames go as plain ARGV items (no re-encoding on either side);
-#       one script call costs the client one command to pack instead of two per event.
+#       one script call costs the client one command to pack instead of two per event. `fold` holds
+#       each frame's fold summary (keys.FOLD_FIELD), in order: the subscriber then needs no JSON parsing.
 WRITE_SCRIPT = """
 local channel, maxlen, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local p = cjson.decode(ARGV[4])
+local folds = p['fold']
 for i = 5, #ARGV do
   redis.call('PUBLISH', channel, ARGV[i])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i], 'fold', folds[i - 4])
 end
-local p = cjson.decode(ARGV[4])
 local zadd = {}
 for id, seq in pairs(p['seen']) do
   zadd[#zadd + 1] = seq
@@ -117,6 +120,7 @@ class Dedup:
 @dataclass
 class Batch:
     frames: list[bytes] = field(default_factory=list)
+    folds: list[str] = field(default_factory=list)  # fold.summarize of each frame
     seen: dict[str, int] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     rejected: list[bytes] = field(default_factory=list)
@@ -172,6 +176,7 @@ class Publisher:
                     return
                 batch.seen[meta_id] = self.dedup.add(meta_id)
             batch.frames.append(sse.data)
+            batch.folds.append(summarize(observe(verdict.event)))
             meta = verdict.event["meta"]
             batch.last_dt = meta.get("dt") if isinstance(meta.get("dt"), str) else batch.last_dt
         elif isinstance(verdict, Canary):
@@ -227,6 +232,7 @@ class Publisher:
             if dt is not None:
                 status["lag_seconds"] = round(now - dt, 3)
         payload = {
+            "fold": batch.folds,
             "seen": batch.seen,
             "position": batch.last_id,
             "counters": {name: n for name, n in counters.items() if n},

@@ -34,10 +34,10 @@ local nids = #ids
 if nids > 0 then
   local owned = {}
   for i = 1, nids, 1000 do
-    local got = redis.call('XCLAIM', KEYS[1], group, consumer, 0, unpack(ids, i, math.min(i + 999, nids)))
-    for _, id in ipairs(got) do
-      owned[#owned + 1] = type(id) == 'table' and id[1] or id
-    end
+    local args = {KEYS[1], group, consumer, 0}
+    for j = i, math.min(i + 999, nids) do args[#args + 1] = ids[j] end
+    args[#args + 1] = 'JUSTID'
+    for _, id in ipairs(redis.call('XCLAIM', unpack(args))) do owned[#owned + 1] = id end
   end
   if #owned < nids then
     return owned
@@ -67,17 +67,12 @@ return true
 
 def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> bytes:
     """The JSON payload of APPLY_SCRIPT (pure, so it can be tested with plain values)."""
-    hashes: dict[str, tuple[int, dict[str, int]]] = {}
-    for (key, fld), n in inc.counts.items():
-        hashes.setdefault(key, (inc.expire_at[key], {}))[1][fld] = n
-    zsets: dict[str, tuple[int, dict[str, int]]] = {}
-    for (key, member), n in inc.rank.items():
-        zsets.setdefault(key, (inc.expire_at[key], {}))[1][member] = n
+    expire_at = inc.expire_at
     return orjson.dumps({
         "ids": [i.decode() if isinstance(i, bytes) else i for i in ids],
         "stats": {k: v for k, v in stats.items() if v},
-        "h": hashes,
-        "z": zsets,
+        "h": {key: (expire_at[key], fields) for key, fields in inc.hashes.items()},
+        "z": {key: (expire_at[key], members) for key, members in inc.zsets.items()},
     })  # fmt: skip
 
 

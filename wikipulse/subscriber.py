@@ -14,8 +14,9 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -23,14 +24,19 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
-from wikipulse.fold import fold
+from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
 from wikipulse.publisher import REDIS_ERRORS, backoff_delay
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Entry = tuple[bytes, dict[bytes, bytes] | None]
+# An entry as XREADGROUP/XAUTOCLAIM reply it, unparsed: (id, [field, value, ...]), or (id, None)
+# when it was trimmed from the stream before it was read. Unparsed, because redis-py's
+# conversion to dicts would cost more than everything else the fast path does per entry.
+Entry = tuple[bytes, list[bytes] | None]
+_DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
+PUBSUB_SILENCE = 30  # seconds without a message or a PING reply before the pub/sub connection counts as dead
 
 
 def default_consumer() -> str:
@@ -38,10 +44,76 @@ def default_consumer() -> str:
     return socket.gethostname()
 
 
+def _raw(response: Any, **_: Any) -> Any:
+    return response
+
+
+def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
+    """Validate raw JSON events: what the accepted ones contribute; everything else is counted."""
+    observations: Counter[Observation] = Counter()
+    for data in payloads:
+        if data is None:
+            counters["trimmed"] += 1  # the entry was trimmed from the stream before we read it
+            continue
+        verdict = validate(data, max_bytes)
+        if isinstance(verdict, Accepted):
+            observations[observe(verdict.event)] += 1
+        elif isinstance(verdict, Canary):
+            counters["canaries"] += 1
+        else:
+            counters[f"rejected:{verdict.reason.value}"] += 1
+    return observations
+
+
+def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
+    """What stream entries contribute: from their fold summary where the publisher wrote one (equal
+    summaries are counted first and parsed once), else from their JSON."""
+    summaries: list[bytes] = []
+    payloads: list[bytes | None] = []
+    for _, fields in entries:
+        if fields is not None and len(fields) == 4 and fields[2] == _FOLD:  # the publisher's layout
+            summaries.append(fields[3])
+        elif fields is None:
+            payloads.append(None)
+        else:
+            named = dict(zip(fields[::2], fields[1::2], strict=False))
+            if _FOLD in named:
+                summaries.append(named[_FOLD])
+            else:
+                payloads.append(named.get(_DATA, b""))  # no `data` field: b"", rejected as not JSON
+    observations: Counter[Observation] = Counter()
+    unreadable: set[bytes] = set()
+    for summary, n in Counter(summaries).items():
+        obs = parse_summary(summary)
+        if obs is None:
+            unreadable.add(summary)
+        else:
+            observations[obs] += n
+    if unreadable:  # not written by our publisher: fall back to the JSON of those entries
+        for _, fields in entries:
+            named = dict(zip(fields[::2], fields[1::2], strict=False)) if fields is not None else {}
+            if named.get(_FOLD) in unreadable:
+                payloads.append(named.get(_DATA, b""))
+    observations.update(observe_payloads(payloads, max_bytes, counters))
+    return observations
+
+
+@dataclass
+class Batch:
+    ids: list[bytes]
+    increments: Increments
+    counters: Counter[str]
+    source: Sequence[Entry] | Sequence[bytes | None]  # kept to re-fold a part of it
+
+
 class Subscriber:
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self.settings = settings
         self.client = client
+        # Stream replies unparsed (see Entry), on the same connections.
+        self.raw = aioredis.Redis(connection_pool=client.connection_pool)
+        for command in ("XREADGROUP", "XAUTOCLAIM"):
+            self.raw.set_response_callback(command, _raw)
         self.consumer = settings.consumer or default_consumer()
         self.retention = settings.retention_seconds()
         self.writer = SeriesWriter(client, settings.stream, settings.group, self.consumer)
@@ -50,46 +122,38 @@ class Subscriber:
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
 
     # ---- folding (shared by both sources) ----------------------------------------------------
-    def verdicts(self, payloads: Sequence[bytes | None]) -> tuple[list[dict[str, Any]], Counter[str]]:
-        """(accepted events, counters of everything else)."""
-        events: list[dict[str, Any]] = []
+    async def prepare(self, ids: list[bytes], source: Sequence[Entry] | Sequence[bytes | None]) -> Batch:
+        """Fold stream entries (ids given) or pub/sub payloads (no ids) into one write."""
         counters: Counter[str] = Counter()
-        for data in payloads:
-            if data is None:
-                counters["trimmed"] += 1  # the entry was trimmed from the stream before we read it
-                continue
-            verdict = validate(data, self.settings.max_event_bytes)
-            if isinstance(verdict, Accepted):
-                events.append(verdict.event)
-            elif isinstance(verdict, Canary):
-                counters["canaries"] += 1
-            else:
-                counters[f"rejected:{verdict.reason.value}"] += 1
-        return events, counters
+        if ids:
+            observations = observe_entries(cast(Sequence[Entry], source), self.settings.max_event_bytes, counters)
+        else:
+            observations = observe_payloads(cast(Sequence[bytes | None], source), self.settings.max_event_bytes, counters)
+        now = time.time()
+        inc = Increments()
+        classes = tally(observations.items(), now, self.retention, inc)
+        classes, counters["overflow"] = await self.gate.route(classes)
+        expand(classes, now, self.retention, inc)
+        counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
+        return Batch(ids, inc, counters, source)
 
-    async def fold_and_write(self, ids: Sequence[bytes], payloads: Sequence[bytes | None]) -> None:
+    async def write(self, batch: Batch) -> None:
         while True:
-            events, counters = self.verdicts(payloads)
-            counters["overflow"] = await self.gate.route(events)
-            inc = fold(events, time.time(), self.retention)
-            counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
-            owned = await self.writer.apply(inc, ids, counters)
+            owned = await self.writer.apply(batch.increments, batch.ids, batch.counters)
             if owned is None:
-                self.totals.update(counters)
+                self.totals.update(batch.counters)
                 return
             # Some entries were acknowledged by another consumer meanwhile: fold only ours.
             keep = set(owned)
-            logger.info("%d of %d entries were folded by another consumer; re-folding the rest", len(ids) - len(keep), len(ids))
-            pairs = [(i, p) for i, p in zip(ids, payloads, strict=True) if i in keep]
-            ids, payloads = [i for i, _ in pairs], [p for _, p in pairs]
-            if not ids:
+            logger.info("%d of %d entries were folded by another consumer; re-folding the rest", len(batch.ids) - len(keep), len(batch.ids))
+            entries = [e for e in cast(Sequence[Entry], batch.source) if e[0] in keep]
+            if not entries:
                 return
+            batch = await self.prepare([e[0] for e in entries], entries)
 
     async def fold_entries(self, entries: Sequence[Entry]) -> None:
         if entries:
-            # None: the entry was trimmed before we read it; no `data` field: b"", rejected as not JSON.
-            payloads = [None if fields is None else fields.get(b"data", b"") for _, fields in entries]
-            await self.fold_and_write([e[0] for e in entries], payloads)
+            await self.write(await self.prepare([e[0] for e in entries], entries))
 
     # ---- stream source -----------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -102,10 +166,10 @@ class Subscriber:
                 raise
 
     async def read(self, start: str, block: int | None) -> list[Entry]:
-        reply = await self.client.xreadgroup(
+        reply = await self.raw.xreadgroup(
             self.settings.group, self.consumer, {self.settings.stream: start}, count=self.batch_size, block=block
         )
-        return list(reply[0][1]) if reply else []
+        return [(e[0], e[1]) for e in reply[0][1]] if reply else []
 
     async def claim_stale(self) -> int:
         """Fold the entries that other consumers left pending for longer than claim_idle."""
@@ -113,10 +177,10 @@ class Subscriber:
         start: bytes | str = "0-0"
         min_idle = int(self.settings.claim_idle * 1000)
         while True:
-            reply = await self.client.xautoclaim(
+            reply = await self.raw.xautoclaim(
                 self.settings.stream, self.settings.group, self.consumer, min_idle, start_id=start, count=self.batch_size
             )
-            start, entries = reply[0], [e for e in reply[1] if e is not None]
+            start, entries = reply[0], [(e[0], e[1]) for e in reply[1] if e is not None]
             if entries:
                 logger.info("claimed %d entries idle for over %ss", len(entries), self.settings.claim_idle)
                 await self.fold_entries(entries)
@@ -141,23 +205,43 @@ class Subscriber:
                 logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
 
     async def _consume(self) -> None:
-        start = "0"  # our own pending entries first: delivered to us before, never acknowledged
+        """Read, fold and write, with the next batch folded while Redis applies the previous one.
+
+        The next batch is read before the previous one's write is sent: a read sent after it
+        would wait in Redis behind the script, and the fold would then wait for the read."""
+        self._cursor = "0"  # our own pending entries first: delivered to us before, never acknowledged
         next_claim = 0.0
-        block_ms = max(1, int(self.settings.batch_delay * 1000))
-        while True:
-            if time.monotonic() >= next_claim:
-                await self.claim_stale()
-                next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
-                await self.heartbeat()
-            if start != ">":
-                entries = await self.read(start, None)
+        writing: asyncio.Future[None] | None = None
+        try:
+            entries: list[Entry] = []
+            while True:
+                if time.monotonic() >= next_claim:
+                    await _finish(writing)
+                    await self.claim_stale()
+                    next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
+                    await self.heartbeat()
                 if not entries:
-                    start = ">"
-                    continue
-                start = entries[-1][0].decode()
-            else:
-                entries = await self.read(">", max(block_ms, 100))
-            await self.fold_entries(entries)
+                    entries = await self._read_next(wait=writing is None)
+                    if not entries:
+                        await _finish(writing)
+                        writing = None
+                        continue
+                batch = await self.prepare([e[0] for e in entries], entries)
+                await _finish(writing)
+                entries = await self._read_next(wait=False)
+                writing = asyncio.ensure_future(self.write(batch))
+        finally:
+            await _finish(writing)
+
+    async def _read_next(self, wait: bool) -> list[Entry]:
+        """The next entries: our own pending ones, then new ones (waiting up to 100 ms for some if `wait`)."""
+        while self._cursor != ">":
+            entries = await self.read(self._cursor, None)
+            if entries:
+                self._cursor = entries[-1][0].decode()
+                return entries
+            self._cursor = ">"
+        return await self.read(">", max(1, int(self.settings.batch_delay * 1000), 100) if wait else None)
 
     async def heartbeat(self) -> None:
         await self.client.hset(keys.SUBSCRIBER_STATS, mapping={"updated_at": time.time(), "consumer": self.consumer})
@@ -167,41 +251,62 @@ class Subscriber:
         attempt = 0
         first = True
         while True:
+            # A connection of its own, read directly: redis-py's PubSub.get_message costs ~15 µs a
+            # message, more than the fold; the connection still comes from the client's settings
+            # (TLS, password, timeouts).
+            connection = self.client.connection_pool.make_connection()
             try:
-                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self.settings.channel)
-                    if not first:
-                        logger.warning(
-                            "resubscribed to %r: events published while disconnected were missed "
-                            "(pub/sub is at-most-once; use --source stream)",
-                            self.settings.channel,
-                        )
-                    first = False
-                    attempt = 0
-                    await self._consume_pubsub(pubsub)
+                await connection.connect()
+                await connection.send_command("SUBSCRIBE", self.settings.channel)
+                if not first:
+                    logger.warning(
+                        "resubscribed to %r: events published while disconnected were missed "
+                        "(pub/sub is at-most-once; use --source stream)",
+                        self.settings.channel,
+                    )
+                first = False
+                attempt = 0
+                await self._consume_pubsub(connection)
             except REDIS_ERRORS as exc:
                 delay = backoff_delay(attempt, self.settings.backoff_cap)
                 attempt += 1
                 logger.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+            finally:
+                await connection.disconnect()
 
-    async def _consume_pubsub(self, pubsub: Any) -> None:
+    async def _consume_pubsub(self, connection: Any) -> None:
         payloads: list[bytes | None] = []
         deadline = 0.0
         next_beat = 0.0
+        last_heard = time.monotonic()
         while True:
             timeout = max(0.0, deadline - time.monotonic()) if payloads else 1.0
-            message = await pubsub.get_message(timeout=timeout)
-            if message is not None and message.get("type") == "message":
-                if not payloads:
-                    deadline = time.monotonic() + self.settings.batch_delay
-                payloads.append(message["data"])
-            if payloads and (len(payloads) >= self.batch_size or time.monotonic() >= deadline):
-                await self.fold_and_write([], payloads)
+            reply = await connection.read_response(timeout=timeout)
+            now = time.monotonic()
+            if reply is not None:
+                last_heard = now
+                if reply[0] == b"message":
+                    if not payloads:
+                        deadline = now + self.settings.batch_delay
+                    payloads.append(reply[2])
+            if payloads and (len(payloads) >= self.batch_size or now >= deadline):
+                await self.write(await self.prepare([], payloads))
                 payloads = []
-            if time.monotonic() >= next_beat:
+            if now >= next_beat:
                 await self.heartbeat()
-                next_beat = time.monotonic() + 5
+                next_beat = now + 5
+                if now - last_heard > PUBSUB_SILENCE:
+                    raise ConnectionError(f"no reply from Redis on the pub/sub connection for {now - last_heard:.0f}s")
+                if now - last_heard > 5:
+                    await connection.send_command("PING")  # a quiet channel: prove the connection is alive
+
+
+async def _finish(write: asyncio.Future[None] | None) -> None:
+    """Wait for a write in flight. Shielded: whoever cancels the loop must not leave it unknown
+    whether the batch landed (the script is atomic, so either way the counts stay exact)."""
+    if write is not None:
+        await asyncio.shield(write)
 
 
 async def log_stats(subscriber: Subscriber, interval: float) -> None:
