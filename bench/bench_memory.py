@@ -51,6 +51,7 @@ async def fold_all(url: str, n: int, now: float) -> tuple[int, int, Counter[str]
             domains.update(e["meta"]["domain"] for e in events)
             inc = fold(events, now, retention)
             await writer.apply(inc, [], {"folded": inc.folded})
+        await writer.close()
         used = int((await client.info("memory"))["used_memory"])
         by_resolution: Counter[str] = Counter()
         async for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000):

@@ -45,7 +45,9 @@ def fold_into(url: str, events: list[dict[str, Any]]) -> None:
     async def go() -> None:
         async with aioredis.Redis.from_url(url) as client:
             inc = fold(events, time.time(), RETENTION)
-            await SeriesWriter(client, "wiki:events", "wikipulse", "test").apply(inc, [], {"folded": inc.folded})
+            writer = SeriesWriter(client, "wiki:events", "wikipulse", "test")
+            await writer.apply(inc, [], {"folded": inc.folded})
+            await writer.close()
 
     # Playwright's sync API runs an event loop in this thread: fold in another one.
     with ThreadPoolExecutor(1) as pool:

@@ -155,6 +155,7 @@ async def test_stalled_consumer_that_wakes_does_not_double_count(redis_client: a
     expected = len(non_canary_ids(lines))
     await run_subscriber(dataclasses.replace(s, consumer="rescuer"), redis_client, expected)  # claims the sleeper's batch
     await sleeper.fold_entries(taken)  # wakes up late
+    await sleeper.close()
     assert await stat(redis_client, "folded") == expected
     assert_same(await stored_counts(redis_client), reference_fold(events(lines), time.time()))
 

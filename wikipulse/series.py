@@ -77,19 +77,39 @@ def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[s
 
 
 class SeriesWriter:
+    """Applies folded batches with APPLY_SCRIPT on a connection of its own, pipelined: send() puts
+    a batch on the wire and returns at once, receive() takes the replies in the order sent. So Redis
+    applies one batch while this process folds the next.
+
+    EVAL, not EVALSHA: Redis caches the compiled script by its digest either way, the script is
+    small next to the payload, and a Redis that restarted and lost its script cache needs no retry."""
+
     def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
-        self._client = client
-        self._script = client.register_script(APPLY_SCRIPT)
+        self._connection = client.connection_pool.make_connection()
         self._stream, self._group, self._consumer = stream, group, consumer
 
-    async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> list[bytes] | None:
-        """Apply atomically. None when done; else the subset of `ids` this consumer still owns
-        (the others were acknowledged elsewhere) and nothing was written."""
+    async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> None:
         payload = script_payload(inc, ids, stats)
-        result = await self._script(keys=[self._stream, keys.SUBSCRIBER_STATS], args=[self._group, self._consumer, payload])
+        script_keys = (self._stream, keys.SUBSCRIBER_STATS)
+        await self._connection.send_command("EVAL", APPLY_SCRIPT, 2, *script_keys, self._group, self._consumer, payload)
+
+    async def receive(self) -> list[bytes] | None:
+        """The oldest unanswered batch's outcome. None when it was applied; else the subset of its
+        ids this consumer still owns (the others were acknowledged elsewhere) and nothing was written."""
+        result = await self._connection.read_response()
         if result == 1:
             return None
         return [i if isinstance(i, bytes) else str(i).encode() for i in result]
+
+    async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> list[bytes] | None:
+        """send + receive, with nothing else in flight."""
+        await self.send(inc, ids, stats)
+        return await self.receive()
+
+    async def close(self) -> None:
+        """Drop the connection and any unanswered batches (each was applied whole or not at all);
+        the next send connects again."""
+        await self._connection.disconnect()
 
 
 def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:

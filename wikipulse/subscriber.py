@@ -10,6 +10,7 @@ at-most-once as Redis pub/sub is, and says so in the log when it had to resubscr
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import time
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 # conversion to dicts would cost more than everything else the fast path does per entry.
 Entry = tuple[bytes, list[bytes] | None]
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
+WRITES_IN_FLIGHT = 2
 PUBSUB_SILENCE = 30  # seconds without a message or a PING reply before the pub/sub connection counts as dead
 
 
@@ -98,6 +100,27 @@ def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[
     return observations
 
 
+class StreamReader:
+    """XREADGROUP on a connection of its own, sent and received apart, so Redis can read the
+    next batch while this process folds the current one. Replies come unparsed (see Entry)."""
+
+    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
+        self._connection = client.connection_pool.make_connection()
+        self._stream, self._group, self._consumer = stream, group, consumer
+
+    async def send(self, start: str, count: int, block_ms: int | None) -> None:
+        block = ["BLOCK", block_ms] if block_ms is not None else []
+        args = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
+        await self._connection.send_command(*args)
+
+    async def receive(self) -> list[Entry]:
+        reply = await self._connection.read_response()
+        return [(e[0], e[1]) for e in reply[0][1]] if reply else []
+
+    async def close(self) -> None:
+        await self._connection.disconnect()
+
+
 @dataclass
 class Batch:
     ids: list[bytes]
@@ -110,13 +133,14 @@ class Subscriber:
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self.settings = settings
         self.client = client
-        # Stream replies unparsed (see Entry), on the same connections.
+        # XAUTOCLAIM replies unparsed (see Entry), on the same connections.
         self.raw = aioredis.Redis(connection_pool=client.connection_pool)
-        for command in ("XREADGROUP", "XAUTOCLAIM"):
-            self.raw.set_response_callback(command, _raw)
+        self.raw.set_response_callback("XAUTOCLAIM", _raw)
         self.consumer = settings.consumer or default_consumer()
         self.retention = settings.retention_seconds()
+        self.reader = StreamReader(client, settings.stream, settings.group, self.consumer)
         self.writer = SeriesWriter(client, settings.stream, settings.group, self.consumer)
+        self.inflight: collections.deque[Batch] = collections.deque()  # sent to the writer, unanswered
         self.gate = DomainGate(client, settings.max_domains)
         self.totals: Counter[str] = Counter()
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
@@ -137,23 +161,39 @@ class Subscriber:
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
         return Batch(ids, inc, counters, source)
 
-    async def write(self, batch: Batch) -> None:
-        while True:
-            owned = await self.writer.apply(batch.increments, batch.ids, batch.counters)
+    async def send(self, batch: Batch) -> None:
+        await self.writer.send(batch.increments, batch.ids, batch.counters)
+        self.inflight.append(batch)
+
+    async def settle(self, keep: int) -> None:
+        """Take the writer's replies, oldest first, until at most `keep` batches are unanswered."""
+        while len(self.inflight) > keep:
+            owned = await self.writer.receive()
+            batch = self.inflight.popleft()
             if owned is None:
                 self.totals.update(batch.counters)
-                return
+                continue
             # Some entries were acknowledged by another consumer meanwhile: fold only ours.
-            keep = set(owned)
-            logger.info("%d of %d entries were folded by another consumer; re-folding the rest", len(batch.ids) - len(keep), len(batch.ids))
-            entries = [e for e in cast(Sequence[Entry], batch.source) if e[0] in keep]
-            if not entries:
-                return
-            batch = await self.prepare([e[0] for e in entries], entries)
+            ours = set(owned)
+            logger.info("%d of %d entries were folded by another consumer; re-folding the rest", len(batch.ids) - len(ours), len(batch.ids))
+            entries = [e for e in cast(Sequence[Entry], batch.source) if e[0] in ours]
+            if entries:
+                await self.send(await self.prepare([e[0] for e in entries], entries))
+
+    async def write(self, batch: Batch) -> None:
+        await self.send(batch)
+        await self.settle(0)
 
     async def fold_entries(self, entries: Sequence[Entry]) -> None:
         if entries:
             await self.write(await self.prepare([e[0] for e in entries], entries))
+
+    async def close(self) -> None:
+        """Drop the reader's and writer's connections with whatever they had in flight: each
+        write is atomic, and entries not acknowledged stay pending, to be folded on the next start."""
+        self.inflight.clear()
+        await self.reader.close()
+        await self.writer.close()
 
     # ---- stream source -----------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -166,10 +206,8 @@ class Subscriber:
                 raise
 
     async def read(self, start: str, block: int | None) -> list[Entry]:
-        reply = await self.raw.xreadgroup(
-            self.settings.group, self.consumer, {self.settings.stream: start}, count=self.batch_size, block=block
-        )
-        return [(e[0], e[1]) for e in reply[0][1]] if reply else []
+        await self.reader.send(start, self.batch_size, block)
+        return await self.reader.receive()
 
     async def claim_stale(self) -> int:
         """Fold the entries that other consumers left pending for longer than claim_idle."""
@@ -205,43 +243,40 @@ class Subscriber:
                 logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
 
     async def _consume(self) -> None:
-        """Read, fold and write, with the next batch folded while Redis applies the previous one.
+        """Read, fold and write as a pipeline: while this process folds one batch, Redis applies
+        the previous ones and reads the next, so neither side waits for the other.
 
-        The next batch is read before the previous one's write is sent: a read sent after it
-        would wait in Redis behind the script, and the fold would then wait for the read."""
-        self._cursor = "0"  # our own pending entries first: delivered to us before, never acknowledged
+        At most WRITES_IN_FLIGHT writes are unanswered (memory stays bounded). Batches hold
+        distinct entries and increments commute, so no write waits for the one before it."""
+        cursor = "0"  # our own pending entries first: delivered to us before, never acknowledged
+        block_ms = max(1, int(self.settings.batch_delay * 1000), 100)
         next_claim = 0.0
-        writing: asyncio.Future[None] | None = None
         try:
             entries: list[Entry] = []
             while True:
                 if time.monotonic() >= next_claim:
-                    await _finish(writing)
+                    await self.settle(0)
                     await self.claim_stale()
                     next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
                     await self.heartbeat()
                 if not entries:
-                    entries = await self._read_next(wait=writing is None)
+                    entries = await self.read(cursor, None if cursor != ">" or self.inflight else block_ms)
                     if not entries:
-                        await _finish(writing)
-                        writing = None
+                        if cursor != ">":
+                            cursor = ">"  # our own pending entries are done: new ones from now on
+                        await self.settle(0)
                         continue
+                if cursor != ">":
+                    cursor = entries[-1][0].decode()
+                await self.reader.send(cursor, self.batch_size, None)  # Redis reads the next batch while we fold this one
                 batch = await self.prepare([e[0] for e in entries], entries)
-                await _finish(writing)
-                entries = await self._read_next(wait=False)
-                writing = asyncio.ensure_future(self.write(batch))
+                # Take the read's reply (megabytes: the events' JSON) before the write goes out:
+                # Redis sends no reply while it runs a script.
+                entries = await self.reader.receive()
+                await self.settle(WRITES_IN_FLIGHT - 1)
+                await self.send(batch)
         finally:
-            await _finish(writing)
-
-    async def _read_next(self, wait: bool) -> list[Entry]:
-        """The next entries: our own pending ones, then new ones (waiting up to 100 ms for some if `wait`)."""
-        while self._cursor != ">":
-            entries = await self.read(self._cursor, None)
-            if entries:
-                self._cursor = entries[-1][0].decode()
-                return entries
-            self._cursor = ">"
-        return await self.read(">", max(1, int(self.settings.batch_delay * 1000), 100) if wait else None)
+            await self.close()
 
     async def heartbeat(self) -> None:
         await self.client.hset(keys.SUBSCRIBER_STATS, mapping={"updated_at": time.time(), "consumer": self.consumer})
@@ -274,6 +309,7 @@ class Subscriber:
                 await asyncio.sleep(delay)
             finally:
                 await connection.disconnect()
+                await self.close()
 
     async def _consume_pubsub(self, connection: Any) -> None:
         payloads: list[bytes | None] = []
@@ -300,13 +336,6 @@ class Subscriber:
                     raise ConnectionError(f"no reply from Redis on the pub/sub connection for {now - last_heard:.0f}s")
                 if now - last_heard > 5:
                     await connection.send_command("PING")  # a quiet channel: prove the connection is alive
-
-
-async def _finish(write: asyncio.Future[None] | None) -> None:
-    """Wait for a write in flight. Shielded: whoever cancels the loop must not leave it unknown
-    whether the batch landed (the script is atomic, so either way the counts stay exact)."""
-    if write is not None:
-        await asyncio.shield(write)
 
 
 async def log_stats(subscriber: Subscriber, interval: float) -> None:
