@@ -33,7 +33,7 @@ import psutil
 import redis
 
 from bench.common import write_events
-from tests.test_fold import reference_fold
+from tests.test_fold import as_reference, reference_fold
 from wikipulse import keys
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, free_port
@@ -241,12 +241,8 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
 def compare(client: redis.Redis, sent: list[dict[str, Any]], result: Result) -> None:
     ids = Counter(orjson.loads(fields[b"data"])["meta"]["id"] for _, fields in client.xrange("wiki:events"))
     result.in_stream = sum(ids.values())
-    got: Counter[tuple[str, str, int, str]] = Counter()
-    for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000):
-        _, _, tag, res, _ = key.decode().split(":")
-        for fld, n in client.hgetall(key).items():
-            bucket, _, dim = fld.decode().partition(":")
-            got[(tag.strip("{}"), res, int(bucket), dim)] += int(n)
+    stored = {(key, fld): n for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000) for fld, n in client.hgetall(key).items()}
+    got = as_reference(stored)
     expected = reference_fold(sent, time.time())
     # Event-level figures from the all-domain totals at 1 min (kept by every scenario's retention).
     minute = {k for k in expected if k[0] == keys.ALL_DOMAINS and k[1] == "1m" and k[3] == ""}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from wikipulse import keys
-from wikipulse.series import SeriesRead, bucket_range, read_series
+from wikipulse.fold import fold
+from wikipulse.series import SeriesRead, bucket_range, read_series, script_payload
+from wikipulse.settings import Settings
 
 TEN = keys.RESOLUTION_BY_NAME["10s"]
+RETENTION = Settings.from_args(environ={}).retention_seconds()
 
 
 def test_a_plan_spanning_two_windows_reads_each_hash_once_and_names_them_per_domain() -> None:
@@ -18,12 +23,14 @@ def test_a_plan_spanning_two_windows_reads_each_hash_once_and_names_them_per_dom
     assert read.hashes("b.org") == [keys.series_key("b.org", TEN, 0), keys.series_key("b.org", TEN, TEN.window)]
 
 
-def test_decode_picks_each_dimension_in_bucket_order_and_keeps_gaps() -> None:
-    b0, b1 = TEN.window - 10, TEN.window
-    read = SeriesRead.plan(TEN, [b0, b1], ("edit", "bot"))
-    first = {f"{b0}:edit".encode(): b"3", str(b0).encode(): b"3", f"{b0}:human".encode(): b"3"}  # no bot field: a gap
-    second = {f"{b1}:edit".encode(): b"7", f"{b1}:bot".encode(): b"1"}
-    assert read.decode([first, second]) == {"edit": [3, 7], "bot": [None, 1]}
+def test_decode_picks_each_dimension_in_bucket_order_keeps_gaps_and_works_out_humans() -> None:
+    b0, b1, b2 = TEN.window - 10, TEN.window, TEN.window + 10
+    read = SeriesRead.plan(TEN, [b0, b1, b2], ("", "edit", "bot", "human"))
+    first = {f"{b0}:edit".encode(): b"3", str(b0).encode(): b"3"}  # no bot field: no bots
+    second = {str(b1).encode(): b"9", f"{b1}:edit".encode(): b"7", f"{b1}:log".encode(): b"2", f"{b1}:bot".encode(): b"4"}
+    # b2: nothing recorded at all, a gap in every dimension
+    got = read.decode([first, second])
+    assert got == {"": [3, 9, None], "edit": [3, 7, None], "bot": [0, 4, None], "human": [3, 5, None]}
 
 
 async def test_read_series_returns_what_was_written(redis_client: aioredis.Redis) -> None:
@@ -32,4 +39,17 @@ async def test_read_series_returns_what_was_written(redis_client: aioredis.Redis
     await redis_client.hset(keys.series_key("a.org", TEN, TEN.window), mapping={str(b1): 2})
     await redis_client.hset(keys.series_key("b.org", TEN, TEN.window), mapping={f"{b1}:edit": 9})
     got = await read_series(redis_client, ["a.org", "b.org"], TEN, b0, b1, ("", "edit"))
-    assert got == {"a.org": {"": [5, 2], "edit": [4, None]}, "b.org": {"": [None, None], "edit": [None, 9]}}
+    assert got == {"a.org": {"": [5, 2], "edit": [4, 0]}, "b.org": {"": [None, None], "edit": [None, 9]}}
+
+
+def test_script_payload_is_flat_and_keeps_ids_verbatim() -> None:
+    inc = fold([{"meta": {"domain": "a.org"}, "timestamp": 1_700_000_005, "type": "edit", "bot": True}], 1_700_000_010, RETENTION)
+    payload = orjson.loads(script_payload(inc, [b"1700000000000-0", "1700000000001-12"], {"folded": 1, "late": 0}))
+    assert payload["ids"] == ["1700000000000-0", "1700000000001-12"]
+    assert payload["stats"] == {"folded": 1}
+    key = keys.series_key("a.org", TEN, 1_700_000_005 - 1_700_000_005 % TEN.window)
+    i = payload["h"].index(key)
+    assert payload["h"][i + 1 : i + 9] == [inc.expire_at[key], 3, "1700000000", 1, "1700000000:edit", 1, "1700000000:bot", 1]
+    assert orjson.loads(script_payload(inc, [], {}))["ids"] == []
+    with pytest.raises(ValueError, match="not stream ids"):
+        script_payload(inc, [b'1-0"],"x'], {})

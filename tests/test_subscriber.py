@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
-from tests.test_fold import reference_fold
+from tests.test_fold import as_reference, reference_fold
 from wikipulse import keys, query
 from wikipulse.fold import observe, summarize
 from wikipulse.settings import Settings
@@ -43,13 +43,10 @@ async def load_stream(client: aioredis.Redis, lines: list[bytes] | tuple[bytes, 
 
 
 async def stored_counts(client: aioredis.Redis) -> Counter[tuple[str, str, int, str]]:
-    out: Counter[tuple[str, str, int, str]] = Counter()
+    stored: dict[tuple[bytes, bytes], bytes] = {}
     async for key in client.scan_iter(match="wp:ts:*", count=1000):
-        _, _, tag, res, _ = key.decode().split(":")
-        for fld, n in (await client.hgetall(key)).items():
-            bucket, _, dim = fld.decode().partition(":")
-            out[(tag.strip("{}"), res, int(bucket), dim)] += int(n)
-    return out
+        stored.update(((key, fld), n) for fld, n in (await client.hgetall(key)).items())
+    return as_reference(stored)
 
 
 async def stat(client: aioredis.Redis, name: str) -> int:

@@ -128,7 +128,7 @@ def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, i
     Classes are merged per resolution first (many fall into one 1 min or 1 h bucket), and the
     global totals are summed apart, so each hash field is touched once per batch."""
     hashes, expire_at = out.hashes, out.expire_at
-    names: dict[tuple[int, str, bool], tuple[str, str, str]] = {}
+    names: dict[tuple[int, str, bool], tuple[str, ...]] = {}
     step = base_step(keys.RESOLUTIONS)
     for res in keys.RESOLUTIONS:
         keep, width = retention[res.name], res.window
@@ -164,24 +164,24 @@ def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, i
 def _add(
     hashes: dict[str, dict[str, int]],
     expire_at: dict[str, int],
-    names: dict[tuple[int, str, bool], tuple[str, str, str]],
+    names: dict[tuple[int, str, bool], tuple[str, ...]],
     key: str,
     expires: int,
     dims: tuple[int, str, bool],
     n: int,
 ) -> None:
-    """Add n to the total, type and bot/human fields of one bucket; field names are made once per batch."""
+    """Add n to the total, type and (for bots) bot fields of one bucket; field names are made once per
+    batch. Humans are not stored: human = total - bot (keys.STORED_DIMENSIONS)."""
     fields = hashes.get(key)
     if fields is None:
         fields = hashes[key] = {}
         expire_at[key] = expires
-    trio = names.get(dims)
-    if trio is None:
+    names_of = names.get(dims)
+    if names_of is None:
         bucket, kind, bot = dims
-        trio = names[dims] = (
-            keys.total_field(bucket),
-            keys.dimension_field(bucket, kind),
-            keys.dimension_field(bucket, "bot" if bot else "human"),
-        )
-    for name in trio:
+        names_of = (keys.total_field(bucket), keys.dimension_field(bucket, kind))
+        if bot:
+            names_of += (keys.dimension_field(bucket, "bot"),)
+        names[dims] = names_of
+    for name in names_of:
         fields[name] = fields.get(name, 0) + n

@@ -11,9 +11,11 @@ script applies nothing and returns the ids it still owns for a re-fold.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 
 import orjson
 import redis.asyncio as aioredis
@@ -22,10 +24,12 @@ from wikipulse import keys
 from wikipulse.fold import Increments
 
 # KEYS: the stream, the stats hash. ARGV: group, consumer, then one JSON payload
-#   {"ids": [...], "stats": {name: n}, "h": {key: [expire_at, {field: n}]}, "z": {key: [expire_at, {member: n}]}}
+#   {"ids": [...], "stats": {name: n}, "h": [key, expire_at, k, field1, n1, ..., fieldk, nk, key, ...],
+#    "z": [key, expire_at, k, member1, n1, ...]}
 # One JSON string instead of thousands of ARGV items: packing each item costs the client far more
-# than cjson.decode costs Redis. The series keys are therefore not declared in KEYS: on a Redis
-# Cluster a batch would have to be split per slot first (each domain's keys share one slot).
+# than cjson.decode costs Redis. Flat arrays, because every nested object costs cjson a Lua table.
+# The series keys are therefore not declared in KEYS: on a Redis Cluster a batch would have to be
+# split per slot first (each domain's keys share one slot).
 APPLY_SCRIPT = """
 local group, consumer = ARGV[1], ARGV[2]
 local p = cjson.decode(ARGV[3])
@@ -49,31 +53,52 @@ end
 for name, n in pairs(p['stats']) do
   redis.call('HINCRBY', KEYS[2], name, n)
 end
-for key, spec in pairs(p['h']) do
-  for field, n in pairs(spec[2]) do
-    redis.call('HINCRBY', key, field, n)
-  end
-  redis.call('EXPIREAT', key, spec[1])
+local h, i = p['h'], 1
+while i <= #h do
+  local key, last = h[i], i + 2 + 2 * h[i + 2]
+  for j = i + 3, last, 2 do redis.call('HINCRBY', key, h[j], h[j + 1]) end
+  redis.call('EXPIREAT', key, h[i + 1])
+  i = last + 1
 end
-for key, spec in pairs(p['z']) do
-  for member, n in pairs(spec[2]) do
-    redis.call('ZINCRBY', key, n, member)
-  end
-  redis.call('EXPIREAT', key, spec[1])
+local z = p['z']
+i = 1
+while i <= #z do
+  local key, last = z[i], i + 2 + 2 * z[i + 2]
+  for j = i + 3, last, 2 do redis.call('ZINCRBY', key, z[j + 1], z[j]) end
+  redis.call('EXPIREAT', key, z[i + 1])
+  i = last + 1
 end
 return true
 """
 
 
+_NOT_IN_IDS = re.compile(rb'[^0-9",-]')
+
+
 def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> bytes:
     """The JSON payload of APPLY_SCRIPT (pure, so it can be tested with plain values)."""
-    expire_at = inc.expire_at
     return orjson.dumps({
-        "ids": [i.decode() if isinstance(i, bytes) else i for i in ids],
+        "ids": _json_ids(ids),
         "stats": {k: v for k, v in stats.items() if v},
-        "h": {key: (expire_at[key], fields) for key, fields in inc.hashes.items()},
-        "z": {key: (expire_at[key], members) for key, members in inc.zsets.items()},
+        "h": _flat(inc.hashes, inc.expire_at),
+        "z": _flat(inc.zsets, inc.expire_at),
     })  # fmt: skip
+
+
+def _json_ids(ids: Sequence[bytes | str]) -> orjson.Fragment:
+    """Stream ids as a JSON array, joined as they come (ids are digits and a '-': nothing to escape)."""
+    joined = b'","'.join(i if isinstance(i, bytes) else i.encode() for i in ids)
+    if _NOT_IN_IDS.search(joined):
+        raise ValueError(f"not stream ids: {joined[:100]!r}")
+    return orjson.Fragment(b'["' + joined + b'"]' if ids else b"[]")
+
+
+def _flat(counts: Mapping[str, Mapping[str, int]], expire_at: Mapping[str, int]) -> list[str | int]:
+    out: list[str | int] = []
+    for key, members in counts.items():
+        out += (key, expire_at[key], len(members))
+        out += chain.from_iterable(members.items())
+    return out
 
 
 class SeriesWriter:
@@ -144,19 +169,29 @@ class SeriesRead:
 
     @cached_property
     def _fields(self) -> dict[str, list[bytes]]:
-        """{dim: the field of each bucket, in bucket order}."""
+        """{stored dim ('' = total): the field of each bucket, in bucket order}."""
         buckets = [b for _, bs in self.windows for b in bs]
-        return {d: [(keys.total_field(b) if d == "" else keys.dimension_field(b, d)).encode() for b in buckets] for d in self.dims}
+        dims = {"", "bot"} | set(self.dims) - {"human"}
+        return {d: [(keys.total_field(b) if d == "" else keys.dimension_field(b, d)).encode() for b in buckets] for d in dims}
 
     def decode(self, replies: Sequence[Mapping[bytes, bytes]]) -> dict[str, list[int | None]]:
-        """The HGETALL replies of one domain, in hashes() order -> {dim: [count or None per bucket]}."""
+        """The HGETALL replies of one domain, in hashes() order -> {dim: [count or None per bucket]}.
+
+        None: nothing was recorded in that bucket (a gap). In a bucket with a total, a dimension
+        with no field of its own counted 0, and human is total - bot."""
         merged: dict[bytes, bytes] = {}
         for reply in replies:
             merged.update(reply)  # bucket fields are unique across windows
+        stored = {d: [merged.get(f) for f in fields] for d, fields in self._fields.items()}
+        totals = stored[""]
         out: dict[str, list[int | None]] = {}
-        for d, fields in self._fields.items():
-            values = [merged.get(f) for f in fields]
-            out[d] = [None if v is None else int(v) for v in values]
+        for d in self.dims:
+            if d == "human":
+                out[d] = [None if t is None else int(t) - int(b or 0) for t, b in zip(totals, stored["bot"], strict=True)]
+            elif d == "":
+                out[d] = [None if t is None else int(t) for t in totals]
+            else:
+                out[d] = [int(v) if v is not None else (None if t is None else 0) for v, t in zip(stored[d], totals, strict=True)]
         return out
 
 
