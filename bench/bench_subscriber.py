@@ -24,7 +24,7 @@ from wikipulse import keys
 from wikipulse.events import Accepted, validate
 from wikipulse.fold import fold, observe, summarize
 from wikipulse.settings import Settings
-from wikipulse.subscriber import Subscriber
+from wikipulse.subscriber import Subscriber, tune_gc
 
 # Publishes the file's events at a steady rate (argv[3] events/s), in slices every 10 ms.
 PUBLISH_SCRIPT = """
@@ -85,6 +85,7 @@ async def ours(settings: Settings, lines: list[bytes], pubsub_file: Path | None 
             await load(client, lines)
         else:
             await client.flushall()
+        tune_gc()  # as run_subscriber does
         subscriber = Subscriber(settings, client)
         task = asyncio.create_task(subscriber.run_stream() if pubsub_file is None else subscriber.run_pubsub())
         publisher = None
