@@ -146,12 +146,12 @@ async def test_stalled_consumer_that_wakes_does_not_double_count(redis_client: a
     s = dataclasses.replace(settings, retention=LONG, claim_idle=0.3)
     sleeper = Subscriber(dataclasses.replace(s, consumer="sleeper"), redis_client)
     await sleeper.ensure_group()
-    taken = await sleeper.read(">", None)  # reads a batch, then stalls before folding it
+    taken, claims = await sleeper.read(">", None)  # reads a batch, then stalls before folding it
     assert len(taken) == len(lines)  # one batch holds them all
     await asyncio.sleep(0.4)
     expected = len(non_canary_ids(lines))
     await run_subscriber(dataclasses.replace(s, consumer="rescuer"), redis_client, expected)  # claims the sleeper's batch
-    await sleeper.fold_entries(taken)  # wakes up late
+    await sleeper.fold_entries(taken, claims)  # wakes up late
     await sleeper.close()
     assert await stat(redis_client, "folded") == expected
     assert_same(await stored_counts(redis_client), reference_fold(events(lines), time.time()))

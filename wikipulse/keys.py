@@ -24,6 +24,10 @@ REJECTED = f"{PREFIX}:publisher:rejected"  # list: last rejected frames, newest 
 REJECTED_KEEP = 100  # rejected frames kept for inspection
 
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
+# Counter bumped by every claim of idle entries (XAUTOCLAIM, in one script with it). A batch read
+# while it held E and applied while it still holds E cannot have lost entries to another consumer,
+# so the apply script skips its per-entry ownership check (series.APPLY_SCRIPT).
+CLAIMS = f"{PREFIX}:subscriber:claims"
 
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
 # (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out

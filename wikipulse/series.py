@@ -3,10 +3,11 @@
 Writes go through one Lua script so that a batch's increments, its counters and
 the XACK of the stream entries that produced them are one atomic step: a crash
 before it leaves the entries pending (they are folded again), a crash after it
-leaves them acknowledged (never folded again). The script first XCLAIMs the
-entries to its own consumer (JUSTID, no idle floor): only entries still pending
-come back, so when another consumer already acknowledged some of them, the
-script applies nothing and returns the ids it still owns for a re-fold.
+leaves them acknowledged (never folded again). Unless no entries have been claimed
+anywhere since these were read (keys.CLAIMS unchanged, the usual case), the script first
+XCLAIMs them to its own consumer (JUSTID, no idle floor): only entries still pending
+come back, so when another consumer already acknowledged some of them, the script
+applies nothing and returns the ids it still owns for a re-fold.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import redis.asyncio as aioredis
 from wikipulse import keys
 from wikipulse.fold import Increments
 
-# KEYS: the stream, the stats hash. ARGV: group, consumer, then one JSON payload
+# KEYS: the stream, the stats hash, keys.CLAIMS. ARGV: group, consumer, the claims count seen before
+# the entries were read ('' if unknown), then one JSON payload
 #   {"ids": [...], "stats": {name: n}, "h": [key, expire_at, k, field1, n1, ..., fieldk, nk, key, ...],
 #    "z": [key, expire_at, k, member1, n1, ...]}
 # One JSON string instead of thousands of ARGV items: packing each item costs the client far more
@@ -31,11 +33,12 @@ from wikipulse.fold import Increments
 # The series keys are therefore not declared in KEYS: on a Redis Cluster a batch would have to be
 # split per slot first (each domain's keys share one slot).
 APPLY_SCRIPT = """
-local group, consumer = ARGV[1], ARGV[2]
-local p = cjson.decode(ARGV[3])
+local group, consumer, seen = ARGV[1], ARGV[2], ARGV[3]
+local p = cjson.decode(ARGV[4])
 local ids = p['ids']
 local nids = #ids
-if nids > 0 then
+-- No claim since the entries were read: they are all still ours. Else check them one by one.
+if nids > 0 and (seen == '' or (redis.call('GET', KEYS[3]) or '0') ~= seen) then
   local owned = {}
   for i = 1, nids, 1000 do
     local args = {KEYS[1], group, consumer, 0}
@@ -46,6 +49,8 @@ if nids > 0 then
   if #owned < nids then
     return owned
   end
+end
+if nids > 0 then
   for i = 1, nids, 1000 do
     redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 999, nids)))
   end
@@ -113,10 +118,12 @@ class SeriesWriter:
         self._connection = client.connection_pool.make_connection()
         self._stream, self._group, self._consumer = stream, group, consumer
 
-    async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> None:
+    async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None) -> None:
+        """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry)."""
         payload = script_payload(inc, ids, stats)
-        script_keys = (self._stream, keys.SUBSCRIBER_STATS)
-        await self._connection.send_command("EVAL", APPLY_SCRIPT, 2, *script_keys, self._group, self._consumer, payload)
+        script_keys = (self._stream, keys.SUBSCRIBER_STATS, keys.CLAIMS)
+        seen = b"" if claims is None else claims
+        await self._connection.send_command("EVAL", APPLY_SCRIPT, 3, *script_keys, self._group, self._consumer, seen, payload)
 
     async def receive(self) -> list[bytes] | None:
         """The oldest unanswered batch's outcome. None when it was applied; else the subset of its
@@ -128,7 +135,7 @@ class SeriesWriter:
 
     async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> list[bytes] | None:
         """send + receive, with nothing else in flight."""
-        await self.send(inc, ids, stats)
+        await self.send(inc, ids, stats, None)
         return await self.receive()
 
     async def close(self) -> None:

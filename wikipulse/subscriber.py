@@ -47,10 +47,6 @@ def default_consumer() -> str:
     return socket.gethostname()
 
 
-def _raw(response: Any, **_: Any) -> Any:
-    return response
-
-
 def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
     """Validate raw JSON events: what the accepted ones contribute; everything else is counted."""
     observations: Counter[Observation] = Counter()
@@ -101,9 +97,20 @@ def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[
     return observations
 
 
+# Claims idle entries and bumps keys.CLAIMS in one step, so a consumer whose entries could have been
+# taken sees it (series.APPLY_SCRIPT). KEYS: stream, keys.CLAIMS. ARGV: group, consumer, min idle ms,
+# start id, count. Returns XAUTOCLAIM's reply.
+CLAIM_SCRIPT = """
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+if #reply[2] > 0 then redis.call('INCR', KEYS[2]) end
+return reply
+"""
+
+
 class StreamReader:
     """XREADGROUP on a connection of its own, sent and received apart, so Redis can read the
-    next batch while this process folds the current one. Replies come unparsed (see Entry)."""
+    next batch while this process folds the current one. Replies come unparsed (see Entry).
+    Each read is preceded by a GET of keys.CLAIMS on the same connection (so before it, in Redis)."""
 
     def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
         self._connection = client.connection_pool.make_connection()
@@ -111,12 +118,14 @@ class StreamReader:
 
     async def send(self, start: str, count: int, block_ms: int | None) -> None:
         block = ["BLOCK", block_ms] if block_ms is not None else []
-        args = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
-        await self._connection.send_command(*args)
+        read = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
+        await self._connection.send_packed_command(self._connection.pack_commands([("GET", keys.CLAIMS), read]))
 
-    async def receive(self) -> list[Entry]:
+    async def receive(self) -> tuple[list[Entry], bytes]:
+        """(the entries read, keys.CLAIMS as it was before they were read)."""
+        claims = await self._connection.read_response()
         reply = await self._connection.read_response()
-        return cast(list[Entry], reply[0][1]) if reply else []
+        return (cast(list[Entry], reply[0][1]) if reply else []), (claims or b"0")
 
     async def close(self) -> None:
         await self._connection.disconnect()
@@ -128,15 +137,14 @@ class Batch:
     increments: Increments
     counters: Counter[str]
     source: Sequence[Entry] | Sequence[bytes | None]  # kept to re-fold a part of it
+    claims: bytes | None = None  # keys.CLAIMS before the entries were read; None: unknown
 
 
 class Subscriber:
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self.settings = settings
         self.client = client
-        # XAUTOCLAIM replies unparsed (see Entry), on the same connections.
-        self.raw = aioredis.Redis(connection_pool=client.connection_pool)
-        self.raw.set_response_callback("XAUTOCLAIM", _raw)
+        self.claim_script = client.register_script(CLAIM_SCRIPT)
         self.consumer = settings.consumer or default_consumer()
         self.retention = settings.retention_seconds()
         self.reader = StreamReader(client, settings.stream, settings.group, self.consumer)
@@ -147,7 +155,7 @@ class Subscriber:
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
 
     # ---- folding (shared by both sources) ----------------------------------------------------
-    async def prepare(self, ids: list[bytes], source: Sequence[Entry] | Sequence[bytes | None]) -> Batch:
+    async def prepare(self, ids: list[bytes], source: Sequence[Entry] | Sequence[bytes | None], claims: bytes | None = None) -> Batch:
         """Fold stream entries (ids given) or pub/sub payloads (no ids) into one write."""
         counters: Counter[str] = Counter()
         if ids:
@@ -160,10 +168,10 @@ class Subscriber:
         classes, counters["overflow"] = await self.gate.route(classes)
         expand(classes, now, self.retention, inc)
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
-        return Batch(ids, inc, counters, source)
+        return Batch(ids, inc, counters, source, claims)
 
     async def send(self, batch: Batch) -> None:
-        await self.writer.send(batch.increments, batch.ids, batch.counters)
+        await self.writer.send(batch.increments, batch.ids, batch.counters, batch.claims)
         self.inflight.append(batch)
 
     async def settle(self, keep: int) -> None:
@@ -185,9 +193,9 @@ class Subscriber:
         await self.send(batch)
         await self.settle(0)
 
-    async def fold_entries(self, entries: Sequence[Entry]) -> None:
+    async def fold_entries(self, entries: Sequence[Entry], claims: bytes | None = None) -> None:
         if entries:
-            await self.write(await self.prepare([e[0] for e in entries], entries))
+            await self.write(await self.prepare([e[0] for e in entries], entries, claims))
 
     async def close(self) -> None:
         """Drop the reader's and writer's connections with whatever they had in flight: each
@@ -206,7 +214,8 @@ class Subscriber:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, start: str, block: int | None) -> list[Entry]:
+    async def read(self, start: str, block: int | None) -> tuple[list[Entry], bytes]:
+        """(entries, keys.CLAIMS before they were read)."""
         await self.reader.send(start, self.batch_size, block)
         return await self.reader.receive()
 
@@ -216,10 +225,10 @@ class Subscriber:
         start: bytes | str = "0-0"
         min_idle = int(self.settings.claim_idle * 1000)
         while True:
-            reply = await self.raw.xautoclaim(
-                self.settings.stream, self.settings.group, self.consumer, min_idle, start_id=start, count=self.batch_size
-            )
-            start, entries = reply[0], [(e[0], e[1]) for e in reply[1] if e is not None]
+            script_keys = [self.settings.stream, keys.CLAIMS]
+            args = [self.settings.group, self.consumer, min_idle, start, self.batch_size]
+            reply = await self.claim_script(keys=script_keys, args=args)
+            start, entries = reply[0], [(e[0], e[1] or None) for e in reply[1] if e]
             if entries:
                 logger.info("claimed %d entries idle for over %ss", len(entries), self.settings.claim_idle)
                 await self.fold_entries(entries)
@@ -254,6 +263,7 @@ class Subscriber:
         next_claim = 0.0
         try:
             entries: list[Entry] = []
+            claims: bytes | None = None
             while True:
                 if time.monotonic() >= next_claim:
                     await self.settle(0)
@@ -261,7 +271,7 @@ class Subscriber:
                     next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
                     await self.heartbeat()
                 if not entries:
-                    entries = await self.read(cursor, None if cursor != ">" or self.inflight else block_ms)
+                    entries, claims = await self.read(cursor, None if cursor != ">" or self.inflight else block_ms)
                     if not entries:
                         if cursor != ">":
                             cursor = ">"  # our own pending entries are done: new ones from now on
@@ -270,10 +280,10 @@ class Subscriber:
                 if cursor != ">":
                     cursor = entries[-1][0].decode()
                 await self.reader.send(cursor, self.batch_size, None)  # Redis reads the next batch while we fold this one
-                batch = await self.prepare([e[0] for e in entries], entries)
+                batch = await self.prepare([e[0] for e in entries], entries, claims)
                 # Take the read's reply (megabytes: the events' JSON) before the write goes out:
                 # Redis sends no reply while it runs a script.
-                entries = await self.reader.receive()
+                entries, claims = await self.reader.receive()
                 await self.settle(WRITES_IN_FLIGHT - 1)
                 await self.send(batch)
         finally:
