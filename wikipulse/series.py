@@ -12,6 +12,7 @@ applies nothing and returns the ids it still owns for a re-fold.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from itertools import chain
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from redis.exceptions import RedisError
 
 from wikipulse import keys
 from wikipulse.fold import Increments
@@ -141,7 +144,15 @@ class SeriesWriter:
     async def close(self) -> None:
         """Drop the connection and any unanswered batches (each was applied whole or not at all);
         the next send connects again."""
-        await self._connection.disconnect()
+        await drop(self._connection)
+
+
+async def drop(connection: Connection) -> None:
+    """Close without waiting for the peer (a TLS close can wait for seconds). It runs in `finally`
+    blocks while a task is cancelled: an error here would replace the cancellation, and the
+    process would go on instead of stopping."""
+    with contextlib.suppress(RedisError, OSError):
+        await connection.disconnect(nowait=True)
 
 
 def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:

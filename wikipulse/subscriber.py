@@ -28,7 +28,7 @@ from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
 from wikipulse.publisher import REDIS_ERRORS, backoff_delay
-from wikipulse.series import SeriesWriter
+from wikipulse.series import SeriesWriter, drop
 from wikipulse.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class StreamReader:
         return (cast(list[Entry], reply[0][1]) if reply else []), (claims or b"0")
 
     async def close(self) -> None:
-        await self._connection.disconnect()
+        await drop(self._connection)
 
 
 @dataclass
@@ -319,7 +319,7 @@ class Subscriber:
                 logger.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:
-                await connection.disconnect()
+                await drop(connection)
                 await self.close()
 
     async def _consume_pubsub(self, connection: Any) -> None:
