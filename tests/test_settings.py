@@ -1,15 +1,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
-import threading
-import time
 
 import pytest
 
-from wikipulse.cli import build_parser, run_until_signal
+from wikipulse.cli import build_parser
 from wikipulse.settings import LIVE_STREAM_URL, Settings, SettingsError, parse_duration, redact_url
 
 
@@ -50,20 +45,3 @@ def test_help_shows_env_names_and_defaults(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for text in ("REDIS_URL", "WIKI_STREAM_URL", "PUBSUB_CHANNEL", "redis://127.0.0.1:6379/0", "'wiki'"):
         assert text in out
-
-
-def test_a_signal_stops_the_process_even_if_a_library_swallows_one_cancellation() -> None:
-    swallowed = []
-
-    async def stubborn() -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            swallowed.append(True)  # as redis-py can, when a cancellation races its own timeout
-        await asyncio.sleep(30)
-
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    started = time.monotonic()
-    assert run_until_signal(stubborn) == 0
-    assert swallowed and time.monotonic() - started < 5

@@ -157,6 +157,32 @@ async def test_stalled_consumer_that_wakes_does_not_double_count(redis_client: a
     assert_same(await stored_counts(redis_client), reference_fold(events(lines), time.time()))
 
 
+async def test_a_cancellation_that_surfaces_as_a_redis_error_still_stops_it(redis_client: aioredis.Redis, settings: Settings) -> None:
+    subscriber = Subscriber(settings, redis_client)
+    stubborn = asyncio.Event()
+    stubborn.set()
+
+    async def closing_fails_while_cancelled() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if stubborn.is_set():
+                raise ConnectionError("the connection could not be closed") from None  # replaces the cancellation
+            raise
+
+    subscriber._consume = closing_fails_while_cancelled  # type: ignore[method-assign]
+    task = asyncio.create_task(subscriber.run_stream())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    stubborn.clear()
+    if not done:  # let it end, so that the failure below is reported instead of a hang
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert done, "the subscriber went on after it was cancelled"
+    assert task.cancelled()
+
+
 async def test_pubsub_mode_end_to_end(redis_client: aioredis.Redis, settings: Settings) -> None:
     lines = calibrated_lines()
     s = dataclasses.replace(settings, retention=LONG, source="pubsub")

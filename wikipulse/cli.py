@@ -42,15 +42,8 @@ def run_until_signal(main: Callable[[], Awaitable[Any]]) -> int:
         assert task is not None
         loop = asyncio.get_running_loop()
 
-        def stop() -> None:
-            if not task.done():
-                task.cancel()
-                # A library can swallow a cancellation (e.g. when it races an asyncio.timeout on
-                # Python 3.11): insist every second until the task has ended.
-                loop.call_later(1.0, stop)
-
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, task.cancel)
         await main()
 
     try:

@@ -94,6 +94,16 @@ def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Rando
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 32)))
 
 
+async def pause_before_retry(delay: float) -> None:
+    """Sleep before a retry, unless this task has been asked to stop. A cancellation can surface as
+    an error (cleanup code that fails while the task is cancelled replaces it); the retry loop must
+    still stop then instead of going on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    await asyncio.sleep(delay)
+
+
 class Dedup:
     """The last `size` meta.id values, oldest evicted first; mirrored in Redis (keys.SEEN)."""
 
@@ -335,7 +345,7 @@ class Publisher:
             with contextlib.suppress(*REDIS_ERRORS):  # counted in memory; Redis trouble is handled on the next write
                 await self.client.hincrby(keys.PUBLISHER_STATS, "reconnects", 1)
             logger.warning("reconnecting in %.1fs: %s (resume from %s)", delay, reason, "stored position" if flushed_any else "start")
-            await asyncio.sleep(delay)
+            await pause_before_retry(delay)
 
     async def _wait_for_redis(self) -> None:
         attempt = 0
@@ -347,7 +357,7 @@ class Publisher:
                 delay = backoff_delay(attempt, self.settings.backoff_cap)
                 logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await pause_before_retry(delay)
 
     async def close(self) -> None:
         """Flush what was read and store the position (on shutdown)."""

@@ -27,7 +27,7 @@ from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
-from wikipulse.publisher import REDIS_ERRORS, backoff_delay
+from wikipulse.publisher import REDIS_ERRORS, backoff_delay, pause_before_retry
 from wikipulse.series import SeriesWriter, drop
 from wikipulse.settings import Settings
 
@@ -246,7 +246,7 @@ class Subscriber:
                 delay = backoff_delay(attempt, self.settings.backoff_cap)
                 attempt += 1
                 logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                await pause_before_retry(delay)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -317,7 +317,7 @@ class Subscriber:
                 delay = backoff_delay(attempt, self.settings.backoff_cap)
                 attempt += 1
                 logger.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                await pause_before_retry(delay)
             finally:
                 await drop(connection)
                 await self.close()
