@@ -94,13 +94,20 @@ def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Rando
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 32)))
 
 
-async def pause_before_retry(delay: float) -> None:
-    """Sleep before a retry, unless this task has been asked to stop. A cancellation can surface as
-    an error (cleanup code that fails while the task is cancelled replaces it); the retry loop must
-    still stop then instead of going on."""
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task has been asked to stop. Long-running loops call it each
+    round, because a cancellation can be lost on its way: on Python 3.11 an `asyncio.timeout` entered
+    while a cancel is pending turns it into a TimeoutError, which redis-py's connection check
+    (`can_read_destructive`, a zero timeout) then swallows; and cleanup that fails while a task is
+    cancelled replaces the CancelledError with its own error. `Task.cancelling()` still counts it."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def pause_before_retry(delay: float) -> None:
+    """Sleep before a retry, unless this task has been asked to stop (see stop_if_cancelled)."""
+    stop_if_cancelled()
     await asyncio.sleep(delay)
 
 
@@ -309,6 +316,7 @@ class Publisher:
                 await self.flush()
                 raise StreamError("the server ended the stream")
             last_data = time.monotonic()
+            stop_if_cancelled()
             for sse in decoder.feed(chunk):
                 self.take(sse)
                 if len(self.batch.frames) >= s.batch_size:

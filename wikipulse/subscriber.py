@@ -27,7 +27,7 @@ from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
-from wikipulse.publisher import REDIS_ERRORS, backoff_delay, pause_before_retry
+from wikipulse.publisher import REDIS_ERRORS, backoff_delay, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter, drop
 from wikipulse.settings import Settings
 
@@ -265,6 +265,7 @@ class Subscriber:
             entries: list[Entry] = []
             claims: bytes | None = None
             while True:
+                stop_if_cancelled()
                 if time.monotonic() >= next_claim:
                     await self.settle(0)
                     await self.claim_stale()
@@ -328,6 +329,7 @@ class Subscriber:
         next_beat = 0.0
         last_heard = time.monotonic()
         while True:
+            stop_if_cancelled()
             timeout = max(0.0, deadline - time.monotonic()) if payloads else 1.0
             reply = await connection.read_response(timeout=timeout)
             now = time.monotonic()
