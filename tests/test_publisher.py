@@ -26,8 +26,9 @@ from tests.helpers import (
 from wikipulse import keys
 from wikipulse.eventstreams import MALFORMED_FRAMES, PATH, ReplaySource, ServerOptions, event_id, frame
 from wikipulse.fold import observe, summarize
-from wikipulse.publisher import Publisher, backoff_delay, parse_retry_after
+from wikipulse.publisher import Publisher, parse_retry_after
 from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.retry import backoff_delay
 from wikipulse.settings import Settings
 
 EXPECTED = non_canary_ids(calibrated_lines())

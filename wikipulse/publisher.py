@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,18 +19,16 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
 from wikipulse.fold import observe, summarize
+from wikipulse.retry import REDIS_ERRORS, backoff_delay, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
 
 logger = logging.getLogger(__name__)
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 THROTTLE_STATUSES = (429, 503)
 
@@ -87,28 +84,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
-
-
-def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 32)))
-
-
-def stop_if_cancelled() -> None:
-    """Raise CancelledError if this task has been asked to stop. Long-running loops call it each
-    round, because a cancellation can be lost on its way: on Python 3.11 an `asyncio.timeout` entered
-    while a cancel is pending turns it into a TimeoutError, which redis-py's connection check
-    (`can_read_destructive`, a zero timeout) then swallows; and cleanup that fails while a task is
-    cancelled replaces the CancelledError with its own error. `Task.cancelling()` still counts it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def pause_before_retry(delay: float) -> None:
-    """Sleep before a retry, unless this task has been asked to stop (see stop_if_cancelled)."""
-    stop_if_cancelled()
-    await asyncio.sleep(delay)
 
 
 class Dedup:

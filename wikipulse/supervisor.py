@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from wikipulse.eventstreams import PATH
-from wikipulse.publisher import backoff_delay
 from wikipulse.redis_server import RedisServer, answers, free_port, is_local
+from wikipulse.retry import backoff_delay
 from wikipulse.settings import Settings, SettingsError, redact_url
 
 logger = logging.getLogger(__name__)

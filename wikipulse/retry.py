@@ -1,0 +1,33 @@
+"""Retrying after Redis or network trouble, and stopping when asked to, for every long-running loop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 32)))
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task has been asked to stop. Long-running loops call it each
+    round, because a cancellation can be lost on its way: on Python 3.11 an `asyncio.timeout` entered
+    while a cancel is pending turns it into a TimeoutError, which redis-py's connection check
+    (`can_read_destructive`, a zero timeout) then swallows; and cleanup that fails while a task is
+    cancelled replaces the CancelledError with its own error. `Task.cancelling()` still counts it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def pause_before_retry(delay: float) -> None:
+    """Sleep before a retry, unless this task has been asked to stop (see stop_if_cancelled)."""
+    stop_if_cancelled()
+    await asyncio.sleep(delay)
