@@ -206,6 +206,28 @@ async def test_pubsub_mode_end_to_end(redis_client: aioredis.Redis, settings: Se
     assert_same(await stored_counts(redis_client), reference_fold(events(lines), time.time()))
 
 
+async def test_pubsub_resubscribes_after_a_disconnect_and_says_events_were_missed(
+    redis_client: aioredis.Redis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = calibrated_lines()[:1000]
+    s = dataclasses.replace(settings, retention=LONG, source="pubsub", backoff_cap=0.2)
+    task = asyncio.create_task(Subscriber(s, redis_client).run_pubsub())
+    try:
+        await wait_for(lambda: _has_subscriber(redis_client), 10, "the subscription", task)
+        for line in lines[:500]:
+            await redis_client.publish("wiki", line)
+        await wait_for(folded_at_least(redis_client, 500), 10, "the first half folded", task)
+        assert await redis_client.client_kill_filter(_type="pubsub") == 1  # as Redis does past its output-buffer limit
+        await wait_for(lambda: _has_subscriber(redis_client), 10, "the subscription again", task)
+        for line in lines[501:]:
+            await redis_client.publish("wiki", line)
+        await wait_for(folded_at_least(redis_client, 999), 10, "the second half folded", task)
+    finally:
+        await stop(task)
+    assert await stat(redis_client, "folded") == 999
+    assert any("events published while disconnected were missed" in r.getMessage() for r in caplog.records)
+
+
 async def _has_subscriber(client: aioredis.Redis) -> bool:
     subscribers = dict(await client.pubsub_numsub("wiki")).get(b"wiki", 0)
     return bool(subscribers > 0)
