@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
@@ -31,3 +34,11 @@ async def pause_before_retry(delay: float) -> None:
     """Sleep before a retry, unless this task has been asked to stop (see stop_if_cancelled)."""
     stop_if_cancelled()
     await asyncio.sleep(delay)
+
+
+async def drop(connection: Connection) -> None:
+    """Close without waiting for the peer (a TLS close can wait for seconds). It runs in `finally`
+    blocks while a task is cancelled: an error here would replace the cancellation, and the
+    process would go on instead of stopping."""
+    with contextlib.suppress(RedisError, OSError):
+        await connection.disconnect(nowait=True)

@@ -12,7 +12,6 @@ applies nothing and returns the ids it still owns for a re-fold.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,20 +20,19 @@ from itertools import chain
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
-from redis.exceptions import RedisError
 
 from wikipulse import keys
 from wikipulse.fold import Increments
+from wikipulse.retry import drop
 
 # KEYS: the stream, the stats hash, keys.CLAIMS. ARGV: group, consumer, the claims count seen before
 # the entries were read ('' if unknown), then one JSON payload
 #   {"ids": [...], "stats": {name: n}, "h": [key, expire_at, k, field1, n1, ..., fieldk, nk, key, ...],
 #    "z": [key, expire_at, k, member1, n1, ...]}
 # One JSON string instead of thousands of ARGV items: packing each item costs the client far more
-# than cjson.decode costs Redis. Flat arrays, because every nested object costs cjson a Lua table.
-# The series keys are therefore not declared in KEYS: on a Redis Cluster a batch would have to be
-# split per slot first (each domain's keys share one slot).
+# than cjson.decode costs Redis. The series keys are therefore not declared in KEYS: on a Redis
+# Cluster a batch would have to be split per slot first (each domain's keys share one slot).
+# Flat arrays, because every nested object costs cjson a Lua table.
 APPLY_SCRIPT = """
 local group, consumer, seen = ARGV[1], ARGV[2], ARGV[3]
 local p = cjson.decode(ARGV[4])
@@ -145,14 +143,6 @@ class SeriesWriter:
         """Drop the connection and any unanswered batches (each was applied whole or not at all);
         the next send connects again."""
         await drop(self._connection)
-
-
-async def drop(connection: Connection) -> None:
-    """Close without waiting for the peer (a TLS close can wait for seconds). It runs in `finally`
-    blocks while a task is cancelled: an error here would replace the cancellation, and the
-    process would go on instead of stopping."""
-    with contextlib.suppress(RedisError, OSError):
-        await connection.disconnect(nowait=True)
 
 
 def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:

@@ -27,8 +27,8 @@ from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
-from wikipulse.retry import REDIS_ERRORS, backoff_delay, pause_before_retry, stop_if_cancelled
-from wikipulse.series import SeriesWriter, drop
+from wikipulse.retry import REDIS_ERRORS, backoff_delay, drop, pause_before_retry, stop_if_cancelled
+from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 
 logger = logging.getLogger(__name__)
