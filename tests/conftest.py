@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from wikipulse.eventstreams import PATH, EventSource, EventStreamsServer, Server
 from wikipulse.redis_server import RedisServer, free_port
 from wikipulse.settings import Settings
 
-DATA = Path(os.environ.get("WIKIPULSE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CALIBRATED = DATA / "recentchange-calibrated-10k.ndjson"
+# Small real recordings, kept in the repository (source and license in tests/data/README.md).
+# Volume comes from the project's own seeded simulator: tests.helpers.calibrated_lines.
+DATA = Path(__file__).resolve().parent / "data"
 ENWIKI = DATA / "recentchange-real-enwiki-100.ndjson"
 CAPTURE = DATA / "recentchange-real-capture.sse"
 

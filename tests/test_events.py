@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import CALIBRATED, ENWIKI
+from tests.conftest import ENWIKI
+from tests.helpers import calibrated_lines
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, event_time, is_valid_domain, validate
 
@@ -64,7 +65,7 @@ def test_every_real_event_is_accepted() -> None:
 
 
 def test_calibrated_sample_has_exactly_its_four_canaries() -> None:
-    verdicts = [validate(line) for line in CALIBRATED.read_bytes().splitlines()]
+    verdicts = [validate(line) for line in calibrated_lines()]
     assert sum(isinstance(v, Canary) for v in verdicts) == 4
     assert sum(isinstance(v, Accepted) for v in verdicts) == len(verdicts) - 4
 

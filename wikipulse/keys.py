@@ -23,11 +23,22 @@ PUBLISHER_STATS = f"{PREFIX}:publisher:stats"  # hash of counters (see README)
 REJECTED = f"{PREFIX}:publisher:rejected"  # list: last rejected frames, newest first
 REJECTED_KEEP = 100  # rejected frames kept for inspection
 
+# One publisher per Redis and feed: its lease (lease.py) holds the live publisher's token. A second
+# publisher stands by until it lapses; the write script is fenced by it.
+PUBLISHER_LEASE = f"{PREFIX}:publisher:lease"
+
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 # Counter bumped by every claim of idle entries (XAUTOCLAIM, in one script with it). A batch read
 # while it held E and applied while it still holds E cannot have lost entries to another consumer,
 # so the apply script skips its per-entry ownership check (series.APPLY_SCRIPT).
 CLAIMS = f"{PREFIX}:subscriber:claims"
+
+
+def consumer_lease(group: str, consumer: str) -> str:
+    """The lease on a consumer name in a group: one live process per name, or two processes would
+    take each other's in-flight entries for their own pending ones. The apply script is fenced by it."""
+    return f"{PREFIX}:subscriber:consumer:{group}:{consumer}"
+
 
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
 # (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out

@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
 from wikipulse.fold import observe, summarize
-from wikipulse.retry import REDIS_ERRORS, backoff_delay, pause_before_retry, stop_if_cancelled
+from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, lease_holder
+from wikipulse.policy import check_redis
+from wikipulse.retry import REDIS_ERRORS, Backoff, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
+from wikipulse.trimming import TRIM_LUA
 
 logger = logging.getLogger(__name__)
 
@@ -33,34 +37,56 @@ HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 THROTTLE_STATUSES = (429, 503)
 
 
-# KEYS: stream, seen zset, position, stats hash, rejected list.
-# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "seen", "position", "counters", "status", "rejected"},
-#       then the raw event frames. The frames go as plain ARGV items (no re-encoding on either side);
-#       one script call costs the client one command to pack instead of two per event. `fold` holds
-#       each frame's fold summary (keys.FOLD_FIELD), in order: the subscriber then needs no JSON parsing.
-WRITE_SCRIPT = """
-local channel, maxlen, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+# KEYS: stream, seen zset, position, stats hash, rejected list, lease.
+# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "ids", "position", "counters", "status", "rejected"},
+#       lease token, lease ttl ms, then the raw event frames. The frames go as plain ARGV items (no
+#       re-encoding on either side); one script call costs the client one command to pack instead of two
+#       per event. `fold` holds each frame's fold summary (keys.FOLD_FIELD), `ids` its meta.id ('' if none).
+# A full Redis refuses the whole call: Redis refuses a deny-oom command only while a script has written
+# nothing yet, and the first write here is the lease's SET (fence); the PUBLISHes come after every
+# XADD, so a full Redis can never publish frames that the stream then does not hold. The dedup window is checked here,
+# not only in this process's memory, so that two writers (a takeover, a second publisher by mistake)
+# cannot add an event twice; the lease fences out a publisher that lost it.
+# Returns {written, duplicates, group, trimmed unread, group, ...} (see trim_lua).
+WRITE_SCRIPT = (
+    FENCE_LUA
+    + TRIM_LUA
+    + """
+local holder = fence(KEYS[6], ARGV[5], ARGV[6])
+if holder then return redis.error_reply('WPLEASE ' .. holder) end
+local channel, maxlen, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = cjson.decode(ARGV[4])
-local folds = p['fold']
-for i = 5, #ARGV do
-  redis.call('PUBLISH', channel, ARGV[i])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i], 'fold', folds[i - 4])
-end
-local zadd = {}
-for id, seq in pairs(p['seen']) do
-  zadd[#zadd + 1] = seq
-  zadd[#zadd + 1] = id
-  if #zadd >= 1000 then redis.call('ZADD', KEYS[2], unpack(zadd)); zadd = {} end
+local folds, ids = p['fold'], p['ids']
+local written, zadd, dups = {}, {}, 0
+for i = 7, #ARGV do
+  local id = ids[i - 6]
+  if id ~= '' and redis.call('ZSCORE', KEYS[2], id) then
+    dups = dups + 1
+  else
+    local entry = redis.call('XADD', KEYS[1], '*', 'data', ARGV[i], 'fold', folds[i - 6])
+    written[#written + 1] = ARGV[i]
+    if id ~= '' then
+      zadd[#zadd + 1] = string.match(entry, '^%d+')
+      zadd[#zadd + 1] = id
+      if #zadd >= 1000 then redis.call('ZADD', KEYS[2], unpack(zadd)); zadd = {} end
+    end
+  end
 end
 if #zadd > 0 then redis.call('ZADD', KEYS[2], unpack(zadd)) end
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1))
+for _, frame in ipairs(written) do redis.call('PUBLISH', channel, frame) end
 if p['position'] ~= cjson.null then redis.call('SET', KEYS[3], p['position']) end
+if #written > 0 then redis.call('HINCRBY', KEYS[4], 'published', #written) end
+if dups > 0 then redis.call('HINCRBY', KEYS[4], 'duplicates', dups) end
 for name, n in pairs(p['counters']) do redis.call('HINCRBY', KEYS[4], name, n) end
 for name, v in pairs(p['status']) do redis.call('HSET', KEYS[4], name, v) end
 for _, r in ipairs(p['rejected']) do redis.call('LPUSH', KEYS[5], r) end
 if #p['rejected'] > 0 then redis.call('LTRIM', KEYS[5], 0, tonumber(p['keep']) - 1) end
-return #ARGV - 4
+local reply = {#written, dups}
+for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4])) do reply[#reply + 1] = v end
+return reply
 """
+)
 
 
 class StreamError(Exception):
@@ -73,8 +99,16 @@ class Throttled(StreamError):
         self.retry_after = retry_after
 
 
+class Rejected400(StreamError):
+    """The feed answered 400 to what this publisher asked for (a stored position or --since)."""
+
+
 class RedisDown(Exception):
     pass
+
+
+class RedisFull(Exception):
+    """Redis refused a write: maxmemory reached (with noeviction, as wikipulse requires)."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -87,33 +121,33 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class Dedup:
-    """The last `size` meta.id values, oldest evicted first; mirrored in Redis (keys.SEEN)."""
+    """The last `size` meta.id values, oldest evicted first: this process's fast filter. The
+    authority is keys.SEEN, checked inside the write script."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.seq = 0
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, None] = {}
 
-    def load(self, entries: list[tuple[bytes, float]]) -> None:
-        self._ids = {m.decode(): int(s) for m, s in entries[-self.size :]}
-        self.seq = max(self._ids.values(), default=0)
+    def load(self, entries: list[bytes]) -> None:
+        self._ids = dict.fromkeys(m.decode() for m in entries[-self.size :])
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     def __contains__(self, meta_id: str) -> bool:
         return meta_id in self._ids
 
-    def add(self, meta_id: str) -> int:
-        self.seq += 1
-        self._ids[meta_id] = self.seq
+    def add(self, meta_id: str) -> None:
+        self._ids[meta_id] = None
         if len(self._ids) > self.size:
             del self._ids[next(iter(self._ids))]
-        return self.seq
 
 
 @dataclass
 class Batch:
     frames: list[bytes] = field(default_factory=list)
     folds: list[str] = field(default_factory=list)  # fold.summarize of each frame
-    seen: dict[str, int] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)  # meta.id of each frame, '' if it has none
     counters: Counter[str] = field(default_factory=Counter)
     rejected: list[bytes] = field(default_factory=list)
     last_id: str | None = None
@@ -129,21 +163,44 @@ class Publisher:
         self.session = session
         self.dedup = Dedup(settings.dedup_window)
         self.position: str | None = None
+        self.since = settings.since  # dropped when the feed rejects it
         self.batch = Batch()
         self.totals: Counter[str] = Counter()
         self.connected = asyncio.Event()  # set while a feed connection is open (for tests and `up`)
+        self.events_this_connection = 0
+        self.lease = Lease(client, keys.PUBLISHER_LEASE, settings.lease_ttl)
         self._inflight: asyncio.Future[None] | None = None
         self._script = client.register_script(WRITE_SCRIPT)
+        self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
+        self._redis_run_id: str | None = None
 
     # ---- state ---------------------------------------------------------------------------
     async def load_state(self) -> None:
-        if self.settings.reset_position:
+        """Take the position and the dedup window from Redis, the truth for what the stream holds.
+
+        If Redis has no position but this process knows one, Redis lost its data (restarted without
+        persistence, flushed): resume from the position this process knows, with its dedup window,
+        and say loudly that what Redis held is gone."""
+        if self._reset_pending:
             await self.client.delete(keys.POSITION)
+            self._reset_pending = False
+        run_id = str((await self.client.info("server")).get("run_id", ""))
         raw = await self.client.get(keys.POSITION)
-        self.position = raw.decode() if raw else None
-        self.dedup.load(await self.client.zrange(keys.SEEN, 0, -1, withscores=True))
-        self.batch = Batch()
-        logger.info("position %s, %d ids in the dedup window", self.position or "none (start from --since or now)", len(self.dedup._ids))
+        if raw:
+            self.position = raw.decode()
+            self.dedup.load(await self.client.zrange(keys.SEEN, 0, -1))
+        elif self.position is not None:
+            restarted = "restarted" if self._redis_run_id not in (None, run_id) else "is the same server but"
+            logger.error(
+                "Redis %s has lost the publisher's position (no persistence, or flushed): the stream entries, counts and "
+                "state it held are gone. Resuming the feed from the last position this process knows, so no new event is missed.",
+                restarted,
+            )
+            self.totals["position_lost"] += 1
+            self.batch.counters["position_lost"] += 1
+        self._redis_run_id = run_id
+        self.batch = Batch(counters=self.batch.counters)
+        logger.info("position %s, %d ids in the dedup window", self.position or "none (start from --since or now)", len(self.dedup))
 
     # ---- taking events ---------------------------------------------------------------------
     def take(self, sse: ServerSentEvent) -> None:
@@ -159,6 +216,7 @@ class Publisher:
             return
         if sse.event != "message":
             return
+        self.events_this_connection += 1
         verdict = Rejected(Reject.TOO_LARGE, "over max_event_bytes") if sse.oversize else validate(sse.data, self.settings.max_event_bytes)
         if isinstance(verdict, Accepted):
             meta_id = verdict.meta_id
@@ -166,9 +224,10 @@ class Publisher:
                 if meta_id in self.dedup:
                     batch.counters["duplicates"] += 1
                     return
-                batch.seen[meta_id] = self.dedup.add(meta_id)
+                self.dedup.add(meta_id)
             batch.frames.append(sse.data)
             batch.folds.append(summarize(observe(verdict.event)))
+            batch.ids.append(meta_id or "")
             meta = verdict.event["meta"]
             batch.last_dt = meta.get("dt") if isinstance(meta.get("dt"), str) else batch.last_dt
         elif isinstance(verdict, Canary):
@@ -212,8 +271,6 @@ class Publisher:
 
     async def _write(self, batch: Batch) -> None:
         s = self.settings
-        counters = batch.counters
-        counters["published"] += len(batch.frames)
         now = time.time()
         status: dict[str, str | float] = {"updated_at": now}
         if batch.frames:
@@ -225,20 +282,37 @@ class Publisher:
                 status["lag_seconds"] = round(now - dt, 3)
         payload = {
             "fold": batch.folds,
-            "seen": batch.seen,
+            "ids": batch.ids,
             "position": batch.last_id,
-            "counters": {name: n for name, n in counters.items() if n},
+            "counters": {name: n for name, n in batch.counters.items() if n},
             "status": status,
             "rejected": [r.decode() for r in batch.rejected],
             "keep": keys.REJECTED_KEEP,
         }
-        script_keys = [s.stream, keys.SEEN, keys.POSITION, keys.PUBLISHER_STATS, keys.REJECTED]
-        args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), *batch.frames]
+        script_keys = [s.stream, keys.SEEN, keys.POSITION, keys.PUBLISHER_STATS, keys.REJECTED, keys.PUBLISHER_LEASE]
+        args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
         try:
-            await self._script(keys=script_keys, args=args)
+            reply = await self._script(keys=script_keys, args=args)
+        except OutOfMemoryError as exc:
+            raise RedisFull(str(exc)) from exc
+        except ResponseError as exc:
+            holder = lease_holder(exc)
+            if holder is None:
+                raise
+            raise LeaseLost(f"another publisher ({holder}) holds the lease") from exc
         except REDIS_ERRORS as exc:
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
-        self.totals.update(counters)
+        written, duplicates, *grew = reply
+        self.totals.update(batch.counters)
+        self.totals.update(published=written, duplicates=duplicates)
+        if duplicates:
+            logger.warning("%d events were in the stream already (written by another publisher): not added again", duplicates)
+        for group, lost in zip(grew[::2], grew[1::2], strict=True):
+            logger.error(
+                "the stream was trimmed to %d entries before consumer group %s had read them: %d entries trimmed unread so far "
+                "(is it stopped? raise STREAM_MAXLEN to bridge longer outages)",
+                s.stream_maxlen, group.decode() if isinstance(group, bytes) else group, lost,
+            )  # fmt: skip
         if batch.last_id is not None:
             self.position = batch.last_id
 
@@ -256,13 +330,17 @@ class Publisher:
     async def stream_once(self) -> None:
         """One connection: read, batch and flush until the feed ends or fails."""
         s = self.settings
-        params = {"since": s.since} if s.since and not self.position else {}
+        params = {"since": self.since} if self.since and not self.position else {}
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+        self.events_this_connection = 0
         async with self.session.get(s.stream_url, headers=self.request_headers(), params=params, timeout=timeout) as resp:
             if resp.status in THROTTLE_STATUSES:
                 raise Throttled(resp.status, parse_retry_after(resp.headers.get("Retry-After")))
             if resp.status != 200:
                 body = (await resp.content.read(300)).decode("utf-8", "replace")
+                if resp.status == 400 and (self.position or params):
+                    self._fall_back(body)
+                    raise Rejected400(f"HTTP 400: {body}")
                 raise StreamError(f"HTTP {resp.status}: {body}")
             logger.info("connected to %s (Last-Event-ID %s)", s.stream_url, "sent" if self.position else "none")
             self.connected.set()
@@ -271,76 +349,148 @@ class Publisher:
             finally:
                 self.connected.clear()
 
+    def _fall_back(self, body: str) -> None:
+        """The feed rejected the position or --since (too old, or invalid): asking again the same way
+        would be refused forever, so drop it and start from --since, or now."""
+        if self.position:
+            logger.error(
+                "the feed rejected the stored position (HTTP 400: %s): it is too old or invalid. Starting from %s instead: "
+                "events between them are missed",
+                body.strip()[:200], f"--since {self.since}" if self.since else "now",
+            )  # fmt: skip
+            self.position = None
+            self.totals["position_rejected"] += 1
+            self.batch.counters["position_rejected"] += 1
+        else:
+            logger.error("the feed rejected --since %r (HTTP 400: %s): starting from now instead", self.since, body.strip()[:200])
+            self.since = ""
+            self.totals["since_rejected"] += 1
+            self.batch.counters["since_rejected"] += 1
+
     async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        """Read the feed until it ends. The idle timeout counts from the last *complete* event: the
+        feed sends no heartbeats, and a peer that trickles bytes but no events is as dead as a silent one."""
         s = self.settings
         decoder = SSEDecoder(s.max_event_bytes)
         decoder.last_event_id = self.position
-        last_data = time.monotonic()
+        last_event = time.monotonic()
         while True:
-            idle_left = s.idle_timeout - (time.monotonic() - last_data)
+            idle_left = s.idle_timeout - (time.monotonic() - last_event)
+            if idle_left <= 0 and not self.batch.taken:
+                raise StreamError(f"no complete event for {s.idle_timeout:g}s (idle timeout)")
             try:
                 # asyncio.timeout, not wait_for: wait_for on 3.11 can swallow a cancellation (shutdown).
-                async with asyncio.timeout(s.batch_delay if self.batch.taken else max(idle_left, 0.0)):
+                async with asyncio.timeout(s.batch_delay if self.batch.taken else idle_left):
                     chunk = await resp.content.readany()
             except TimeoutError:
                 if self.batch.taken:
                     await self.flush()
-                    continue
-                raise StreamError(f"no data for {s.idle_timeout:g}s (idle timeout)") from None
+                continue
             if not chunk:
                 await self.flush()
                 raise StreamError("the server ended the stream")
-            last_data = time.monotonic()
             stop_if_cancelled()
+            now = time.monotonic()
             for sse in decoder.feed(chunk):
+                last_event = now
                 self.take(sse)
                 if len(self.batch.frames) >= s.batch_size:
                     await self.flush()
-            if self.batch.taken and last_data - self.batch.started >= s.batch_delay:
+            if self.batch.taken and now - self.batch.started >= s.batch_delay:
                 await self.flush()
 
     async def run(self) -> None:
-        """Forever: connect, read, and on any failure back off and resume from the stored position."""
-        attempt = 0
+        """Forever: hold the lease, connect, read, and on any failure back off and resume from the stored position."""
+        backoff = Backoff(self.settings.backoff_cap)
         await self._wait_for_redis()
-        while True:
-            delay: float | None = None
+        await self.lease.wait_until_held("the publisher lease (one publisher per Redis and feed)")
+        keeper = asyncio.create_task(self.lease.keep())
+        try:
+            while True:
+                delay = await self._run_once(backoff)
+                self.totals["reconnects"] += 1
+                with contextlib.suppress(*REDIS_ERRORS, ResponseError):  # counted in memory; Redis trouble is handled on the next write
+                    await self.client.hincrby(keys.PUBLISHER_STATS, "reconnects", 1)
+                await pause_before_retry(delay)
+        finally:
+            keeper.cancel()
+            await self.lease.release()
+
+    async def _run_once(self, backoff: Backoff) -> float:
+        """One connection and what follows its end: the wait before the next one."""
+        try:
             try:
-                try:
-                    await self.stream_once()
-                finally:
-                    await self.drain()  # the reconnect resumes from the position of the last batch read
-            except Throttled as exc:
-                delay = max(exc.retry_after or 0.0, backoff_delay(attempt + 2, self.settings.backoff_cap * 4))
-                reason = str(exc)
-            except RedisDown as exc:
-                logger.warning("Redis write failed (%s): pausing the feed until Redis is back", exc)
-                await self._wait_for_redis()
-                reason = "Redis was unavailable"
-                delay = 0.0
-            except (StreamError, *HTTP_ERRORS) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            flushed_any = self.totals["published"] > 0 or bool(self.position)
-            attempt = 0 if delay == 0.0 else attempt + 1
-            if delay is None:
-                delay = backoff_delay(attempt, self.settings.backoff_cap)
-            self.totals["reconnects"] += 1
-            with contextlib.suppress(*REDIS_ERRORS):  # counted in memory; Redis trouble is handled on the next write
-                await self.client.hincrby(keys.PUBLISHER_STATS, "reconnects", 1)
-            logger.warning("reconnecting in %.1fs: %s (resume from %s)", delay, reason, "stored position" if flushed_any else "start")
-            await pause_before_retry(delay)
+                await self.stream_once()
+            finally:
+                await self.drain()  # the reconnect resumes from the position of the last batch read
+        except Throttled as exc:
+            delay = max(exc.retry_after or 0.0, backoff.next_delay(extra=2, cap=self.settings.backoff_cap * 4))
+            reason = str(exc)
+        except Rejected400 as exc:
+            return self._log_reconnect(0.0, str(exc))
+        except RedisDown as exc:
+            logger.warning("Redis write failed (%s): pausing the feed until Redis is back", exc)
+            await self._wait_for_redis()
+            backoff.reset()
+            return self._log_reconnect(0.0, "Redis was unavailable")
+        except RedisFull as exc:
+            await self._wait_for_room(exc)
+            backoff.reset()
+            return self._log_reconnect(0.0, "Redis was full")
+        except LeaseLost as exc:
+            logger.error("%s: this publisher stops writing and stands by", exc)
+            self.batch = Batch()
+            await self.lease.wait_until_held("the publisher lease")
+            await self._wait_for_redis()  # the other publisher moved the position on
+            return self._log_reconnect(0.0, "took the lease over")
+        except (StreamError, *HTTP_ERRORS) as exc:
+            if self.events_this_connection:
+                backoff.reset()  # that connection worked: its end is routine, not a failure in a row
+            delay = backoff.next_delay()
+            reason = f"{type(exc).__name__}: {exc}"
+        return self._log_reconnect(delay, reason)
+
+    def _log_reconnect(self, delay: float, reason: str) -> float:
+        logger.warning(
+            "reconnecting in %.1fs: %s (resume from %s)", delay, reason, "stored position" if self.position else "--since or now"
+        )
+        return delay
 
     async def _wait_for_redis(self) -> None:
-        attempt = 0
+        backoff = Backoff(self.settings.backoff_cap)
         while True:
             try:
                 await self.load_state()
                 return
             except REDIS_ERRORS as exc:
-                delay = backoff_delay(attempt, self.settings.backoff_cap)
+                delay = backoff.next_delay()
                 logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                attempt += 1
                 await pause_before_retry(delay)
+
+    async def _wait_for_room(self, exc: RedisFull) -> None:
+        """Redis is at maxmemory: the batch was refused whole (nothing published, nothing added). Stop
+        reading the feed, say why, and resume from the stored position once a write fits again."""
+        logger.error(
+            "Redis is full (%s): the feed is paused and nothing is lost (it resumes from the stored position). "
+            "Free memory or raise maxmemory; a stopped subscriber with a long stream is the usual cause.",
+            exc,
+        )
+        self.totals["paused_full"] += 1
+        backoff = Backoff(self.settings.backoff_cap)
+        while True:
+            await pause_before_retry(backoff.next_delay())
+            try:
+                # A small write that Redis refuses while it is still full (HSET is a deny-oom command).
+                await self.client.hset(keys.PUBLISHER_STATS, "paused_full_at", time.time())
+            except OutOfMemoryError:
+                continue
+            except REDIS_ERRORS:
+                await self._wait_for_redis()
+                continue
+            await self.client.hincrby(keys.PUBLISHER_STATS, "paused_full", 1)
+            logger.warning("Redis has room again: resuming the feed")
+            await self._wait_for_redis()  # this process's dedup window took ids of the refused batch
+            return
 
     async def close(self) -> None:
         """Flush what was read and store the position (on shutdown)."""
@@ -348,26 +498,31 @@ class Publisher:
             await self.drain()
             await self.flush()
             await self.drain()
-        except RedisDown as exc:
+        except (RedisDown, RedisFull, LeaseLost) as exc:
             logger.warning("could not flush the last batch on shutdown (%s); it will be re-read on restart", exc)
+
+
+def log_totals(publisher: Publisher) -> None:
+    t = publisher.totals
+    rejected = sum(v for k, v in t.items() if k.startswith("rejected:"))
+    logger.info(
+        "published %d, duplicates %d, canaries %d, rejected %d, reconnects %d",
+        t["published"], t["duplicates"], t["canaries"], rejected, t["reconnects"],
+    )  # fmt: skip
 
 
 async def log_stats(publisher: Publisher, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        t = publisher.totals
-        rejected = sum(v for k, v in t.items() if k.startswith("rejected:"))
-        logger.info(
-            "published %d, duplicates %d, canaries %d, rejected %d, reconnects %d",
-            t["published"], t["duplicates"], t["canaries"], rejected, t["reconnects"],
-        )  # fmt: skip
-        with contextlib.suppress(*REDIS_ERRORS):
+        log_totals(publisher)
+        with contextlib.suppress(*REDIS_ERRORS, ResponseError):  # a full Redis refuses it: the write path says so
             await publisher.heartbeat()
 
 
 async def run_publisher(settings: Settings) -> None:
     client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     async with client, aiohttp.ClientSession(read_bufsize=1 << 20) as session:
+        await check_redis(client, settings)
         publisher = Publisher(settings, client, session)
         stats_task = asyncio.create_task(log_stats(publisher, settings.stats_interval))
         try:
@@ -375,3 +530,4 @@ async def run_publisher(settings: Settings) -> None:
         finally:
             stats_task.cancel()
             await asyncio.shield(publisher.close())
+            log_totals(publisher)

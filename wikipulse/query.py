@@ -11,27 +11,46 @@ from wikipulse import keys
 from wikipulse.events import is_valid_domain
 from wikipulse.eventstreams import parse_since
 from wikipulse.series import bucket_range, read_series
-from wikipulse.settings import Settings, SettingsError
+from wikipulse.settings import OperatorError, Settings, SettingsError
 from wikipulse.status import read_status
 
 BY = {"type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
+MAX_BUCKETS = 20_000  # buckets one `counts` call may ask for: a year of hours, a day of 10 s buckets
 
 
 def parse_time(text: str | None, default: int) -> int:
     if text is None:
         return default
     try:
-        return int(float(text)) if text.replace(".", "", 1).isdigit() else parse_since(text) // 1000
+        t = int(float(text)) if text.strip().lstrip("-").replace(".", "", 1).isdigit() else parse_since(text) // 1000
     except ValueError:
         raise SettingsError(f"not a time: {text!r} (unix seconds or ISO date)") from None
+    if t < 0:
+        raise SettingsError(f"not a time: {text!r} is before 1970")
+    return t
+
+
+def bounded_range(res: keys.Resolution, since: str | None, until: str | None, retention: int, now: int) -> tuple[int, int]:
+    """(start, end) of a counts query: nothing older than the resolution's retention is kept, so the start
+    is clamped to it; what is left must fit in MAX_BUCKETS."""
+    end = parse_time(until, now)
+    start = parse_time(since, end - 60 * res.step)
+    if start > end:
+        raise SettingsError(f"--since ({start}) is after --until ({end})")
+    start = max(start, min(end, now - retention))
+    buckets = (end - start) // res.step + 1
+    if buckets > MAX_BUCKETS:
+        raise SettingsError(
+            f"{buckets} buckets of {res.name} asked for, at most {MAX_BUCKETS}: use a coarser --resolution or a shorter range"
+        )
+    return start, end
 
 
 async def counts(settings: Settings, domain: str, resolution: str, since: str | None, until: str | None, by: str | None) -> dict[int, Any]:
     if domain not in (keys.ALL_DOMAINS, keys.OTHER_DOMAINS) and not is_valid_domain(domain):
         raise SettingsError(f"not a domain: {domain!r}")
     res = keys.RESOLUTION_BY_NAME[resolution]
-    end = parse_time(until, int(time.time()))
-    start = parse_time(since, end - 60 * res.step)
+    start, end = bounded_range(res, since, until, settings.retention_seconds()[res.name], int(time.time()))
     dims = BY[by] if by else ("",)
     async with aioredis.Redis.from_url(settings.redis_url) as client:
         series = (await read_series(client, [domain], res, start, end, dims))[domain]
@@ -48,4 +67,9 @@ async def counts(settings: Settings, domain: str, resolution: str, since: str | 
 
 async def stats(settings: Settings) -> dict[str, Any]:
     async with aioredis.Redis.from_url(settings.redis_url) as client:
+        if not await client.exists(settings.stream):
+            raise OperatorError(f"no stream {settings.stream!r} in this Redis: has the publisher run, and is --stream right?")
+        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in await client.xinfo_groups(settings.stream)}
+        if settings.group not in groups:
+            raise OperatorError(f"no consumer group {settings.group!r} on {settings.stream!r} (there are: {sorted(groups) or 'none'})")
         return await read_status(client, settings.stream, settings.group)

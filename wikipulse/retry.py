@@ -19,6 +19,26 @@ def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Rando
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 32)))
 
 
+class Backoff:
+    """Waits between retries: exponential with full jitter over *consecutive* failures. A round that
+    made progress (a feed connection that delivered events, a Redis round trip that worked) calls
+    reset(), so a routine reconnect (the live feed closes every connection after ~15 minutes) waits
+    as little as the first failure, not near the cap."""
+
+    def __init__(self, cap: float, base: float = 0.5) -> None:
+        self.cap, self.base = cap, base
+        self.failures = 0
+
+    def next_delay(self, extra: int = 0, cap: float | None = None) -> float:
+        """The wait before the next try (`extra` doublings on top, e.g. for a throttled client)."""
+        delay = backoff_delay(self.failures + extra, self.cap if cap is None else cap, self.base)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
 def stop_if_cancelled() -> None:
     """Raise CancelledError if this task has been asked to stop. Long-running loops call it each
     round, because a cancellation can be lost on its way: on Python 3.11 an `asyncio.timeout` entered

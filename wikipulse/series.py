@@ -23,18 +23,28 @@ import redis.asyncio as aioredis
 
 from wikipulse import keys
 from wikipulse.fold import Increments
+from wikipulse.lease import FENCE_LUA
 from wikipulse.retry import drop
 
-# KEYS: the stream, the stats hash, keys.CLAIMS. ARGV: group, consumer, the claims count seen before
-# the entries were read ('' if unknown), then one JSON payload
+# KEYS: the stream, the stats hash, keys.CLAIMS, the consumer name's lease. ARGV: group, consumer, the claims
+# count seen before the entries were read ('' if unknown), then one JSON payload
 #   {"ids": [...], "stats": {name: n}, "h": [key, expire_at, k, field1, n1, ..., fieldk, nk, key, ...],
 #    "z": [key, expire_at, k, member1, n1, ...]}
 # One JSON string instead of thousands of ARGV items: packing each item costs the client far more
 # than cjson.decode costs Redis. The series keys are therefore not declared in KEYS: on a Redis
 # Cluster a batch would have to be split per slot first (each domain's keys share one slot).
-# Flat arrays, because every nested object costs cjson a Lua table.
-APPLY_SCRIPT = """
+# Flat arrays, because every nested object costs cjson a Lua table. Then the lease token ('' for
+# none: pub/sub mode) and its ttl ms: a process whose consumer name was taken over by another (it
+# stalled past its lease) applies nothing. A full Redis refuses the whole call: the fence's SET (or, with
+# no lease, HINCRBY) is its first write, and Redis refuses a deny-oom command while nothing is written.
+APPLY_SCRIPT = (
+    FENCE_LUA
+    + """
 local group, consumer, seen = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[5] ~= '' then
+  local holder = fence(KEYS[4], ARGV[5], ARGV[6])
+  if holder then return redis.error_reply('WPLEASE ' .. holder) end
+end
 local p = cjson.decode(ARGV[4])
 local ids = p['ids']
 local nids = #ids
@@ -76,6 +86,7 @@ while i <= #z do
 end
 return true
 """
+)
 
 
 _NOT_IN_IDS = re.compile(rb'[^0-9",-]')
@@ -115,16 +126,23 @@ class SeriesWriter:
     EVAL, not EVALSHA: Redis caches the compiled script by its digest either way, the script is
     small next to the payload, and a Redis that restarted and lost its script cache needs no retry."""
 
-    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, stream: str, group: str, consumer: str, lease_token: str = "", lease_ttl_ms: int = 0
+    ) -> None:
         self._connection = client.connection_pool.make_connection()
         self._stream, self._group, self._consumer = stream, group, consumer
+        self._lease_key = keys.consumer_lease(group, consumer)
+        self._lease = (lease_token, lease_ttl_ms)
 
     async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None) -> None:
         """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry)."""
         payload = script_payload(inc, ids, stats)
-        script_keys = (self._stream, keys.SUBSCRIBER_STATS, keys.CLAIMS)
+        script_keys = (self._stream, keys.SUBSCRIBER_STATS, keys.CLAIMS, self._lease_key)
         seen = b"" if claims is None else claims
-        await self._connection.send_command("EVAL", APPLY_SCRIPT, 3, *script_keys, self._group, self._consumer, seen, payload)
+        token, ttl_ms = self._lease
+        await self._connection.send_command(
+            "EVAL", APPLY_SCRIPT, len(script_keys), *script_keys, self._group, self._consumer, seen, payload, token, ttl_ms
+        )
 
     async def receive(self) -> list[bytes] | None:
         """The oldest unanswered batch's outcome. None when it was applied; else the subset of its

@@ -21,6 +21,11 @@ class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names it."""
 
 
+class OperatorError(Exception):
+    """A condition the operator must fix (Redis unreachable, an evicting Redis, a missing stream):
+    the command line prints the message as one line and exits 1, without a traceback."""
+
+
 def _opt(env: str, help: str, default: Any, **kw: Any) -> Any:
     return field(default=default, metadata={"env": env, "help": help, **kw})
 
@@ -79,6 +84,10 @@ class Settings:
     max_domains: int = _opt("MAX_DOMAINS", "domains that get series of their own; any more are folded as _other", 10_000)
     retention: str = _opt("RETENTION", "retention per resolution, e.g. 10s=6h,1m=7d,1h=400d", "")
     stats_interval: float = _opt("STATS_INTERVAL", "seconds between logged counter summaries", 30.0)
+    lease_ttl: float = _opt("LEASE_TTL", "seconds a stopped process holds its publisher or consumer-name lease at most", 10.0)
+    allow_eviction: bool = _opt(
+        "REDIS_ALLOW_EVICTION", "run even on a Redis whose maxmemory-policy evicts keys (it can silently drop the stream and counts)", False
+    )
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
@@ -130,10 +139,19 @@ class Settings:
         for name, allowed in choices.items():
             if allowed and getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.batch_size < 1:
-            raise SettingsError(f"batch_size must be at least 1, not {self.batch_size}")
-        if self.max_domains < 1:
-            raise SettingsError(f"max_domains must be at least 1, not {self.max_domains}")
+        at_least = {
+            "batch_size": 1, "max_domains": 1, "stream_maxlen": 1, "dedup_window": 1, "max_event_bytes": 1, "port": 1,
+            "idle_timeout": 0.1, "backoff_cap": 0.01, "claim_idle": 0.01, "stats_interval": 0.01, "lease_ttl": 0.1, "batch_delay": 0,
+        }  # fmt: skip
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise SettingsError(f"{name} must be at least {least}, not {getattr(self, name)}")
+        if self.port > 65535:
+            raise SettingsError(f"port must be at most 65535, not {self.port}")
+        for name in ("stream", "group", "channel"):
+            if not getattr(self, name).strip():
+                raise SettingsError(f"{name} must not be empty")
+        check_redis_url(self.redis_url)
         self.retention_seconds()
 
 
@@ -153,6 +171,33 @@ def _convert(name: str, raw: Any, default: Any) -> Any:
         except ValueError:
             raise SettingsError(f"{name}: not a number: {raw!r}") from None
     return str(raw)
+
+
+def check_redis_url(url: str) -> None:
+    """A clear error for a Redis URL that redis-py would reject with a traceback (or misread)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} ({exc})") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} (use redis://host:port/db, rediss:// for TLS, or unix://path)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} (no host)")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} (the path must be a database number)")
+    del port
+
+
+def redact_url_loosely(url: str) -> str:
+    """For a URL that may not even parse: everything between '://' and the last '@' is hidden."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
 
 
 def redact_url(url: str) -> str:

@@ -16,18 +16,20 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
-from wikipulse.retry import REDIS_ERRORS, backoff_delay, drop, pause_before_retry, stop_if_cancelled
+from wikipulse.lease import Lease, LeaseLost, lease_holder
+from wikipulse.policy import check_redis
+from wikipulse.retry import REDIS_ERRORS, Backoff, drop, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 
@@ -42,9 +44,17 @@ WRITES_IN_FLIGHT = 2
 PUBSUB_SILENCE = 30  # seconds without a message or a PING reply before the pub/sub connection counts as dead
 
 
-def default_consumer() -> str:
-    # Stable across restarts on one host, so a restarted subscriber finds its own pending entries.
-    return socket.gethostname()
+MAX_NAME_SUFFIX = 1000
+
+
+def default_consumers() -> Iterator[str]:
+    """Default consumer names, in the order tried: the host name (stable across restarts on one host, so
+    a restarted subscriber finds its own pending entries), then host-2, host-3, ... for a second live
+    subscriber on the same host: each name is held by one live process (its lease)."""
+    host = socket.gethostname()
+    yield host
+    for n in range(2, MAX_NAME_SUFFIX):
+        yield f"{host}-{n}"
 
 
 def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
@@ -145,14 +155,52 @@ class Subscriber:
         self.settings = settings
         self.client = client
         self.claim_script = client.register_script(CLAIM_SCRIPT)
-        self.consumer = settings.consumer or default_consumer()
         self.retention = settings.retention_seconds()
-        self.reader = StreamReader(client, settings.stream, settings.group, self.consumer)
-        self.writer = SeriesWriter(client, settings.stream, settings.group, self.consumer)
+        self.lease: Lease | None = None  # on the consumer name, while this process holds it (take_name)
+        self._lease_keeper: asyncio.Task[None] | None = None
+        self.use_name(settings.consumer or next(default_consumers()))
+        self.backoff = Backoff(settings.backoff_cap)
         self.inflight: collections.deque[Batch] = collections.deque()  # sent to the writer, unanswered
         self.gate = DomainGate(client, settings.max_domains)
         self.totals: Counter[str] = Counter()
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
+
+    def use_name(self, consumer: str, lease: Lease | None = None) -> None:
+        self.consumer = consumer
+        token, ttl_ms = (lease.token, lease.ttl_ms) if lease is not None else ("", 0)
+        self.reader = StreamReader(self.client, self.settings.stream, self.settings.group, consumer)
+        self.writer = SeriesWriter(self.client, self.settings.stream, self.settings.group, consumer, token, ttl_ms)
+
+    async def take_name(self) -> None:
+        """Hold a consumer name no other live process holds: the configured one (standing by while another
+        process holds it), else the first free default one."""
+        if self.lease is not None:
+            return
+        s = self.settings
+        if s.consumer:
+            lease = Lease(self.client, keys.consumer_lease(s.group, s.consumer), s.lease_ttl)
+            await lease.wait_until_held(f"consumer name {s.consumer!r} in group {s.group!r}")
+            name = s.consumer
+        else:
+            for name in default_consumers():
+                lease = Lease(self.client, keys.consumer_lease(s.group, name), s.lease_ttl)
+                if await lease.try_acquire() is None:
+                    break
+            else:
+                raise LeaseLost(f"every default consumer name up to {name!r} is held by a live process")
+        if name != self.consumer or self.lease is None:
+            logger.info("consumer name %s (group %s)", name, s.group)
+        self.lease = lease
+        self.use_name(name, lease)
+        self._lease_keeper = asyncio.create_task(lease.keep())
+
+    async def give_up_name(self) -> None:
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
+            self._lease_keeper = None
+        if self.lease is not None:
+            await self.lease.release()
+            self.lease = None
 
     # ---- folding (shared by both sources) ----------------------------------------------------
     async def prepare(self, ids: list[bytes], source: Sequence[Entry] | Sequence[bytes | None], claims: bytes | None = None) -> Batch:
@@ -177,8 +225,16 @@ class Subscriber:
     async def settle(self, keep: int) -> None:
         """Take the writer's replies, oldest first, until at most `keep` batches are unanswered."""
         while len(self.inflight) > keep:
-            owned = await self.writer.receive()
+            try:
+                owned = await self.writer.receive()
+            except ResponseError as exc:
+                holder = lease_holder(exc)
+                if holder is None:
+                    raise
+                self.lease = None  # taken over: its keeper is stopped by give_up_name
+                raise LeaseLost(f"consumer name {self.consumer!r} was taken over by {holder} while this process stalled") from exc
             batch = self.inflight.popleft()
+            self.backoff.reset()  # Redis took a batch: what failed before is over
             if owned is None:
                 self.totals.update(batch.counters)
                 continue
@@ -237,20 +293,29 @@ class Subscriber:
                 return claimed
 
     async def run_stream(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self.ensure_group()
-                await self._consume()
-            except REDIS_ERRORS as exc:
-                delay = backoff_delay(attempt, self.settings.backoff_cap)
-                attempt += 1
-                logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await pause_before_retry(delay)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
+        try:
+            while True:
+                try:
+                    await self.ensure_group()
+                    await self.take_name()
+                    await self._consume()
+                except REDIS_ERRORS as exc:
+                    delay = self.backoff.next_delay()
+                    logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    await pause_before_retry(delay)
+                except OutOfMemoryError as exc:
+                    delay = self.backoff.next_delay()
+                    logger.error("Redis is full (%s): folding paused, the entries stay pending; retrying in %.1fs", exc, delay)
+                    await pause_before_retry(delay)
+                except LeaseLost as exc:
+                    logger.error("%s: it applied nothing since, and takes a consumer name again", exc)
+                    await self.give_up_name()
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
+        finally:
+            await self.give_up_name()
 
     async def _consume(self) -> None:
         """Read, fold and write as a pipeline: while this process folds one batch, Redis applies
@@ -295,7 +360,6 @@ class Subscriber:
 
     # ---- pub/sub source ---------------------------------------------------------------------
     async def run_pubsub(self) -> None:
-        attempt = 0
         first = True
         while True:
             # A connection of its own, read directly with read_response (~5 µs a message here):
@@ -312,12 +376,17 @@ class Subscriber:
                         self.settings.channel,
                     )
                 first = False
-                attempt = 0
+                self.backoff.reset()
                 await self._consume_pubsub(connection)
             except REDIS_ERRORS as exc:
-                delay = backoff_delay(attempt, self.settings.backoff_cap)
-                attempt += 1
+                delay = self.backoff.next_delay()
                 logger.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
+                await pause_before_retry(delay)
+            except OutOfMemoryError as exc:
+                delay = self.backoff.next_delay()
+                logger.error(
+                    "Redis is full (%s): events of this batch are not counted (pub/sub is at-most-once); retrying in %.1fs", exc, delay
+                )
                 await pause_before_retry(delay)
             finally:
                 await drop(connection)
@@ -375,6 +444,7 @@ async def run_subscriber(settings: Settings) -> None:
     tune_gc()
     client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     async with client:
+        await check_redis(client, settings)
         subscriber = Subscriber(settings, client)
         logger.info(
             "subscriber %s reading %s",
