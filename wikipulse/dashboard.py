@@ -23,7 +23,6 @@ from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
 from wikipulse.view import (
     BREAKDOWNS,
-    DEFAULT_WINDOW,
     WINDOWS,
     Selection,
     SelectionError,
@@ -37,6 +36,7 @@ from wikipulse.view import (
     stale_seconds,
     ticker_rows,
     to_frame,
+    window_choices,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,8 @@ def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Das
     register_selection_callbacks(app, client)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
-    def window_options(resolution: str) -> list[str]:
-        return list(WINDOWS.get(resolution, WINDOWS["10s"]))
+    def window_options(resolution: Any) -> list[str]:
+        return window_choices(resolution)
 
     @app.callback(
         Output("graph", "figure"), Output("domains", "options"), Output("h-eps", "children"), Output("h-hour", "children"),
@@ -191,7 +191,7 @@ def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Das
     )  # fmt: skip
     def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, zoom: Any) -> tuple[Any, ...]:
         try:
-            sel = clean_selection(domains, resolution, window or DEFAULT_WINDOW.get(resolution), breakdown)
+            sel = clean_selection(domains, resolution, window, breakdown)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}")
@@ -223,7 +223,7 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
         Input("url", "search"), State("initialized", "data"),
         prevent_initial_call="initial_duplicate",
     )  # fmt: skip
-    def selection_from_url(search: str | None, initialized: bool) -> tuple[Any, ...]:
+    def selection_from_url(search: Any, initialized: Any) -> tuple[Any, ...]:
         """Once per page load: the URL's selection (a reload or a shared link), else the most active domains."""
         if initialized:
             raise PreventUpdate
@@ -243,7 +243,7 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
         Input("domains", "value"), Input("resolution", "value"), Input("window", "value"), Input("breakdown", "value"),
         State("initialized", "data"), State("url", "search"),
     )  # fmt: skip
-    def selection_to_url(domains: Any, resolution: Any, window: Any, breakdown: Any, initialized: bool, search: str | None) -> Any:
+    def selection_to_url(domains: Any, resolution: Any, window: Any, breakdown: Any, initialized: Any, search: Any) -> Any:
         """The URL follows the controls, so a reload shows the same page."""
         if not initialized:
             raise PreventUpdate

@@ -164,8 +164,9 @@ class EventStreamsServer:
         last_id = request.headers.get("Last-Event-ID")
         if last_id:
             offset = resume_offset(last_id)
-            if offset is not None:
-                return max(0, offset - self.options.overlap)
+            if offset is None:  # as the real service: a position that is not JSON or names no valid one
+                raise web.HTTPBadRequest(text=f"invalid Last-Event-ID: {last_id[:100]}")
+            return max(0, offset - self.options.overlap)
         since = request.query.get("since")
         if since:
             return self.source.seek_time(parse_since(since))

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
 from wikipulse.fold import observe, summarize
 from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, lease_holder
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
 from wikipulse.trimming import TRIM_LUA
@@ -47,7 +47,8 @@ THROTTLE_STATUSES = (429, 503)
 # XADD, so a full Redis can never publish frames that the stream then does not hold. The dedup window is checked here,
 # not only in this process's memory, so that two writers (a takeover, a second publisher by mistake)
 # cannot add an event twice; the lease fences out a publisher that lost it.
-# Returns {written, duplicates, group, trimmed unread, group, ...} (see trim_lua).
+# Returns {written, duplicates, 1 if a position was stored before, group, trimmed unread, group, ...}
+# (see trimming.TRIM_LUA): no stored position where this process wrote one means Redis lost its data.
 WRITE_SCRIPT = (
     FENCE_LUA
     + TRIM_LUA
@@ -58,6 +59,7 @@ local channel, maxlen, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = cjson.decode(ARGV[4])
 local folds, ids = p['fold'], p['ids']
 local written, zadd, dups = {}, {}, 0
+local had_position = redis.call('EXISTS', KEYS[3])
 for i = 7, #ARGV do
   local id = ids[i - 6]
   if id ~= '' and redis.call('ZSCORE', KEYS[2], id) then
@@ -82,7 +84,7 @@ for name, n in pairs(p['counters']) do redis.call('HINCRBY', KEYS[4], name, n) e
 for name, v in pairs(p['status']) do redis.call('HSET', KEYS[4], name, v) end
 for _, r in ipairs(p['rejected']) do redis.call('LPUSH', KEYS[5], r) end
 if #p['rejected'] > 0 then redis.call('LTRIM', KEYS[5], 0, tonumber(p['keep']) - 1) end
-local reply = {#written, dups}
+local reply = {#written, dups, had_position}
 for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4])) do reply[#reply + 1] = v end
 return reply
 """
@@ -105,10 +107,6 @@ class Rejected400(StreamError):
 
 class RedisDown(Exception):
     pass
-
-
-class RedisFull(Exception):
-    """Redis refused a write: maxmemory reached (with noeviction, as wikipulse requires)."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -172,7 +170,7 @@ class Publisher:
         self._inflight: asyncio.Future[None] | None = None
         self._script = client.register_script(WRITE_SCRIPT)
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
-        self._redis_run_id: str | None = None
+        self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
 
     # ---- state ---------------------------------------------------------------------------
     async def load_state(self) -> None:
@@ -184,23 +182,26 @@ class Publisher:
         if self._reset_pending:
             await self.client.delete(keys.POSITION)
             self._reset_pending = False
-        run_id = str((await self.client.info("server")).get("run_id", ""))
         raw = await self.client.get(keys.POSITION)
         if raw:
             self.position = raw.decode()
             self.dedup.load(await self.client.zrange(keys.SEEN, 0, -1))
         elif self.position is not None:
-            restarted = "restarted" if self._redis_run_id not in (None, run_id) else "is the same server but"
-            logger.error(
-                "Redis %s has lost the publisher's position (no persistence, or flushed): the stream entries, counts and "
-                "state it held are gone. Resuming the feed from the last position this process knows, so no new event is missed.",
-                restarted,
-            )
-            self.totals["position_lost"] += 1
-            self.batch.counters["position_lost"] += 1
-        self._redis_run_id = run_id
-        self.batch = Batch(counters=self.batch.counters)
+            await self._redis_lost_data()
+        self._stored = bool(raw)
+        self.batch = Batch()
         logger.info("position %s, %d ids in the dedup window", self.position or "none (start from --since or now)", len(self.dedup))
+
+    async def _redis_lost_data(self) -> None:
+        """Redis has no position where this process stored one: it restarted without persistence, or was flushed."""
+        logger.error(
+            "Redis has lost the publisher's position (restarted without persistence, or flushed): the stream entries, "
+            "counts and state it held are gone. The feed goes on from the last position this process knows, so no new "
+            "event is missed; run Redis with AOF (appendonly yes) to keep what it holds."
+        )
+        self.totals["position_lost"] += 1
+        with contextlib.suppress(*REDIS_ERRORS, ResponseError):
+            await self.client.hincrby(keys.PUBLISHER_STATS, "position_lost", 1)
 
     # ---- taking events ---------------------------------------------------------------------
     def take(self, sse: ServerSentEvent) -> None:
@@ -293,16 +294,19 @@ class Publisher:
         args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
         try:
             reply = await self._script(keys=script_keys, args=args)
-        except OutOfMemoryError as exc:
-            raise RedisFull(str(exc)) from exc
         except ResponseError as exc:
+            if is_full(exc):
+                raise RedisFull(str(exc)) from exc
             holder = lease_holder(exc)
             if holder is None:
                 raise
             raise LeaseLost(f"another publisher ({holder}) holds the lease") from exc
         except REDIS_ERRORS as exc:
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
-        written, duplicates, *grew = reply
+        written, duplicates, had_position, *grew = reply
+        if not had_position and self._stored:
+            await self._redis_lost_data()
+        self._stored = self._stored or batch.last_id is not None
         self.totals.update(batch.counters)
         self.totals.update(published=written, duplicates=duplicates)
         if duplicates:
@@ -482,8 +486,10 @@ class Publisher:
             try:
                 # A small write that Redis refuses while it is still full (HSET is a deny-oom command).
                 await self.client.hset(keys.PUBLISHER_STATS, "paused_full_at", time.time())
-            except OutOfMemoryError:
-                continue
+            except ResponseError as exc:
+                if is_full(exc):
+                    continue
+                raise
             except REDIS_ERRORS:
                 await self._wait_for_redis()
                 continue

@@ -8,10 +8,19 @@ import random
 
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class RedisFull(Exception):
+    """Redis refused a write: maxmemory reached (with noeviction, as wikipulse requires)."""
+
+
+def is_full(error: Exception) -> bool:
+    """An OOM refusal: redis-py's OutOfMemoryError for a command, or a script's error that wraps `-OOM`."""
+    return isinstance(error, OutOfMemoryError) or (isinstance(error, ResponseError) and "OOM command not allowed" in str(error))
 
 
 def backoff_delay(attempt: int, cap: float, base: float = 0.5, rng: random.Random | None = None) -> float:

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
+from wikipulse.trimming import trimmed_unread
 
 STALE_AFTER = 60.0  # seconds without a publisher write before it counts as stale
 
@@ -51,6 +52,8 @@ async def read_status(client: aioredis.Redis, stream: str, group: str) -> dict[s
         "rejected": sum(v for k, v in publisher.items() if k.startswith("rejected:")),
         "late": subscriber.get("late", 0),
         "overflow": subscriber.get("overflow", 0),  # events of domains over max_domains, folded as _other
+        # per consumer group: entries trimmed from the stream before they were delivered to it (trimming.py)
+        "trimmed_unread": trimmed_unread(publisher),
         "lag_seconds": publisher.get("lag_seconds"),
         "publisher_seen_seconds_ago": None if not isinstance(updated, (int, float)) else round(now - updated, 1),
     }

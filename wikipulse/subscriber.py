@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.domains import DomainGate
@@ -29,7 +29,7 @@ from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
 from wikipulse.lease import Lease, LeaseLost, lease_holder
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, drop, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 
@@ -228,6 +228,8 @@ class Subscriber:
             try:
                 owned = await self.writer.receive()
             except ResponseError as exc:
+                if is_full(exc):
+                    raise RedisFull(str(exc)) from exc
                 holder = lease_holder(exc)
                 if holder is None:
                     raise
@@ -303,7 +305,7 @@ class Subscriber:
                     delay = self.backoff.next_delay()
                     logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                     await pause_before_retry(delay)
-                except OutOfMemoryError as exc:
+                except RedisFull as exc:
                     delay = self.backoff.next_delay()
                     logger.error("Redis is full (%s): folding paused, the entries stay pending; retrying in %.1fs", exc, delay)
                     await pause_before_retry(delay)
@@ -382,7 +384,7 @@ class Subscriber:
                 delay = self.backoff.next_delay()
                 logger.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
                 await pause_before_retry(delay)
-            except OutOfMemoryError as exc:
+            except RedisFull as exc:
                 delay = self.backoff.next_delay()
                 logger.error(
                     "Redis is full (%s): events of this batch are not counted (pub/sub is at-most-once); retrying in %.1fs", exc, delay

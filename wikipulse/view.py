@@ -20,11 +20,15 @@ from wikipulse.events import is_valid_domain
 from wikipulse.settings import parse_duration
 from wikipulse.status import STALE_AFTER
 
-MAX_DOMAINS = 12  # picked at once; each is a trace (or several) and a few HGETALLs
+# The work one page refresh may ask for. A refresh reads one HGETALL per domain and window hash and sends
+# every point of every trace: ten domains by type at MAX_POINTS are ~30 k points and 2,400 HGETALLs at most
+# (12 domains of 1 h over 400 days were 10,000 HGETALLs, 15 MB and 2 s a request before these caps).
+MAX_DOMAINS = 10  # picked at once
+MAX_POINTS = 3_000  # buckets per trace: longer ranges are for `counts` (and its coarser resolutions)
 WINDOWS = {
     "10s": ("10m", "30m", "1h", "6h"),
-    "1m": ("1h", "6h", "24h", "7d"),
-    "1h": ("24h", "7d", "30d", "400d"),
+    "1m": ("1h", "6h", "24h", "2d"),
+    "1h": ("24h", "7d", "30d", "120d"),
 }
 DEFAULT_WINDOW = {"10s": "30m", "1m": "6h", "1h": "7d"}
 BREAKDOWNS = {"total": ("",), "type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
@@ -55,28 +59,33 @@ class Selection:
 
 
 def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any) -> Selection:
-    """Validate everything the browser sent before any of it names a Redis key."""
+    """Validate everything the browser sent before any of it names a Redis key. A crafted request can
+    send any JSON for any value (a list, an object, a number): each is checked for its type first."""
     if domains is None:
         domains = []
     if isinstance(domains, str):
         domains = [domains]
     if not isinstance(domains, list) or len(domains) > MAX_DOMAINS:
         raise SelectionError(f"domains must be a list of at most {MAX_DOMAINS}")
-    bad = [d for d in domains if not is_valid_domain(d)]
+    bad = [d for d in domains if not isinstance(d, str) or not is_valid_domain(d)]
     if bad:
         raise SelectionError(f"not a domain: {str(bad[0])[:80]!r}")
-    if resolution not in keys.RESOLUTION_BY_NAME:
+    if not isinstance(resolution, str) or resolution not in keys.RESOLUTION_BY_NAME:
         raise SelectionError(f"unknown resolution: {str(resolution)[:20]!r}")
-    if window not in WINDOWS[resolution]:
-        window = DEFAULT_WINDOW[resolution]  # e.g. after switching resolution: fall back, do not fail
-    if breakdown not in BREAKDOWNS:
+    if not isinstance(window, str) or window not in WINDOWS[resolution]:
+        window = DEFAULT_WINDOW[resolution]  # none yet, or after switching resolution: fall back, do not fail
+    if not isinstance(breakdown, str) or breakdown not in BREAKDOWNS:
         raise SelectionError(f"unknown breakdown: {str(breakdown)[:20]!r}")
     return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown)
 
 
-def selection_from_query(search: str | None) -> dict[str, Any]:
+def window_choices(resolution: Any) -> list[str]:
+    return list(WINDOWS[resolution] if isinstance(resolution, str) and resolution in WINDOWS else WINDOWS["10s"])
+
+
+def selection_from_query(search: Any) -> dict[str, Any]:
     """`?domains=a,b&res=1m&window=6h&by=type` -> the raw values (validated later)."""
-    query = parse_qs((search or "").lstrip("?"))
+    query = parse_qs((search if isinstance(search, str) else "").lstrip("?"))
     first = {k: v[0] for k, v in query.items() if v}
     domains = [d for d in first.get("domains", "").split(",") if d]
     return {"domains": domains, "resolution": first.get("res"), "window": first.get("window"), "breakdown": first.get("by")}
