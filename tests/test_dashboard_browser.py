@@ -294,6 +294,78 @@ def test_debug_is_off_and_bound_to_loopback(dash_env: tuple[str, str]) -> None:
     assert "Traceback" not in body
 
 
+HOSTILE: tuple[Any, ...] = ([], ["en.wikipedia.org", ["nested"]], {"a": 1}, 5, 2.5, True, None, "x" * 10_000, "1h")
+
+
+def _callback_request(callback: dict[str, Any], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """A `_dash-update-component` body for one server-side callback, with chosen values for its inputs and state."""
+    outputs = [dict(zip(("id", "property"), part.rsplit(".", 1), strict=True)) for part in callback["output"].strip(".").split("...")]
+
+    def slot(s: dict[str, Any]) -> dict[str, Any]:
+        return {**s, "value": values.get((s["id"], s["property"]))}
+
+    return {
+        "output": callback["output"],
+        "outputs": outputs if len(outputs) > 1 else outputs[0],
+        "inputs": [slot(s) for s in callback["inputs"]],
+        "state": [slot(s) for s in callback["state"]],
+        "changedPropIds": [f"{s['id']}.{s['property']}" for s in callback["inputs"][:1]],
+    }
+
+
+def _post(base: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    request = urllib.request.Request(base + "_dash-update-component", data=orjson.dumps(body), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as failure:
+        with failure:
+            return failure.code, failure.read()
+
+
+def test_every_callback_input_of_any_json_type_gets_an_answer_not_a_500(seeded: tuple[redis.Redis, str]) -> None:
+    """A crafted request can send any JSON for any input or state: a list or an object where a string is expected."""
+    _, base = seeded
+    with urllib.request.urlopen(base + "_dash-dependencies", timeout=10) as response:
+        callbacks = [c for c in orjson.loads(response.read()) if not c.get("clientside_function")]
+    assert len(callbacks) >= 4
+    failures = []
+    for callback in callbacks:
+        for s in (*callback["inputs"], *callback["state"]):
+            if isinstance(s["id"], dict):
+                continue  # pattern-matching ids are answered in the browser (clientside)
+            for value in HOSTILE:
+                status, body = _post(base, _callback_request(callback, {(s["id"], s["property"]): value}))
+                if status not in (200, 204):
+                    failures.append((callback["output"][:60], s["id"], repr(value)[:30], status, body[:200]))
+    assert not failures, failures[:10]
+
+
+def test_the_work_one_refresh_can_ask_for_is_capped(seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    with urllib.request.urlopen(base + "_dash-dependencies", timeout=10) as response:
+        refresh = next(c for c in orjson.loads(response.read()) if "graph.figure" in c["output"])
+    domains = [f"d{i}.wikipedia.org" for i in range(10)]
+
+    def ask(domains: list[str], resolution: str, window: str) -> tuple[int, bytes, int]:
+        before = int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+        values = {("domains", "value"): domains, ("resolution", "value"): resolution, ("window", "value"): window,
+                  ("breakdown", "value"): "type", ("tick", "n_intervals"): 1}  # fmt: skip
+        status, body = _post(base, _callback_request(refresh, values))
+        return status, body, int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)) - before
+
+    # The longest window a page offers, for the most domains a page takes: bounded reads and response.
+    status, body, hgetalls = ask(domains, "1h", "120d")
+    assert status == 200 and len(body) < 5_000_000, len(body)  # 50 traces of 2,880 points; 12 x 400 d was 15 MB
+    assert hgetalls <= (len(domains) + 1) * (120 * 24 // 12 + 1) + 10, hgetalls
+    # 400 days of hours (9,600 points a trace) is no longer a page's window: the resolution's default is served.
+    status, _, hgetalls = ask(domains, "1h", "400d")
+    assert status == 200 and hgetalls <= (len(domains) + 1) * (7 * 2 + 1) + 10, hgetalls
+    # More domains than a page takes: refused, nothing read.
+    status, body, hgetalls = ask([*domains, "x.wikipedia.org", "y.wikipedia.org"], "1h", "120d")
+    assert status == 200 and b"Refused" in body and hgetalls == 0
+
+
 def test_screenshot(browser: Browser, seeded: tuple[redis.Redis, str], tmp_path: Any) -> None:
     _, base = seeded
     page, _ = open_page(browser, base)

@@ -305,17 +305,18 @@ class Subscriber:
                     delay = self.backoff.next_delay()
                     logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                     await pause_before_retry(delay)
-                except RedisFull as exc:
-                    delay = self.backoff.next_delay()
-                    logger.error("Redis is full (%s): folding paused, the entries stay pending; retrying in %.1fs", exc, delay)
-                    await pause_before_retry(delay)
                 except LeaseLost as exc:
                     logger.error("%s: it applied nothing since, and takes a consumer name again", exc)
                     await self.give_up_name()
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                except (RedisFull, ResponseError) as exc:
+                    if not (isinstance(exc, RedisFull) or is_full(exc)):
+                        if "NOGROUP" not in str(exc):
+                            raise
+                        logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                        continue
+                    delay = self.backoff.next_delay()
+                    logger.error("Redis is full (%s): folding paused, the entries stay pending; retrying in %.1fs", exc, delay)
+                    await pause_before_retry(delay)
         finally:
             await self.give_up_name()
 
@@ -358,7 +359,11 @@ class Subscriber:
             await self.close()
 
     async def heartbeat(self) -> None:
-        await self.client.hset(keys.SUBSCRIBER_STATS, mapping={"updated_at": time.time(), "consumer": self.consumer})
+        try:
+            await self.client.hset(keys.SUBSCRIBER_STATS, mapping={"updated_at": time.time(), "consumer": self.consumer})
+        except ResponseError as exc:
+            if not is_full(exc):
+                raise  # a full Redis refuses it; the writes say so
 
     # ---- pub/sub source ---------------------------------------------------------------------
     async def run_pubsub(self) -> None:

@@ -1,0 +1,88 @@
+"""The command line as an operator uses it, against a real Redis: bounded queries, one clear line for every mistake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import redis.asyncio as aioredis
+
+from wikipulse import keys
+from wikipulse.redis_server import RedisServer, free_port
+
+
+def wikipulse(*args: str, redis_url: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RETENTION")}
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    return subprocess.run([sys.executable, "-m", "wikipulse", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_clear_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    for word in words:
+        assert word in error_lines[0], result.stderr
+
+
+async def test_counts_since_the_epoch_is_bounded_by_retention(redis_client: aioredis.Redis, redis_server: RedisServer) -> None:
+    await redis_client.hset(keys.series_key("en.wikipedia.org", keys.RESOLUTION_BY_NAME["10s"], 0), "0", 1)  # 1970: long expired
+    result = wikipulse("counts", "en.wikipedia.org", "--since", "0", "--resolution", "10s", redis_url=redis_server.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{}"  # nothing older than the 6 h retention is read (it was 9.5 million buckets)
+
+
+def test_a_range_over_the_bucket_cap_is_a_clear_error(redis_server: RedisServer) -> None:
+    args = ("counts", "en.wikipedia.org", "--since", "0", "--resolution", "10s", "--retention", "10s=400d")
+    result = wikipulse(*args, redis_url=redis_server.url)
+    one_clear_line(result, "buckets", "coarser")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("counts", "en.wikipedia.org", "--since", "-5"), ("before 1970",)),
+        (("counts", "en.wikipedia.org", "--since", "2030-01-01", "--until", "2029-01-01"), ("after",)),
+        (("counts", "en.wikipedia.org", "--since", "yesterday"), ("not a time",)),
+        (("counts", "en.wikipedia.org", "--redis-url", "http://example.org"), ("not a Redis URL",)),
+        (("counts", "en.wikipedia.org", "--redis-url", "redis://:secret@127.0.0.1:notaport"), ("not a Redis URL",)),
+        (("stats", "--redis-url", "redis:///"), ("not a Redis URL",)),
+        (("publish", "--batch-size", "0"), ("batch_size",)),
+        (("subscribe", "--claim-idle", "-1"), ("claim_idle",)),
+        (("dash", "--port", "70000"), ("port",)),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(args: tuple[str, ...], words: tuple[str, ...]) -> None:
+    result = wikipulse(*args, redis_url="redis://127.0.0.1:1/0")
+    one_clear_line(result, *words)
+    assert result.returncode == 2
+    assert "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("counts", "en.wikipedia.org"), ("stats",)])
+def test_redis_down_is_one_clear_line(command: tuple[str, ...]) -> None:
+    result = wikipulse(*command, redis_url=f"redis://:secret@127.0.0.1:{free_port()}/0")
+    one_clear_line(result, "Redis at redis://:***@127.0.0.1")
+    assert result.returncode == 1
+    assert "secret" not in result.stderr
+
+
+async def test_stats_names_a_missing_stream_or_group(redis_client: aioredis.Redis, redis_server: RedisServer) -> None:
+    one_clear_line(wikipulse("stats", "--stream", "nope", redis_url=redis_server.url), "no stream 'nope'")
+    await redis_client.xgroup_create("wiki:events", "wikipulse", id="0", mkstream=True)
+    one_clear_line(wikipulse("stats", "--group", "nope", redis_url=redis_server.url), "no consumer group 'nope'", "wikipulse")
+    assert wikipulse("stats", redis_url=redis_server.url).returncode == 0
+
+
+async def test_publisher_refuses_an_evicting_redis_in_one_line(redis_client: aioredis.Redis, redis_server: RedisServer) -> None:
+    await redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        result = wikipulse("publish", "--url", f"http://127.0.0.1:{free_port()}/v2/stream/recentchange", redis_url=redis_server.url)
+        one_clear_line(result, "maxmemory-policy allkeys-lru", "--allow-eviction")
+        assert result.returncode == 1
+    finally:
+        await redis_client.config_set("maxmemory-policy", "noeviction")
