@@ -37,6 +37,8 @@ from tests.test_fold import as_reference, reference_fold
 from wikipulse import keys
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.status import decode_hash
+from wikipulse.trimming import trimmed_unread
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTLE_TIMEOUT = 120.0  # seconds without progress before a scenario gives up
@@ -55,6 +57,10 @@ class Scenario:
     restart_redis: bool = False
     soak_seconds: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    publishers: int = 1  # more than one: an operator's mistake; the others stand by (their lease)
+    subscribers: int = 1
+    subscriber_late: bool = False  # started only once every event is published (a stopped consumer)
+    full_seconds: float = 0.0  # Redis is full (maxmemory reached) this long, from 30% of the run
 
 
 def scenarios(events: int, soak_minutes: float) -> dict[str, Scenario]:
@@ -68,9 +74,24 @@ def scenarios(events: int, soak_minutes: float) -> dict[str, Scenario]:
             Scenario("kills", events // 4, rate=4000, kill_publisher=3, kill_subscriber=5),
             Scenario("redis-restart", events // 4, rate=4000, restart_redis=True),
             Scenario("malformed", events // 4, malformed_every=100),
+            *operator_mistakes(events // 4),
             soak,
         )
     }
+
+
+def operator_mistakes(events: int) -> tuple[Scenario, ...]:
+    """The mistakes real operators make (issue: hold under them), each with nothing lost silently and nothing doubled."""
+    return (
+        # Started twice on one Redis and feed; the first is killed mid-run, the second takes over from its position.
+        Scenario("second-publisher", events, rate=4000, publishers=2, kill_publisher=1, env={"LEASE_TTL": "2"}),
+        # Two subscribers on one host with the default consumer name (the host name), one of them killed twice.
+        Scenario("name-clash", events, rate=4000, subscribers=2, kill_subscriber=2, env={"CONSUMER_NAME": "", "LEASE_TTL": "2"}),
+        # The subscriber is stopped while the publisher writes past STREAM_MAXLEN: the trimmed entries are counted.
+        Scenario("trimmed-unread", events, subscriber_late=True, env={"STREAM_MAXLEN": str(events // 5)}),
+        # Redis reaches maxmemory (noeviction) for 5 s mid-run, then the operator frees memory.
+        Scenario("redis-full", events, rate=4000, full_seconds=5.0),
+    )
 
 
 @dataclass
@@ -84,6 +105,7 @@ class Result:
     exact: bool = False
     rejected: int = 0
     faults: int = 0  # injected
+    trimmed_unread: int = 0  # entries trimmed before the subscriber read them: counted, not silent
     seconds: float = 0.0
     samples: list[dict[str, float]] = field(default_factory=list)
 
@@ -123,7 +145,7 @@ class Pipeline:
             return [sys.executable, "-m", "wikipulse", "replay", str(self.events_file), "--port", str(self.feed_port),
                     "--rate", str(s.rate), "--drop-every", str(s.drop_every), "--overlap", str(s.overlap),
                     "--malformed-every", str(s.malformed_every)]  # fmt: skip
-        return [sys.executable, str(ROOT / f"{name}.py")]
+        return [sys.executable, str(ROOT / f"{name.partition('-')[0]}.py")]  # publisher-2 runs publisher.py
 
     def start(self, name: str) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
@@ -131,11 +153,23 @@ class Pipeline:
         cmd = self.command(name)
         self.processes[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
+    def start_subscribers(self) -> None:
+        for n in range(1, self.scenario.subscribers + 1):
+            self.start("subscriber" if n == 1 else f"subscriber-{n}")
+
     def kill(self, name: str) -> None:
         """SIGKILL, as a crash would, then start it again."""
         self.processes[name].send_signal(signal.SIGKILL)
         self.processes[name].wait()
         self.start(name)
+
+    def fill_redis(self, seconds: float) -> None:
+        """Redis at maxmemory (noeviction) for `seconds`, then the operator frees memory."""
+        client = redis.Redis.from_url(self.redis.url)
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 200_000)
+        time.sleep(seconds)
+        client.config_set("maxmemory", 0)
+        client.close()
 
     def restart_redis(self) -> None:
         self.redis.stop()  # SIGTERM: Redis writes its AOF and exits; the pipeline sees it go away
@@ -155,9 +189,13 @@ class Pipeline:
     @contextlib.contextmanager
     def running(self) -> Iterator[Pipeline]:
         self.redis.start()
+        s = self.scenario
         try:
-            for name in ("feed", "publisher", "subscriber"):
-                self.start(name)
+            self.start("feed")
+            for n in range(1, s.publishers + 1):
+                self.start("publisher" if n == 1 else f"publisher-{n}")
+            if not s.subscriber_late:
+                self.start_subscribers()
             yield self
         finally:
             for p in self.processes.values():
@@ -208,12 +246,14 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
     faults = [(i / (scenario.kill_publisher + 1), "publisher") for i in range(1, scenario.kill_publisher + 1)]
     faults += [(i / (scenario.kill_subscriber + 1) + 0.03, "subscriber") for i in range(1, scenario.kill_subscriber + 1)]
     faults += [(0.5, "redis")] if scenario.restart_redis else []
+    faults += [(0.3, "full")] if scenario.full_seconds else []
+    faults += [(1.0, "late subscriber")] if scenario.subscriber_late else []
     faults.sort()
     progress, last_change, next_sample = (-1, -1), time.monotonic(), 0.0
     started = time.monotonic()
     while True:
         published = stat(client, keys.PUBLISHER_STATS, "published")
-        folded = stat(client, keys.SUBSCRIBER_STATS, "folded")
+        folded = stat(client, keys.SUBSCRIBER_STATS, "folded") + trimmed(client)  # trimmed unread: counted apart
         while faults and published >= faults[0][0] * expected:
             _, what = faults.pop(0)
             result.faults += 1
@@ -221,6 +261,11 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
             if what == "redis":
                 pipeline.restart_redis()
                 client = redis.Redis.from_url(pipeline.redis.url, socket_timeout=5)
+            elif what == "full":
+                pipeline.fill_redis(scenario.full_seconds)
+            elif what == "late subscriber":
+                time.sleep(1)  # the last batches land
+                pipeline.start_subscribers()
             else:
                 pipeline.kill(what)
         if scenario.soak_seconds and time.monotonic() >= next_sample:
@@ -238,16 +283,24 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
         time.sleep(0.2)
 
 
+def trimmed(client: redis.Redis) -> int:
+    with contextlib.suppress(redis.RedisError):
+        return sum(trimmed_unread(decode_hash(client.hgetall(keys.PUBLISHER_STATS))).values())
+    return 0
+
+
 def compare(client: redis.Redis, sent: list[dict[str, Any]], result: Result) -> None:
     ids = Counter(orjson.loads(fields[b"data"])["meta"]["id"] for _, fields in client.xrange("wiki:events"))
-    result.in_stream = sum(ids.values())
+    result.trimmed_unread = trimmed(client)
+    result.in_stream = sum(ids.values()) + result.trimmed_unread  # what the publisher added, trimmed since or not
     stored = {(key, fld): n for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000) for fld, n in client.hgetall(key).items()}
     got = as_reference(stored)
-    expected = reference_fold(sent, time.time())
+    # The stream is first in, first out: what was trimmed unread are the oldest events; the rest must be exact.
+    expected = reference_fold(sent[result.trimmed_unread :], time.time())
     # Event-level figures from the all-domain totals at 1 min (kept by every scenario's retention).
     minute = {k for k in expected if k[0] == keys.ALL_DOMAINS and k[1] == "1m" and k[3] == ""}
     result.counted = sum(got[k] for k in minute)
-    result.lost = sum(max(0, expected[k] - got[k]) for k in minute)
+    result.lost = sum(max(0, expected[k] - got[k]) for k in minute)  # lost silently: the trimmed ones are counted
     result.duplicated = sum(max(0, got[k] - expected[k]) for k in minute)
     result.exact = got == expected
     result.rejected = sum(int(v) for k, v in client.hgetall(keys.PUBLISHER_STATS).items() if k.startswith(b"rejected:"))
@@ -313,11 +366,12 @@ def main() -> None:
     for name in names:
         print(f"running {name} ({table[name].events:,} events)", flush=True)
         results.append(run(table[name], args.out))
-    print("\n| scenario | events sent | in the stream | counted | lost | duplicated | exact at every key | rejected frames | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| scenario | events sent | added to the stream | counted | trimmed unread (reported) | lost silently | duplicated "
+          "| exact at every key | rejected frames | seconds |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         exact = "yes" if r.exact else "NO"
-        numbers = [f"{n:,}" for n in (r.sent, r.in_stream, r.counted, r.lost, r.duplicated)]
+        numbers = [f"{n:,}" for n in (r.sent, r.in_stream, r.counted, r.trimmed_unread, r.lost, r.duplicated)]
         cells = [r.name, *numbers, exact, f"{r.rejected:,}", f"{r.seconds:.0f}"]
         print("| " + " | ".join(cells) + " |")
         if r.samples:

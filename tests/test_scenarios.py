@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scenarios import Scenario, run
+from bench.scenarios import Scenario, operator_mistakes, run
 
 CASES = [
     Scenario("burst", 20_000),
@@ -17,6 +17,7 @@ CASES = [
     Scenario("kills", 8_000, rate=1000, kill_publisher=3, kill_subscriber=5),
     Scenario("redis-restart", 6_000, rate=1000, restart_redis=True),
     Scenario("malformed", 5_000, malformed_every=100),
+    *operator_mistakes(6_000),
 ]
 
 
@@ -24,8 +25,13 @@ CASES = [
 def test_nothing_lost_nothing_doubled(scenario: Scenario, tmp_path: Path) -> None:
     result = run(dataclasses.replace(scenario), tmp_path)
     assert (result.lost, result.duplicated) == (0, 0), result
-    assert result.in_stream == result.sent == result.counted
+    assert result.in_stream == result.sent == result.counted + result.trimmed_unread
     assert result.exact, "some key differs from the reference fold"
     if scenario.malformed_every:
         assert result.rejected == scenario.events // scenario.malformed_every
-    assert result.faults == scenario.kill_publisher + scenario.kill_subscriber + scenario.restart_redis, "a fault was not injected"
+    if scenario.subscriber_late:
+        assert result.trimmed_unread > 0, "nothing was trimmed: the scenario did not overflow the stream"
+    faults = (
+        scenario.kill_publisher + scenario.kill_subscriber + scenario.restart_redis + bool(scenario.full_seconds) + scenario.subscriber_late
+    )
+    assert result.faults == faults, "a fault was not injected"

@@ -143,3 +143,13 @@ def test_the_users_zoom_applies_only_to_the_selection_it_was_made_on() -> None:
     assert "range" not in make_figure(snapshot(), other, zoom)["layout"]["xaxis"]  # a new selection starts unzoomed
     assert zoomed_ranges({"rev": ui_revision(sel), "xaxis": [True, {"a": 1}]}, sel) == {}
     assert zoomed_ranges("garbage", sel) == {}
+
+
+def test_entries_trimmed_unread_are_said_on_the_page() -> None:
+    now = 1_000_000.0
+    snap = Snapshot(now=now, buckets=[], series={}, publisher={"last_publish_at": now, "trimmed_unread:wikipulse": 8996})
+    sel = Selection(("en.wikipedia.org",))
+    rendered = render(snap, sel)
+    assert "8,996 events were trimmed from the stream before consumer group 'wikipulse' read them" in rendered[7]
+    assert rendered[8] == {"display": "block"}
+    assert render(Snapshot(now=now, buckets=[], series={}, publisher={"last_publish_at": now}), sel)[8] == {"display": "none"}

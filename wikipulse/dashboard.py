@@ -36,6 +36,7 @@ from wikipulse.view import (
     stale_seconds,
     ticker_rows,
     to_frame,
+    trimmed_notice,
     window_choices,
 )
 
@@ -298,7 +299,8 @@ def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     options = domain_options(hour, sel)
     stale = stale_seconds(snap)
     banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
-    banner_style = {"display": "none"} if stale is None else {"display": "block"}
+    banner = " ".join(filter(None, (banner, trimmed_notice(snap))))
+    banner_style = {"display": "block"} if banner else {"display": "none"}
     return (
         make_figure(snap, sel, zoom), options, head["eps"], head["hour"], head["active"], head["lag"], head["publisher"],
         banner, banner_style, top_list(ranked_desc(snap.ranked_5min)), top_list(hour), ticker(snap), "",

@@ -34,6 +34,16 @@ end
 return holder
 """
 
+# KEYS: the lease. ARGV: the dead holder's token, ours, ttl ms. Takes the lease only if that holder still has it.
+TAKE_OVER_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return ARGV[2]
+end
+return holder
+"""
+
 # KEYS: the lease. ARGV: token. Deletes it only when ours.
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -58,8 +68,31 @@ class LeaseLost(Exception):
     """Another process holds the lease this one needs; the message names it."""
 
 
+_HELD: set[str] = set()  # tokens of this process's live leases (several roles may run in one process)
+
+
 def new_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def died_here(holder: str) -> bool:
+    """Whether a holder's token names a process on this host that is gone: then a restart after kill -9
+    need not wait out the lease. Its pid is not running, or it is this process's own pid (a restarted
+    container reuses pid 1) with a token this process does not hold. Anything else counts as alive."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return holder not in _HELD
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # running, as another user
+    return False
 
 
 class Lease:
@@ -67,6 +100,7 @@ class Lease:
         self.client, self.key, self.ttl = client, key, ttl
         self.token = token or new_token()
         self._acquire = client.register_script(ACQUIRE_SCRIPT)
+        self._take_over = client.register_script(TAKE_OVER_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
 
     @property
@@ -75,9 +109,14 @@ class Lease:
 
     async def try_acquire(self) -> str | None:
         """Take or renew the lease: None when it is ours, else the other holder's token."""
-        holder = await self._acquire(keys=[self.key], args=[self.token, self.ttl_ms])
-        holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return None if holder == self.token else holder
+        holder = _text(await self._acquire(keys=[self.key], args=[self.token, self.ttl_ms]))
+        if holder != self.token and died_here(holder):
+            logger.info("lease %s: its holder %s is no longer running on this host; taking it over", self.key, holder)
+            holder = _text(await self._take_over(keys=[self.key], args=[holder, self.token, self.ttl_ms]))
+        if holder != self.token:
+            return holder
+        _HELD.add(self.token)
+        return None
 
     async def wait_until_held(self, what: str) -> None:
         """Stand by until the lease is ours, saying so once (and again every minute)."""
@@ -105,8 +144,13 @@ class Lease:
                 logger.warning("lease %s was taken by %s while this process held it", self.key, holder)
 
     async def release(self) -> None:
+        _HELD.discard(self.token)
         with contextlib.suppress(*REDIS_ERRORS):
             await self._release(keys=[self.key], args=[self.token])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def lease_holder(error: Exception) -> str | None:

@@ -19,6 +19,7 @@ from wikipulse import keys
 from wikipulse.events import is_valid_domain
 from wikipulse.settings import parse_duration
 from wikipulse.status import STALE_AFTER
+from wikipulse.trimming import trimmed_unread
 
 # The work one page refresh may ask for. A refresh reads one HGETALL per domain and window hash and sends
 # every point of every trace: ten domains by type at MAX_POINTS are ~30 k points and 2,400 HGETALLs at most
@@ -225,6 +226,14 @@ def header(snap: Snapshot) -> dict[str, str]:
         "lag": "–" if not isinstance(lag, (int, float)) else f"{lag:.1f} s",
         "publisher": status,
     }
+
+
+def trimmed_notice(snap: Snapshot) -> str:
+    """What the stream lost to trimming before a consumer group read it (trimming.py), said on the page."""
+    lost = trimmed_unread(snap.publisher)
+    return " ".join(
+        f"{n:,} events were trimmed from the stream before consumer group {group!r} read them." for group, n in sorted(lost.items()) if n
+    )
 
 
 def stale_seconds(snap: Snapshot) -> float | None:

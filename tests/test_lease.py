@@ -1,0 +1,39 @@
+"""Leases against a real Redis: one live holder, stand-by, and a holder that died on this host taken over at once."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import redis.asyncio as aioredis
+
+from wikipulse.lease import Lease, died_here
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_which_holders_count_as_gone() -> None:
+    host = socket.gethostname()
+    assert died_here(f"{host}:{dead_pid()}:abcd")
+    assert died_here(f"{host}:{os.getpid()}:not-one-of-ours")  # this pid's earlier life (a restarted container)
+    assert not died_here(f"{host}:{os.getppid()}:abcd")  # running
+    assert not died_here(f"other-host:{dead_pid()}:abcd")  # another host: only its lease's expiry tells
+    assert not died_here("garbage")
+
+
+async def test_one_holder_at_a_time_and_a_dead_one_is_taken_over_at_once(redis_client: aioredis.Redis) -> None:
+    first, second = Lease(redis_client, "lease", ttl=60), Lease(redis_client, "lease", ttl=60)
+    assert await first.try_acquire() is None
+    assert await second.try_acquire() == first.token  # held by a live process (this one): wait
+    assert await first.try_acquire() is None  # renewing is fine
+    await first.release()
+    assert await second.try_acquire() is None
+    killed = f"{socket.gethostname()}:{dead_pid()}:cafe"
+    await redis_client.set("other", killed, px=60_000)  # a process killed with -9, its lease 60 s from lapsing
+    assert await Lease(redis_client, "other", ttl=60).try_acquire() is None
