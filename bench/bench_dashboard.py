@@ -5,6 +5,10 @@ with the by-type breakdown, against a real Redis holding that data. Times the wh
 body (the Redis reads and every output: figure, header, lists, ticker) plus Dash's JSON encoding of
 the outputs, which is what the browser waits for.
 Baseline: one round trip per series and a `plotly.graph_objects` figure.
+
+Then 20 viewers at once (threads, as the server's are): a ten-domain page, the heaviest page the caps
+allow (10 domains, 1 h over 120 days, by type) and, as its baseline, the heaviest a page could ask for
+before them (12 domains, 1 h over 400 days, by type): latency per refresh and bytes sent.
 """
 
 from __future__ import annotations
@@ -93,6 +97,23 @@ def median_ms(fn: Any) -> float:
     return statistics.median(times)
 
 
+def concurrent(client: redis.Redis, sel: Selection, viewers: int = 20, each: int = 3) -> tuple[float, float, float, int]:
+    """(p50 ms, p95 ms, wall s, bytes of one response) of `viewers` threads refreshing `each` times at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one() -> tuple[float, int]:
+        started = time.perf_counter()
+        size = len(refresh(client, sel))
+        return (time.perf_counter() - started) * 1000, size
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(viewers) as pool:
+        results = list(pool.map(lambda _: one(), range(viewers * each)))
+    wall = time.perf_counter() - started
+    times = sorted(t for t, _ in results)
+    return statistics.median(times), times[int(len(times) * 0.95) - 1], wall, results[0][1]
+
+
 def main() -> None:
     with redis_server() as server:
         client = redis.Redis.from_url(server.url)
@@ -102,12 +123,26 @@ def main() -> None:
         assert len(refresh(client, sel)) > 100_000  # the figure really holds the 50 traces
         base = median_ms(lambda: baseline_refresh(client, sel))
         mine = median_ms(lambda: refresh(client, sel))
+        pool = redis.Redis.from_url(server.url, max_connections=40)
+        viewers = {
+            "ten-domain page (10 s over 1 h, by type)": concurrent(pool, sel),
+            "before the caps, heaviest page (12 domains, 1 h over 400 d, by type)": concurrent(
+                pool, Selection((*DOMAINS, "x.wikipedia.org", "y.wikipedia.org"), "1h", "400d", "type"), each=1
+            ),
+            "heaviest page now (10 domains, 1 h over 120 d, by type)": concurrent(pool, Selection(DOMAINS, "1h", "120d", "type"), each=1),
+        }
+        pool.close()
         client.close()
     print("\ndashboard refresh: 10 domains x 360 buckets x 5 event types, median of", RUNS)
     print("| variant | median | vs baseline |")
     print("|---|---|---|")
     print(f"| baseline: one round trip per series, graph_objects figure | {base:.1f} ms | 1.0× |")
     print(f"| wikipulse: one pipelined round trip, figure as a plain dict | {mine:.1f} ms | {base / mine:.1f}× faster |")
+    print("\n20 viewers refreshing at once")
+    print("| page | p50 | p95 | wall time | one response |")
+    print("|---|---|---|---|---|")
+    for name, (p50, p95, wall, size) in viewers.items():
+        print(f"| {name} | {p50:.0f} ms | {p95:.0f} ms | {wall:.1f} s | {size / 1e6:.1f} MB |")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ class Pipeline:
         s = self.scenario
         try:
             self.start("feed")
+            if s.subscriber_late:  # the subscriber ran once (its group exists), then stopped
+                with redis.Redis.from_url(self.redis.url) as client:
+                    client.xgroup_create("wiki:events", "wikipulse", id="0", mkstream=True)
             for n in range(1, s.publishers + 1):
                 self.start("publisher" if n == 1 else f"publisher-{n}")
             if not s.subscriber_late:
