@@ -60,9 +60,16 @@ local p = cjson.decode(ARGV[4])
 local folds, ids = p['fold'], p['ids']
 local written, zadd, dups = {}, {}, 0
 local had_position = redis.call('EXISTS', KEYS[3])
+-- Which ids the window holds already: one ZMSCORE per 1,000 (a ZSCORE per event cost ~8% of the throughput).
+local named, seen = {}, {}
+for _, id in ipairs(ids) do if id ~= '' then named[#named + 1] = id end end
+for i = 1, #named, 1000 do
+  local scores = redis.call('ZMSCORE', KEYS[2], unpack(named, i, math.min(i + 999, #named)))
+  for j = 1, #scores do if scores[j] then seen[named[i + j - 1]] = true end end
+end
 for i = 7, #ARGV do
   local id = ids[i - 6]
-  if id ~= '' and redis.call('ZSCORE', KEYS[2], id) then
+  if id ~= '' and seen[id] then
     dups = dups + 1
   else
     local entry = redis.call('XADD', KEYS[1], '*', 'data', ARGV[i], 'fold', folds[i - 6])
