@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from aiohttp import web
 
-from wikipulse.eventstreams import ReplaySource
+from wikipulse.eventstreams import PATH, ReplaySource
 from wikipulse.publisher import Publisher
+from wikipulse.redis_server import free_port
 from wikipulse.settings import Settings
 from wikipulse.simulate import LIVE_RATE, Simulator
 
@@ -100,3 +102,18 @@ def xlen_at_least(n: int, stream: str = "wiki:events") -> Callable[[aioredis.Red
         return int(await client.xlen(stream)) >= n
 
     return check
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: object) -> AsyncIterator[str]:
+    """A raw aiohttp handler served at the feed's path on 127.0.0.1, for peers that misbehave; yields its URL."""
+    app = web.Application()
+    app.router.add_get(PATH, handler)  # type: ignore[arg-type]
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}{PATH}"
+    finally:
+        await runner.cleanup()

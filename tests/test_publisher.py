@@ -20,14 +20,15 @@ from tests.helpers import (
     calibrated_source,
     non_canary_ids,
     run_publisher_until,
+    serving,
     stream_ids,
     xlen_at_least,
 )
 from wikipulse import keys
-from wikipulse.eventstreams import MALFORMED_FRAMES, PATH, ReplaySource, ServerOptions, event_id, frame
+from wikipulse.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
 from wikipulse.fold import observe, summarize
 from wikipulse.publisher import Publisher, parse_retry_after
-from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.redis_server import RedisServer
 from wikipulse.retry import backoff_delay
 from wikipulse.settings import Settings
 
@@ -151,11 +152,8 @@ async def test_throttled_429_honours_retry_after(redis_client: aioredis.Redis, s
         await resp.write(b":ok\n\n" + b"".join(frame(i, source.data(i)) for i in range(len(source))))
         return resp
 
-    port = await _serve(handler)
-    try:
-        pub = await run_publisher_until(dataclasses.replace(settings, stream_url=f"http://127.0.0.1:{port}{PATH}"), xlen_at_least(50))
-    finally:
-        await _cleanup()
+    async with serving(handler) as url:
+        pub = await run_publisher_until(dataclasses.replace(settings, stream_url=url), xlen_at_least(50))
     assert arrivals[1] - arrivals[0] >= 1.0
     assert pub.totals["reconnects"] >= 1
     assert all(agent.startswith("wikipulse/") for agent in seen_agents)
@@ -178,13 +176,8 @@ async def test_idle_stall_forces_a_resume(redis_client: aioredis.Redis, settings
             await asyncio.sleep(30)
         return resp
 
-    port = await _serve(handler)
-    try:
-        await run_publisher_until(
-            dataclasses.replace(settings, stream_url=f"http://127.0.0.1:{port}{PATH}", idle_timeout=0.5), xlen_at_least(20), timeout=10
-        )
-    finally:
-        await _cleanup()
+    async with serving(handler) as url:
+        await run_publisher_until(dataclasses.replace(settings, stream_url=url, idle_timeout=0.5), xlen_at_least(20), timeout=10)
     assert last_ids[:2] == [None, event_id(9).decode()]
     assert_same(await stream_ids(redis_client), non_canary_ids(calibrated_lines()[:20]))
 
@@ -201,11 +194,8 @@ async def test_crlf_and_multiline_data_from_the_wire(redis_client: aioredis.Redi
         await asyncio.sleep(30)
         return resp
 
-    port = await _serve(handler)
-    try:
-        await run_publisher_until(dataclasses.replace(settings, stream_url=f"http://127.0.0.1:{port}{PATH}"), xlen_at_least(1), timeout=10)
-    finally:
-        await _cleanup()
+    async with serving(handler) as url:
+        await run_publisher_until(dataclasses.replace(settings, stream_url=url), xlen_at_least(1), timeout=10)
     entries = await redis_client.xrange("wiki:events")
     assert orjson.loads(entries[0][1][b"data"]) == event
 
@@ -241,22 +231,3 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     assert max(delays) <= 30 and min(delays) >= 0
     assert max(backoff_delay(0, cap=30, rng=rng) for _ in range(100)) <= 0.5
     assert parse_retry_after("7") == 7 and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
-
-
-_runners: list[web.AppRunner] = []
-
-
-async def _serve(handler: object) -> int:
-    app = web.Application()
-    app.router.add_get(PATH, handler)  # type: ignore[arg-type]
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    _runners.append(runner)
-    return port
-
-
-async def _cleanup() -> None:
-    while _runners:
-        await _runners.pop().cleanup()

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,22 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.conftest import ServeFn
-from tests.helpers import assert_same, calibrated_lines, calibrated_source, non_canary_ids, stop, stream_ids, wait_for, xlen_at_least
+from tests.helpers import (
+    assert_same,
+    calibrated_lines,
+    calibrated_source,
+    non_canary_ids,
+    serving,
+    stop,
+    stream_ids,
+    wait_for,
+    xlen_at_least,
+)
 from wikipulse import keys
-from wikipulse.eventstreams import PATH, EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
+from wikipulse.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
 from wikipulse.policy import check_redis
 from wikipulse.publisher import Publisher
-from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.redis_server import RedisServer
 from wikipulse.retry import Backoff
 from wikipulse.settings import OperatorError, Settings
 from wikipulse.simulate import Simulator
@@ -237,20 +246,6 @@ async def test_an_evicting_redis_is_refused_unless_allowed(redis_client: aioredi
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: object) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get(PATH, handler)  # type: ignore[arg-type]
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}{PATH}"
-    finally:
-        await runner.cleanup()
 
 
 async def run_until(settings: Settings, check: object, timeout: float = 30) -> None:

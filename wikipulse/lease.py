@@ -18,24 +18,15 @@ import socket
 
 import redis.asyncio as aioredis
 
-from wikipulse.retry import REDIS_ERRORS
+from wikipulse.retry import REDIS_ERRORS, RedisFull, is_full
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10.0  # seconds; a process that died holds its lease at most this long
 
-# KEYS: the lease. ARGV: token, ttl ms. Takes the lease when free, renews it when ours; returns the holder.
-ACQUIRE_SCRIPT = """
-local holder = redis.call('GET', KEYS[1])
-if not holder or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
-end
-return holder
-"""
-
-# KEYS: the lease. ARGV: the dead holder's token, ours, ttl ms. Takes the lease only if that holder still has it.
-TAKE_OVER_SCRIPT = """
+# KEYS: the lease. ARGV: the holder it may have (ours, to renew it; a dead one's, to take over), our token,
+# ttl ms. Takes the lease when it is free or held by that holder; returns the holder after.
+TAKE_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if not holder or holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -99,8 +90,7 @@ class Lease:
     def __init__(self, client: aioredis.Redis, key: str, ttl: float = DEFAULT_TTL, token: str | None = None) -> None:
         self.client, self.key, self.ttl = client, key, ttl
         self.token = token or new_token()
-        self._acquire = client.register_script(ACQUIRE_SCRIPT)
-        self._take_over = client.register_script(TAKE_OVER_SCRIPT)
+        self._take = client.register_script(TAKE_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
 
     @property
@@ -109,10 +99,10 @@ class Lease:
 
     async def try_acquire(self) -> str | None:
         """Take or renew the lease: None when it is ours, else the other holder's token."""
-        holder = _text(await self._acquire(keys=[self.key], args=[self.token, self.ttl_ms]))
+        holder = _text(await self._take(keys=[self.key], args=[self.token, self.token, self.ttl_ms]))
         if holder != self.token and died_here(holder):
             logger.info("lease %s: its holder %s is no longer running on this host; taking it over", self.key, holder)
-            holder = _text(await self._take_over(keys=[self.key], args=[holder, self.token, self.ttl_ms]))
+            holder = _text(await self._take(keys=[self.key], args=[holder, self.token, self.ttl_ms]))
         if holder != self.token:
             return holder
         _HELD.add(self.token)
@@ -153,7 +143,12 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def lease_holder(error: Exception) -> str | None:
-    """The holder named by a fenced script's LEASE_LOST error, or None for any other error."""
+def fenced_error(error: Exception, lost: str) -> Exception:
+    """What a fenced script's error means: Redis is full (RedisFull), the lease is another process's (LeaseLost,
+    `lost` with `{holder}` filled in), or anything else (the error itself)."""
+    if is_full(error):
+        return RedisFull(str(error))
     text = str(error)
-    return text.split(" ", 1)[1] if text.startswith(LEASE_LOST + " ") else None
+    if text.startswith(LEASE_LOST + " "):
+        return LeaseLost(lost.format(holder=text.split(" ", 1)[1]))
+    return error

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
 from wikipulse.fold import observe, summarize
-from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, lease_holder
+from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, fenced_error
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
@@ -302,12 +302,7 @@ class Publisher:
         try:
             reply = await self._script(keys=script_keys, args=args)
         except ResponseError as exc:
-            if is_full(exc):
-                raise RedisFull(str(exc)) from exc
-            holder = lease_holder(exc)
-            if holder is None:
-                raise
-            raise LeaseLost(f"another publisher ({holder}) holds the lease") from exc
+            raise fenced_error(exc, "another publisher ({holder}) holds the lease") from exc
         except REDIS_ERRORS as exc:
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
         written, duplicates, had_position, *grew = reply

@@ -27,7 +27,7 @@ from wikipulse import keys
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
-from wikipulse.lease import Lease, LeaseLost, lease_holder
+from wikipulse.lease import Lease, LeaseLost, fenced_error
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter
@@ -228,13 +228,10 @@ class Subscriber:
             try:
                 owned = await self.writer.receive()
             except ResponseError as exc:
-                if is_full(exc):
-                    raise RedisFull(str(exc)) from exc
-                holder = lease_holder(exc)
-                if holder is None:
-                    raise
-                self.lease = None  # taken over: its keeper is stopped by give_up_name
-                raise LeaseLost(f"consumer name {self.consumer!r} was taken over by {holder} while this process stalled") from exc
+                error = fenced_error(exc, f"consumer name {self.consumer!r} was taken over by {{holder}} while this process stalled")
+                if isinstance(error, LeaseLost):
+                    self.lease = None  # not ours any more: give_up_name stops its keeper and releases nothing
+                raise error from exc
             batch = self.inflight.popleft()
             self.backoff.reset()  # Redis took a batch: what failed before is over
             if owned is None:
