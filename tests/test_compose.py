@@ -22,8 +22,13 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_their_commands() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "publisher", "subscriber", "dash"}
-    for name, script in (("publisher", "publisher.py"), ("subscriber", "subscriber.py"), ("dash", "dash_app.py")):
+    assert set(services) == {"redis", "publisher", "subscriber", "dash", "archiver", "clickhouse"}
+    for name, script in (
+        ("publisher", "publisher.py"),
+        ("subscriber", "subscriber.py"),
+        ("archiver", "archiver.py"),
+        ("dash", "dash_app.py"),
+    ):
         service = services[name]
         assert service["command"] == ["python", script]
         assert (ROOT / script).is_file()
@@ -34,8 +39,19 @@ def test_services_and_their_commands() -> None:
 
 def test_every_environment_variable_is_a_setting() -> None:
     for name, service in compose()["services"].items():
-        if name != "redis":
+        if name not in ("redis", "clickhouse"):
             assert set(service["environment"]) <= ENV_NAMES, name
+
+
+def test_the_archiver_writes_to_the_clickhouse_server_kept_in_a_volume() -> None:
+    data = compose()
+    archiver, clickhouse = data["services"]["archiver"], data["services"]["clickhouse"]
+    assert (
+        archiver["environment"]["CLICKHOUSE_URL"].startswith("http://") and "@clickhouse:8123" in archiver["environment"]["CLICKHOUSE_URL"]
+    )
+    assert archiver["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+    assert clickhouse["image"].startswith("clickhouse/clickhouse-server:")
+    assert clickhouse["volumes"] == ["clickhouse-data:/var/lib/clickhouse"] and "clickhouse-data" in data["volumes"]
 
 
 def test_redis_is_persistent_and_healthchecked() -> None:
@@ -55,6 +71,6 @@ def test_dashboard_published_on_loopback_only() -> None:
 
 def test_dockerfile_copies_what_the_services_run() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for path in ("wikipulse", "publisher.py", "subscriber.py", "dash_app.py", "Pipfile.lock"):
+    for path in ("wikipulse", "publisher.py", "subscriber.py", "archiver.py", "dash_app.py", "Pipfile.lock"):
         assert path in dockerfile
     assert "--deploy" in dockerfile and "USER nobody" in dockerfile

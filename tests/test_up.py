@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import psutil
 import redis
 
@@ -19,7 +20,8 @@ from wikipulse.redis_server import free_port
 def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> None:
     redis_port, dash_port = free_port(), free_port()
     url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {**os.environ, "REDIS_URL": url, "DASH_PORT": str(dash_port), "LOG_LEVEL": "INFO"}
+    archive_port = free_port()
+    env = {**os.environ, "REDIS_URL": url, "DASH_PORT": str(dash_port), "ARCHIVE_PORT": str(archive_port), "LOG_LEVEL": "INFO"}
     up = subprocess.Popen(
         [sys.executable, "-m", "wikipulse", "up", "--simulate", "--rate", "200", "--data-dir", str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
@@ -33,7 +35,7 @@ def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> N
             banner = up.stdout.readline()
         assert f"http://127.0.0.1:{dash_port}/" in banner
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 5  # redis-server, feed, publisher, subscriber, dashboard
+        assert len(children) >= 6  # redis-server, feed, publisher, subscriber, archiver, dashboard
         client = redis.Redis.from_url(url)
         deadline = time.monotonic() + 10
         folded = 0
@@ -44,6 +46,17 @@ def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> N
         assert any(k.startswith(b"wp:ts:{") for k in client.scan_iter("wp:ts:*"))
         with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/", timeout=10) as page:
             assert page.status == 200 and b"wikipulse" in page.read()
+        # The archiver keeps every event in the embedded ClickHouse beside Redis's data, and answers queries.
+        deadline = time.monotonic() + 30
+        archived = 0
+        while archived < 50:
+            assert time.monotonic() < deadline, "no events reached the archive within 30 s"
+            archived = int(client.hget("wp:archiver:stats", "archived") or 0)
+            time.sleep(0.2)
+        query = urllib.request.Request(f"http://127.0.0.1:{archive_port}/query", data=b"SELECT count() AS n FROM events", method="POST")
+        with urllib.request.urlopen(query, timeout=30) as answer:
+            assert orjson.loads(answer.read())["n"] >= archived
+        assert (tmp_path / "clickhouse").is_dir()
         client.close()
         assert (tmp_path / "redis" / "appendonly.aof").exists() or (tmp_path / "redis" / "appendonlydir").exists()
         up.send_signal(signal.SIGINT)

@@ -28,6 +28,9 @@ PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_a
 SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 DASH = (*REDIS, "host", "port", "stream", "group", "channel")
+ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")
+ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "batch_size", "max_event_bytes",
+            "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
 
 
@@ -134,6 +137,28 @@ def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.archiver import run_archiver
+
+    archive = redact_url(settings.clickhouse_url) or settings.archive_dir
+    logger.info("archiver: %s -> %s", redact_url(settings.redis_url), archive)
+    return run_until_signal(lambda: run_archiver(settings))
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import archive_query
+
+    sys.stdout.buffer.write(archive_query(settings, args.statement))
+    return 0
+
+
+def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import history
+
+    sys.stdout.buffer.write(history(settings, args.domain, args.since, args.until))
+    return 0
+
+
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     from wikipulse.query import stats
 
@@ -167,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("publish", cmd_publish, "read the EventStreams feed and republish every event to Redis", PUBLISHER)
     command("subscribe", cmd_subscribe, "fold events into per-domain time series in Redis", SUBSCRIBER)
     command("dash", cmd_dash, "serve the live dashboard", DASH)
-    up = command("up", cmd_up, "run everything (Redis included, if none answers) as one supervised group", (*PUBLISHER, *SUBSCRIBER, *DASH))
+    command("archive", cmd_archive, "archive every event in ClickHouse, acknowledged after ClickHouse's receipt", ARCHIVER)
+    up = command(
+        "up",
+        cmd_up,
+        "run everything (Redis included, if none answers) as one supervised group",
+        (*PUBLISHER, *SUBSCRIBER, *DASH, *ARCHIVER),
+    )
     feed = up.add_mutually_exclusive_group()
     feed.add_argument("--simulate", action="store_true", help="feed the pipeline from a local simulated EventStreams server")
     feed.add_argument("--replay", metavar="FILE", help="feed the pipeline from a local server replaying FILE (JSON lines or .sse)")
@@ -197,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     counts.add_argument("--by", choices=("type", "bot"), help="break down by event type or bot/human")
 
     command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
+
+    sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ARCHIVE)
+    sql.add_argument(
+        "statement", help='one SELECT, WITH, SHOW, DESCRIBE or EXPLAIN, e.g. "SELECT domain, count() FROM events GROUP BY domain"'
+    )
+    hist = command("history", cmd_history, "events a day for a domain, from the archive, as JSON lines", ("redis_url", *ARCHIVE))
+    hist.add_argument("domain", help="e.g. de.wikipedia.org, or _all for every domain")
+    hist.add_argument("--since", help="start: unix seconds or ISO date (default: 30 days back)")
+    hist.add_argument("--until", help="end: unix seconds or ISO date (default now)")
     return parser
 
 

@@ -34,6 +34,15 @@ SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 CLAIMS = f"{PREFIX}:subscriber:claims"
 
 
+# The archiver (archiver.py): its counters (`archived`, `rejected:<reason>`, `canaries`, `trimmed`, `updated_at`)
+# and its lease, one archiver per consumer group.
+ARCHIVER_STATS = f"{PREFIX}:archiver:stats"
+
+
+def archiver_lease(group: str) -> str:
+    return f"{PREFIX}:archiver:lease:{group}"
+
+
 def consumer_lease(group: str, consumer: str) -> str:
     """The lease on a consumer name in a group: one live process per name, or two processes would
     take each other's in-flight entries for their own pending ones. The apply script is fenced by it."""

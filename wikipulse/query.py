@@ -73,3 +73,56 @@ async def stats(settings: Settings) -> dict[str, Any]:
         if settings.group not in groups:
             raise OperatorError(f"no consumer group {settings.group!r} on {settings.stream!r} (there are: {sorted(groups) or 'none'})")
         return await read_status(client, settings.stream, settings.group)
+
+
+# ---- the archive (ClickHouse) ------------------------------------------------------------------
+
+
+def archive_query(settings: Settings, sql: str) -> bytes:
+    """A read-only statement's rows as JSON lines. While the archiver runs it holds the embedded engine (one
+    process at a time), so the query goes to its endpoint on 127.0.0.1; otherwise straight to ClickHouse."""
+    from wikipulse.archive import Archive, ArchiveUnavailable, check_read_only, connect
+    from wikipulse.archiver import json_lines
+
+    statement = check_read_only(sql)
+    if not settings.clickhouse_url:
+        answer = _ask_archiver(settings.archive_port, statement)
+        if answer is not None:
+            return answer
+    try:
+        archive = Archive(connect(settings))
+    except ArchiveUnavailable as exc:
+        raise OperatorError(f"the archive cannot be opened: {exc}") from None
+    try:
+        return json_lines(*archive.query(statement))
+    finally:
+        archive.close()
+
+
+def _ask_archiver(port: int, statement: str) -> bytes | None:
+    """The archiver's answer, or None when no archiver listens (then the caller opens the archive itself)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=statement.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return bytes(response.read())
+    except urllib.error.HTTPError as failure:
+        with failure:
+            raise OperatorError(failure.read().decode(errors="replace")[:500]) from None
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def history(settings: Settings, domain: str, since: str | None, until: str | None) -> bytes:
+    """Events a day for a domain (or _all) from the archive, over any range it holds (default: the last 30 days)."""
+    from wikipulse.archive import daily_counts_sql
+
+    if domain != keys.ALL_DOMAINS and not is_valid_domain(domain):
+        raise SettingsError(f"not a domain: {domain!r}")
+    end = parse_time(until, int(time.time()))
+    start = parse_time(since, end - 30 * 86400)
+    if start > end:
+        raise SettingsError(f"--since ({start}) is after --until ({end})")
+    return archive_query(settings, daily_counts_sql(domain, start, end))

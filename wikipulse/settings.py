@@ -88,6 +88,19 @@ class Settings:
     allow_eviction: bool = _opt(
         "REDIS_ALLOW_EVICTION", "run even on a Redis whose maxmemory-policy evicts keys (it can silently drop the stream and counts)", False
     )
+    clickhouse_url: str = _opt(
+        "CLICKHOUSE_URL", "ClickHouse server for the archive (http://user:password@host:8123); empty: the embedded engine", ""
+    )
+    archive_dir: str = _opt("ARCHIVE_DIR", "where the embedded ClickHouse engine keeps the archive", ".wikipulse/clickhouse")
+    archive_group: str = _opt("ARCHIVE_GROUP", "the archiver's consumer group on the stream", "archiver")
+    archive_retention: str = _opt("ARCHIVE_RETENTION", "how long the archive keeps events, e.g. 400d (empty: forever)", "")
+    archive_port: int = _opt("ARCHIVE_PORT", "port on 127.0.0.1 where the archiver answers read-only queries", 8124)
+    archive_from_stream: bool = _opt(
+        "ARCHIVE_FROM_STREAM",
+        "when the archiver's group is new, archive what the stream still holds (else from now on)",
+        False,
+        flag="--from-stream",
+    )
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
@@ -140,19 +153,22 @@ class Settings:
             if allowed and getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         at_least = {
-            "batch_size": 1, "max_domains": 1, "stream_maxlen": 1, "dedup_window": 1, "max_event_bytes": 1, "port": 1,
+            "batch_size": 1, "max_domains": 1, "stream_maxlen": 1, "dedup_window": 1, "max_event_bytes": 1, "port": 1, "archive_port": 1,
             "idle_timeout": 0.1, "backoff_cap": 0.01, "claim_idle": 0.01, "stats_interval": 0.01, "lease_ttl": 0.1, "batch_delay": 0,
         }  # fmt: skip
         for name, least in at_least.items():
             if getattr(self, name) < least:
                 raise SettingsError(f"{name} must be at least {least}, not {getattr(self, name)}")
-        if self.port > 65535:
-            raise SettingsError(f"port must be at most 65535, not {self.port}")
-        for name in ("stream", "group", "channel"):
+        for name in ("port", "archive_port"):
+            if getattr(self, name) > 65535:
+                raise SettingsError(f"{name} must be at most 65535, not {getattr(self, name)}")
+        for name in ("stream", "group", "channel", "archive_group"):
             if not getattr(self, name).strip():
                 raise SettingsError(f"{name} must not be empty")
         check_redis_url(self.redis_url)
         self.retention_seconds()
+        if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
+            raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
 
 
 def _convert(name: str, raw: Any, default: Any) -> Any:

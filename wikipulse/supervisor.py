@@ -1,4 +1,4 @@
-"""`up`: Redis (embedded when none answers), the feed, publisher, subscriber and dashboard as one group.
+"""`up`: Redis (embedded when none answers), the feed, publisher, subscriber, archiver and dashboard as one group.
 
 A child that dies is restarted with backoff; SIGINT/SIGTERM stops every child
 (SIGTERM, then SIGKILL after a grace period) and the embedded Redis, and exits 0.
@@ -135,10 +135,13 @@ async def run_up(plan: Plan) -> None:
         args = feed_args(plan, feed_port)
         if args is not None:
             settings = replace(settings, stream_url=f"http://127.0.0.1:{feed_port}{PATH}")
+        if settings.archive_dir == Settings().archive_dir and not settings.clickhouse_url:
+            settings = replace(settings, archive_dir=str(plan.data_dir / "clickhouse"))  # beside the embedded Redis's data
         env = {**_base_env(), **settings.to_env()}
         if args is not None:
             children.append(Child("feed", args, env))
-        children += [Child("publisher", ["publish"], env), Child("subscriber", ["subscribe"], env), Child("dashboard", ["dash"], env)]
+        children += [Child("publisher", ["publish"], env), Child("subscriber", ["subscribe"], env), Child("archiver", ["archive"], env),
+                     Child("dashboard", ["dash"], env)]  # fmt: skip
         for child in children:
             tasks.append(asyncio.create_task(child.supervise(), name=child.name))
             if child.name == "feed":

@@ -1,0 +1,266 @@
+"""The archiver against a real Redis and the real embedded ClickHouse engine (chDB): every event once, acknowledged
+only after ClickHouse's receipt, through kill -9 and a Redis restart; retries add no row; bad entries are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import calibrated_lines, non_canary_ids, stop, wait_for
+from tests.test_subscriber import load_stream
+from wikipulse import keys
+from wikipulse.archive import Archive, batch_token, connect
+from wikipulse.archiver import CONSUMER, Archiver, rows_of
+from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.settings import Settings
+from wikipulse.simulate import Simulator
+
+pytest.importorskip("chdb")
+
+
+@pytest.fixture
+def archive_settings(settings: Settings, tmp_path: Path) -> Settings:
+    return dataclasses.replace(settings, archive_dir=str(tmp_path / "clickhouse"), archive_port=free_port(), archive_from_stream=True)
+
+
+@pytest.fixture
+def opened(archive_settings: Settings) -> Iterator[Archive]:
+    archive = Archive(connect(archive_settings))
+    archive.ensure_schema()
+    yield archive
+    archive.close()
+
+
+async def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m wikipulse ARGS` as a user runs it, in a process of its own (so the embedded engine's lock applies)."""
+    command = [sys.executable, "-m", "wikipulse", *args]
+    return await asyncio.to_thread(subprocess.run, command, env=_env(settings), capture_output=True, text=True, timeout=120)
+
+
+async def archived_ids(settings: Settings) -> list[str]:
+    """meta.ids in the archive, one per row (a duplicate row shows twice)."""
+    out = await cli(settings, "sql", "SELECT meta_id FROM events ORDER BY meta_id")
+    assert out.returncode == 0, out.stderr
+    return [orjson.loads(line)["meta_id"] for line in out.stdout.splitlines()]
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING", **extra}
+
+
+async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
+    redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive
+) -> None:
+    lines = calibrated_lines()[:3000]
+    await load_stream(redis_client, lines, with_fold=True)
+    s = archive_settings
+    archiver = Archiver(s, redis_client)
+    await archiver.ensure_group()
+    # An archiver inserts a batch, then dies before its XACK: the batch stays pending with the insert landed.
+    reply = await redis_client.xreadgroup(s.archive_group, CONSUMER, {s.stream: ">"}, count=s.batch_size * 10)
+    entries = reply[0][1]
+    opened.insert(*rows_of(entries, s.max_event_bytes, Counter()), batch_token([e[0] for e in entries]))
+    # Its successor reads the pending batch again, with the same boundaries, and inserts it again: no new row.
+    archiver.archive = opened
+    task = asyncio.create_task(archiver.consume())
+    expected = len(non_canary_ids(lines))
+    await wait_for(lambda: _acked_all(redis_client, s), 60, "every entry acknowledged", task)
+    await stop(task)
+    assert opened.query("SELECT count(), uniqExact(meta_id) FROM events")[1] == [(expected, expected)]  # without FINAL: the token did it
+
+
+def test_the_backstop_when_a_batch_comes_back_with_other_boundaries(opened: Archive) -> None:
+    """A claim can merge a pending batch with others: another token, so ClickHouse inserts it again. The table
+    is keyed on the event (ReplacingMergeTree): FINAL reads each event once, and a merge removes the copies."""
+    lines = [line for line in calibrated_lines()[:400] if b'"canary"' not in line]
+    ids = [f"{i}-0".encode() for i in range(len(lines))]
+    opened.insert(ids[:200], lines[:200], batch_token(ids[:200]))
+    opened.insert(ids, lines, batch_token(ids))  # 0..400 again, after 0..200 landed: the first 200 twice
+    assert opened.query("SELECT count() FROM events")[1] == [(len(lines) + 200,)]
+    assert opened.query("SELECT count() FROM events FINAL")[1] == [(len(lines),)]
+
+
+async def test_bad_entries_are_counted_and_skipped(redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive) -> None:
+    good = calibrated_lines()[:10]
+    await load_stream(redis_client, [b"{oops", b"[]", *good, b'{"meta":{"domain":"x y"}}', b'{"meta":{"domain":"canary"}}'])
+    await redis_client.xadd("wiki:events", {"other": "field"})  # no data at all
+    archiver = Archiver(archive_settings, redis_client)
+    archiver.archive = opened
+    await archiver.ensure_group()
+    task = asyncio.create_task(archiver.consume())
+    await wait_for(lambda: _acked_all(redis_client, archive_settings), 30, "every entry acknowledged", task)
+    await stop(task)
+    stats = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.ARCHIVER_STATS)).items() if k != b"updated_at"}
+    assert stats == {"archived": 10, "rejected:not_json": 2, "rejected:not_object": 1, "rejected:bad_domain": 1, "canaries": 1}
+    assert opened.query("SELECT count() FROM events")[1] == [(10,)]
+
+
+async def test_kill_9_three_times_mid_batch_and_a_redis_restart_archive_every_event_once(
+    tmp_path: Path, archive_settings: Settings
+) -> None:
+    redis = RedisServer(tmp_path / "redis").start()  # AOF on
+    s = dataclasses.replace(archive_settings, redis_url=redis.url, batch_size=50, lease_ttl=1.0)
+    sim = Simulator(seed=9, start=time.time() - 30_000 / 35, canary_every=0)
+    lines = [orjson.dumps(sim.event(i)) for i in range(30_000)]  # 30,000 distinct events, 500 a batch
+    expected = len(lines)
+    rng = random.Random(5)
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        async with aioredis.Redis.from_url(redis.url) as client:
+            await load_stream(client, lines, with_fold=True)
+            process = _spawn(s)
+            for kill in range(4):
+                target = await _archived(client) + rng.randrange(500, 4000)
+                await wait_for(lambda: _archived_at_least(client, target), 120, "progress")  # noqa: B023 (awaited at once)
+                if kill == 2:  # Redis goes away and comes back (AOF) while the archiver works
+                    redis.stop()
+                    await asyncio.sleep(0.5)
+                    redis.start()
+                    continue
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                process = _spawn(s)
+            assert await _archived(client) < expected, "the run ended before the last kill: kill earlier"
+            await wait_for(lambda: _acked_all(client, s), 180, "every entry acknowledged")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        process = None
+        ids = await archived_ids(s)  # without FINAL: every row there is
+        assert len(ids) == expected and sorted(ids) == sorted(non_canary_ids(lines))
+    finally:
+        if process is not None:
+            process.kill()
+        redis.stop()
+
+
+async def test_sql_and_history_while_the_archiver_holds_the_engine(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
+    lines = calibrated_lines()[:2000]
+    await load_stream(redis_client, lines, with_fold=True)
+    process = _spawn(archive_settings)
+    try:
+        await wait_for(lambda: _acked_all(redis_client, archive_settings), 60, "archived")
+        s = archive_settings
+        out = await cli(s, "sql", "SELECT domain, count() AS n FROM events GROUP BY domain ORDER BY n DESC LIMIT 1")
+        assert out.returncode == 0, out.stderr
+        assert orjson.loads(out.stdout) == {"domain": "commons.wikimedia.org", "n": _count(lines, "commons.wikimedia.org")}
+        hist = await cli(s, "history", "_all", "--since", "0")
+        days = [orjson.loads(line) for line in hist.stdout.splitlines()]
+        assert sum(d["events"] for d in days) == len(non_canary_ids(lines)), hist.stderr
+        writes = (
+            "DROP TABLE events",
+            "INSERT INTO events (raw) VALUES ('x')",
+            "SELECT 1; DROP TABLE events",
+            "ALTER TABLE events DELETE WHERE 1",
+        )
+        for write in writes:
+            refused = await cli(s, "sql", write)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, (write, refused.stderr)
+        refused = await cli(s, "sql", "SELECT 1 SETTINGS readonly = 0")  # ClickHouse itself refuses to leave read-only
+        assert refused.returncode == 1 and "readonly" in refused.stderr.lower(), refused.stderr
+        assert len(await archived_ids(s)) == len(non_canary_ids(lines))  # nothing was written by the refused statements
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+
+
+async def test_an_unavailable_clickhouse_holds_the_archiver_back_and_nothing_else(
+    redis_client: aioredis.Redis, archive_settings: Settings, settings: Settings
+) -> None:
+    """The embedded directory is held by another process: the archiver waits and acknowledges nothing, the
+    subscriber folds on; once ClickHouse can be opened, every event is archived."""
+    from wikipulse.subscriber import Subscriber
+
+    await asyncio.to_thread(Path(archive_settings.archive_dir).mkdir, parents=True)
+    dsn = f"chdb://{archive_settings.archive_dir}"
+    hold = f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn={dsn!r}); print('held', flush=True); time.sleep(60)"
+    holder = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", hold], stdout=subprocess.PIPE)
+    assert holder.stdout is not None and await asyncio.to_thread(holder.stdout.readline) == b"held\n"
+    lines = calibrated_lines()[:2000]
+    await load_stream(redis_client, lines, with_fold=True)
+    await redis_client.xgroup_create("wiki:events", archive_settings.archive_group, id="0")
+    archiver = _spawn(archive_settings)
+    subscriber = asyncio.create_task(
+        Subscriber(dataclasses.replace(settings, retention="10s=400d,1m=400d,1h=400d"), redis_client).run_stream()
+    )
+    try:
+        expected = len(non_canary_ids(lines))
+        await wait_for(lambda: _folded(redis_client, expected), 30, "the subscriber folds everything")
+        await asyncio.sleep(2)
+        groups = {g["name"]: g for g in await redis_client.xinfo_groups("wiki:events")}
+        assert groups[archive_settings.archive_group.encode()]["last-delivered-id"] in (b"0-0", "0-0")  # nothing read, nothing acked
+        holder.kill()
+        await asyncio.to_thread(holder.wait)
+        await wait_for(lambda: _acked_all(redis_client, archive_settings), 60, "archived once ClickHouse opens")
+    finally:
+        await stop(subscriber)
+        archiver.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(archiver.wait, 30)
+        holder.kill()
+        await asyncio.to_thread(holder.communicate)  # reaped, its pipe closed
+    assert len(await archived_ids(archive_settings)) == expected
+
+
+@pytest.mark.skipif(not os.environ.get("WIKIPULSE_TEST_CLICKHOUSE_URL"), reason="no ClickHouse server (set WIKIPULSE_TEST_CLICKHOUSE_URL)")
+async def test_the_same_archive_on_a_clickhouse_server(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
+    s = dataclasses.replace(archive_settings, clickhouse_url=os.environ["WIKIPULSE_TEST_CLICKHOUSE_URL"])
+    archive = Archive(connect(s))
+    archive.client.command("DROP TABLE IF EXISTS events")
+    archive.ensure_schema()
+    await load_stream(redis_client, calibrated_lines()[:1000], with_fold=True)
+    archiver = Archiver(s, redis_client)
+    archiver.archive = archive
+    await archiver.ensure_group()
+    task = asyncio.create_task(archiver.consume())
+    await wait_for(lambda: _acked_all(redis_client, s), 60, "archived", task)
+    await stop(task)
+    assert archive.query("SELECT count() FROM events")[1] == [(len(non_canary_ids(calibrated_lines()[:1000])),)]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _spawn(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "archiver.py"], env=_env(settings), stdin=subprocess.DEVNULL)
+
+
+def _count(lines: list[bytes] | tuple[bytes, ...], domain: str) -> int:
+    return sum(1 for line in lines if orjson.loads(line)["meta"]["domain"] == domain)
+
+
+async def _archived(client: aioredis.Redis) -> int:
+    try:
+        return int(await client.hget(keys.ARCHIVER_STATS, "archived") or 0)
+    except (ConnectionError, OSError, aioredis.ConnectionError):
+        return 0
+
+
+async def _archived_at_least(client: aioredis.Redis, n: int) -> bool:
+    return await _archived(client) >= n
+
+
+async def _folded(client: aioredis.Redis, n: int) -> bool:
+    return int(await client.hget(keys.SUBSCRIBER_STATS, "folded") or 0) >= n
+
+
+async def _acked_all(client: aioredis.Redis, settings: Settings) -> bool:
+    """Every entry of the stream delivered to the archiver's group and acknowledged."""
+    try:
+        groups = {g["name"]: g for g in await client.xinfo_groups(settings.stream)}
+        last = (await client.xrevrange(settings.stream, count=1))[0][0]
+    except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.ResponseError):
+        return False
+    group = groups.get(settings.archive_group.encode())
+    return group is not None and group["pending"] == 0 and group["last-delivered-id"] == last and time.time() > 0

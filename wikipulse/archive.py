@@ -1,0 +1,166 @@
+"""The archive: every event in ClickHouse, for questions beyond Redis's retention.
+
+One client library, clickhouse-connect, for both engines: with no CLICKHOUSE_URL, the embedded engine
+(chDB, `chdb://` DSN) in `archive_dir`; with one, a ClickHouse server. Only one process may open an
+embedded directory at a time, so the archiver (which holds it) also answers read-only queries on a
+loopback HTTP endpoint (archiver.py), and `sql`/`history` go there while it runs (query.py).
+
+The table keeps each event's raw JSON and derives the typed columns from it inside ClickHouse (DEFAULT
+expressions, in C++): the archiver sends two strings an event, no Python parsing or datetime objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from wikipulse.settings import OperatorError, Settings, SettingsError, parse_duration
+
+TABLE = "events"
+
+# Typed columns of the recentchange schema (mediawiki/recentchange 1.0.0), each derived from `raw`. Event time
+# is the edit's own `timestamp`, else `meta.dt` (as the counts are bucketed). ReplacingMergeTree keyed on the
+# event: a backstop for a retried batch whose boundaries changed (see archiver.py); FINAL reads it exactly.
+COLUMNS = """
+    stream_id String,
+    raw String CODEC(ZSTD(3)),
+    meta_id String DEFAULT JSONExtractString(raw, 'meta', 'id'),
+    event_key String DEFAULT if(meta_id != '', meta_id, stream_id),
+    meta_dt DateTime64(3, 'UTC') DEFAULT parseDateTime64BestEffortOrZero(JSONExtractString(raw, 'meta', 'dt'), 3, 'UTC'),
+    event_time DateTime64(3, 'UTC')
+        DEFAULT if(JSONHas(raw, 'timestamp'), toDateTime64(JSONExtractInt(raw, 'timestamp'), 3, 'UTC'), meta_dt),
+    domain LowCardinality(String) DEFAULT JSONExtractString(raw, 'meta', 'domain'),
+    wiki LowCardinality(String) DEFAULT JSONExtractString(raw, 'wiki'),
+    type LowCardinality(String) DEFAULT JSONExtractString(raw, 'type'),
+    namespace Int32 DEFAULT JSONExtractInt(raw, 'namespace'),
+    title String DEFAULT JSONExtractString(raw, 'title'),
+    user String DEFAULT JSONExtractString(raw, 'user'),
+    bot Bool DEFAULT JSONExtractBool(raw, 'bot'),
+    minor Bool DEFAULT JSONExtractBool(raw, 'minor'),
+    length_old Nullable(Int64) DEFAULT JSONExtract(raw, 'length', 'old', 'Nullable(Int64)'),
+    length_new Nullable(Int64) DEFAULT JSONExtract(raw, 'length', 'new', 'Nullable(Int64)'),
+    revision_old Nullable(Int64) DEFAULT JSONExtract(raw, 'revision', 'old', 'Nullable(Int64)'),
+    revision_new Nullable(Int64) DEFAULT JSONExtract(raw, 'revision', 'new', 'Nullable(Int64)'),
+    comment String DEFAULT JSONExtractString(raw, 'comment'),
+    log_type LowCardinality(String) DEFAULT JSONExtractString(raw, 'log_type'),
+    log_action LowCardinality(String) DEFAULT JSONExtractString(raw, 'log_action'),
+    server_name LowCardinality(String) DEFAULT JSONExtractString(raw, 'server_name'),
+    rc_id Nullable(Int64) DEFAULT JSONExtract(raw, 'id', 'Nullable(Int64)')
+"""
+
+# Partitioned by month, ordered for the common questions (one domain over time). The dedup window: a retried
+# insert with the same token (archiver.batch_token) within the last 10,000 inserts adds nothing.
+CREATE = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} ({COLUMNS})
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (domain, event_time, event_key)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN)\b", re.IGNORECASE)
+
+
+class ArchiveUnavailable(Exception):
+    """ClickHouse cannot be reached (a server down, an embedded directory held by another process)."""
+
+
+def check_read_only(sql: str) -> str:
+    """The statement if it only reads (one SELECT, WITH, SHOW, DESCRIBE or EXPLAIN), else SettingsError.
+    Queries also run with readonly=1, so ClickHouse itself refuses writes as well."""
+    statement = sql.strip().rstrip(";").strip()
+    if not READ_ONLY.match(statement):
+        raise SettingsError(f"only SELECT, WITH, SHOW, DESCRIBE and EXPLAIN are allowed, not {statement[:40]!r}")
+    if ";" in statement:
+        raise SettingsError("one statement at a time")
+    return statement
+
+
+def batch_token(ids: Sequence[bytes | str]) -> str:
+    """The insert's deduplication token: a digest of the batch's stream ids, so the same batch retried is the same insert."""
+    digest = hashlib.sha256(b"\n".join(i if isinstance(i, bytes) else i.encode() for i in ids)).hexdigest()
+    return f"wp-{len(ids)}-{digest[:32]}"
+
+
+def ttl_clause(retention: str) -> str | None:
+    """`TTL ...` for ARCHIVE_RETENTION ('400d', '2y' is not a duration: days), or None to keep everything."""
+    if not retention.strip():
+        return None
+    seconds = parse_duration(retention)
+    if seconds < 86400:
+        raise SettingsError(f"archive_retention must be at least a day, not {retention!r}")
+    return f"toDateTime(event_time) + INTERVAL {seconds // 86400} DAY"
+
+
+def dsn(settings: Settings) -> str:
+    """clickhouse-connect's DSN: the server's URL, or the embedded engine's directory."""
+    if settings.clickhouse_url:
+        return settings.clickhouse_url
+    return f"chdb://{Path(settings.archive_dir).resolve()}"
+
+
+def connect(settings: Settings) -> Client:
+    """A client for the configured engine; ArchiveUnavailable if it cannot be opened now."""
+    if not settings.clickhouse_url:
+        Path(settings.archive_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        return clickhouse_connect.get_client(dsn=dsn(settings))
+    except (ClickHouseError, OSError) as exc:
+        held = "Cannot lock file" in str(exc)
+        why = f"the embedded archive in {settings.archive_dir} is open in another process (the archiver?)" if held else str(exc)[:300]
+        raise ArchiveUnavailable(why) from exc
+
+
+class Archive:
+    """The events table through one client. Blocking calls: callers on an event loop run them in a thread
+    (clickhouse-connect's async client does not support chDB)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def ensure_schema(self, retention: str = "") -> None:
+        """The table, with ARCHIVE_RETENTION as its TTL (changed, set or removed to match the setting)."""
+        self.client.command(CREATE)
+        ttl = ttl_clause(retention)
+        engine = str(self.client.command(f"SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = '{TABLE}'"))
+        if ttl:
+            self.client.command(f"ALTER TABLE {TABLE} MODIFY TTL {ttl}")
+        elif " TTL " in engine:
+            self.client.command(f"ALTER TABLE {TABLE} REMOVE TTL")
+
+    def insert(self, ids: Sequence[bytes], raws: Sequence[bytes], token: str) -> None:
+        """Rows of (stream id, raw JSON) as one insert; the same token again inserts nothing."""
+        rows = [[i, r] for i, r in zip(ids, raws, strict=True)]
+        try:
+            self.client.insert(TABLE, rows, column_names=["stream_id", "raw"], settings={"insert_deduplication_token": token})
+        except (ClickHouseError, OSError) as exc:
+            raise ArchiveUnavailable(str(exc)[:300]) from exc
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """(column names, rows) of a read-only statement."""
+        statement = check_read_only(sql)
+        try:
+            result = self.client.query(statement, settings={"readonly": 1})
+        except ClickHouseError as exc:
+            raise OperatorError(f"ClickHouse: {str(exc).strip()[:500]}") from exc
+        return list(result.column_names), [tuple(row) for row in result.result_rows]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def daily_counts_sql(domain: str, since: int, until: int) -> str:
+    """Events a day for one domain (`_all` for every domain), from the archive, each event once (FINAL)."""
+    where = "" if domain == "_all" else f"domain = '{domain}' AND "  # validated: a host name has no quote
+    return (
+        f"SELECT toDate(event_time) AS day, count() AS events, countIf(bot) AS bots, countIf(type = 'new') AS new_pages "
+        f"FROM {TABLE} FINAL WHERE {where}event_time >= toDateTime64({since}, 3, 'UTC') AND event_time < toDateTime64({until}, 3, 'UTC') "
+        f"GROUP BY day ORDER BY day"
+    )

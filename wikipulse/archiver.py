@@ -1,0 +1,229 @@
+"""Redis stream -> ClickHouse: every event archived, acknowledged only after ClickHouse confirmed the insert.
+
+Its own consumer group on the stream (`archive_group`), one archiver per group (a lease; a second one stands
+by) under one consumer name, one batch at a time: read, insert, then XACK. A crash before the XACK leaves
+the batch pending; the next archiver reads its pending entries first, in batches of the same size from the
+same first id, so it re-reads the same batch and inserts it with the same deduplication token (a digest
+of its stream ids): ClickHouse drops the second insert. Were the boundaries ever to change (entries
+claimed from another consumer name), the table's ReplacingMergeTree on the event is the backstop, and
+`FINAL` reads it exactly (README: the archive).
+
+The archiver holds the embedded engine's directory (only one process can), so it also answers read-only
+queries on 127.0.0.1 (`POST /query`, JSON lines), for `sql` and `history` while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import ResponseError
+
+from wikipulse import keys
+from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect
+from wikipulse.events import Accepted, Canary, validate
+from wikipulse.lease import Lease
+from wikipulse.policy import check_redis
+from wikipulse.retry import REDIS_ERRORS, Backoff, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+
+logger = logging.getLogger(__name__)
+
+CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds the pending batch under this name
+_DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
+
+
+def rows_of(
+    entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]], max_bytes: int, counters: Counter[str]
+) -> tuple[list[bytes], list[bytes]]:
+    """(stream ids, raw JSON) of the entries to archive. The publisher's entries (with a fold summary) were
+    validated when they were written; any other writer's are validated here, and what fails is counted."""
+    ids: list[bytes] = []
+    raws: list[bytes] = []
+    for entry_id, fields in entries:
+        if not fields:
+            counters["trimmed"] += 1  # trimmed from the stream after it was delivered, before it was archived
+            continue
+        data = fields.get(_DATA)
+        if data is not None and _FOLD in fields:
+            ids.append(entry_id)
+            raws.append(data)
+            continue
+        verdict = validate(data or b"", max_bytes)
+        if isinstance(verdict, Accepted):
+            ids.append(entry_id)
+            raws.append(data or b"")
+        elif isinstance(verdict, Canary):
+            counters["canaries"] += 1
+        else:
+            counters[f"rejected:{verdict.reason.value}"] += 1
+    return ids, raws
+
+
+class Archiver:
+    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.lease = Lease(client, keys.archiver_lease(settings.archive_group), settings.lease_ttl)
+        self.archive: Archive | None = None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
+        self.totals: Counter[str] = Counter()
+        self.backoff = Backoff(settings.backoff_cap)
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    async def open_archive(self) -> Archive:
+        """The archive, opened (and its table made) once ClickHouse can be reached; retried until then."""
+        while self.archive is None:
+            try:
+                archive = Archive(await self.call(connect, self.settings))
+                await self.call(archive.ensure_schema, self.settings.archive_retention)
+                self.archive = archive
+            except ArchiveUnavailable as exc:
+                delay = self.backoff.next_delay()
+                logger.error("ClickHouse unavailable (%s); nothing is acknowledged until it is back; retrying in %.1fs", exc, delay)
+                await pause_before_retry(delay)
+        return self.archive
+
+    async def ensure_group(self) -> None:
+        # A new group starts at the stream's end, unless asked to archive what the stream still holds.
+        start = "0" if self.settings.archive_from_stream else "$"
+        try:
+            await self.client.xgroup_create(self.settings.stream, self.settings.archive_group, id=start, mkstream=True)
+            logger.info("created consumer group %s on %s from %s", self.settings.archive_group, self.settings.stream,
+                        "its first entry" if start == "0" else "now")  # fmt: skip
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        await self.lease.wait_until_held(f"the archiver lease of group {self.settings.archive_group!r} (one archiver per group)")
+        keeper = asyncio.create_task(self.lease.keep())
+        try:
+            await self.open_archive()
+            while True:
+                try:
+                    await self.ensure_group()
+                    await self.consume()
+                except REDIS_ERRORS as exc:
+                    await self._pause(f"Redis unavailable ({exc})")
+                except ArchiveUnavailable as exc:
+                    await self._pause(f"ClickHouse unavailable ({exc}): the batch stays pending, nothing is acknowledged")
+                except ResponseError as exc:
+                    if is_full(exc):
+                        await self._pause(f"Redis is full ({exc})")
+                    elif "NOGROUP" in str(exc):
+                        logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                    else:
+                        raise
+        finally:
+            keeper.cancel()
+            await self.lease.release()
+
+    async def _pause(self, why: str) -> None:
+        delay = self.backoff.next_delay()
+        logger.error("%s; retrying in %.1fs", why, delay)
+        await pause_before_retry(delay)
+
+    async def consume(self) -> None:
+        """Read a batch, insert it, acknowledge it; own pending entries first (a batch in flight when the last
+        archiver stopped: re-read with the same boundaries, so its retried insert has the same token)."""
+        s = self.settings
+        archive = await self.open_archive()
+        cursor = "0"
+        count = s.batch_size * 10
+        while True:
+            stop_if_cancelled()
+            reply = await self.client.xreadgroup(
+                s.archive_group, CONSUMER, {s.stream: cursor}, count=count, block=None if cursor != ">" else 1000
+            )
+            entries = reply[0][1] if reply else []
+            if not entries:
+                cursor = ">"  # our own pending entries are done: new ones from now on
+                continue
+            if cursor != ">":
+                cursor = entries[-1][0].decode()
+            counters: Counter[str] = Counter()
+            ids, raws = rows_of(entries, s.max_event_bytes, counters)
+            if ids:
+                await self.call(archive.insert, ids, raws, batch_token([e[0] for e in entries]))
+            counters["archived"] += len(ids)
+            pipe = self.client.pipeline(transaction=True)  # acknowledged only now, after ClickHouse's receipt
+            pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
+            for name, n in counters.items():
+                pipe.hincrby(keys.ARCHIVER_STATS, name, n)
+            pipe.hset(keys.ARCHIVER_STATS, "updated_at", time.time())
+            await pipe.execute()
+            self.totals.update(counters)
+            self.backoff.reset()
+
+    # ---- read-only queries, for the processes that cannot open the embedded directory ----------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/query", self.handle_query)
+        return app
+
+    async def handle_query(self, request: web.Request) -> web.Response:
+        sql = await request.text()
+        archive = self.archive
+        if archive is None:
+            return web.Response(status=503, text="the archive is not open yet")
+        try:
+            columns, rows = await self.call(archive.query, sql)
+        except (SettingsError, OperatorError) as exc:
+            return web.Response(status=400, text=str(exc))
+        return web.Response(body=json_lines(columns, rows), content_type="application/x-ndjson")
+
+    def close(self) -> None:
+        if self.archive is not None:
+            with contextlib.suppress(Exception):  # closing an engine that failed must not hide why we stop
+                self.archive.close()
+        self.thread.shutdown(wait=True)
+
+
+def json_lines(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    """One JSON object per row, keyed by column name (dates as ISO 8601)."""
+    return b"".join(orjson.dumps(dict(zip(columns, row, strict=True)), default=str, option=orjson.OPT_NAIVE_UTC) + b"\n" for row in rows)
+
+
+async def log_stats(archiver: Archiver, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        t = archiver.totals
+        logger.info("archived %d, rejected %d", t["archived"], sum(v for k, v in t.items() if k.startswith("rejected:")))
+
+
+async def run_archiver(settings: Settings) -> None:
+    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    async with client:
+        await check_redis(client, settings)
+        archiver = Archiver(settings, client)
+        runner = web.AppRunner(archiver.app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", settings.archive_port)
+        stats_task = asyncio.create_task(log_stats(archiver, settings.stats_interval))
+        try:
+            # A second archiver stands by here, before it binds the port or opens the embedded engine.
+            await archiver.lease.wait_until_held(f"the archiver lease of group {settings.archive_group!r} (one archiver per group)")
+            try:
+                await site.start()
+                logger.info("archiver: %s -> %s; queries on http://127.0.0.1:%d/query", settings.stream,
+                            redact_url(settings.clickhouse_url) or settings.archive_dir, settings.archive_port)  # fmt: skip
+            except OSError as exc:  # archiving matters more than the query endpoint
+                logger.error("cannot serve queries on 127.0.0.1:%d (%s): `sql` and `history` cannot reach the archive while "
+                             "this archiver holds it; set ARCHIVE_PORT", settings.archive_port, exc)  # fmt: skip
+            await archiver.run()
+        finally:
+            stats_task.cancel()
+            await runner.cleanup()
+            await asyncio.get_running_loop().run_in_executor(None, archiver.close)
