@@ -35,6 +35,7 @@ async def read_status(client: aioredis.Redis, stream: str, group: str) -> dict[s
     pipe.hgetall(keys.SUBSCRIBER_STATS)
     pipe.xlen(stream)
     pipe.xpending(stream, group)
+    pipe.hgetall(keys.ARCHIVER_STATS)
     replies = await pipe.execute(raise_on_error=False)
     publisher = decode_hash(replies[0]) if isinstance(replies[0], dict) else {}
     subscriber = decode_hash(replies[1]) if isinstance(replies[1], dict) else {}
@@ -54,6 +55,7 @@ async def read_status(client: aioredis.Redis, stream: str, group: str) -> dict[s
         "overflow": subscriber.get("overflow", 0),  # events of domains over max_domains, folded as _other
         # per consumer group: entries trimmed from the stream before they were delivered to it (trimming.py)
         "trimmed_unread": trimmed_unread(publisher),
+        "archiver": decode_hash(replies[4]) if isinstance(replies[4], dict) else {},  # archived, rejected:<reason>, ...
         "lag_seconds": publisher.get("lag_seconds"),
         "publisher_seen_seconds_ago": None if not isinstance(updated, (int, float)) else round(now - updated, 1),
     }
