@@ -156,7 +156,7 @@ async def test_sql_and_history_while_the_archiver_holds_the_engine(redis_client:
         out = await cli(s, "sql", "SELECT domain, count() AS n FROM events GROUP BY domain ORDER BY n DESC LIMIT 1")
         assert out.returncode == 0, out.stderr
         assert orjson.loads(out.stdout) == {"domain": "commons.wikimedia.org", "n": _count(lines, "commons.wikimedia.org")}
-        status = await cli(s, "stats")
+        status = await cli(s, "stats", "--group", s.archive_group)
         assert orjson.loads(status.stdout)["archiver"]["archived"] == len(non_canary_ids(lines)), status.stderr
         hist = await cli(s, "history", "_all", "--since", "0")
         days = [orjson.loads(line) for line in hist.stdout.splitlines()]
