@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tests.helpers import calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_subscriber import load_stream
 from wikipulse import keys
 from wikipulse.archive import Archive, batch_token, connect
-from wikipulse.archiver import CONSUMER, Archiver, rows_of
+from wikipulse.archiver import Archiver
 from wikipulse.redis_server import RedisServer, free_port
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
@@ -64,22 +63,31 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
 async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive
 ) -> None:
-    lines = calibrated_lines()[:3000]
-    await load_stream(redis_client, lines, with_fold=True)
+    lines = calibrated_lines()[:8000]
+    await load_stream(redis_client, lines[:1200], with_fold=True)
     s = archive_settings
     archiver = Archiver(s, redis_client)
     await archiver.ensure_group()
-    # An archiver inserts a batch, then dies before its XACK: the batch stays pending with the insert landed.
-    reply = await redis_client.xreadgroup(s.archive_group, CONSUMER, {s.stream: ">"}, count=s.batch_size * 10)
-    entries = reply[0][1]
-    opened.insert(*rows_of(entries, s.max_event_bytes, Counter()), batch_token([e[0] for e in entries]))
-    # Its successor reads the pending batch again, with the same boundaries, and inserts it again: no new row.
-    archiver.archive = opened
-    task = asyncio.create_task(archiver.consume())
-    expected = len(non_canary_ids(lines))
+    # An archiver reads a partial batch A (the feed is slow), records its size, inserts it; reads and records the next
+    # batch B while A is inserted (as consume does); and dies before A's XACK. Both are pending, A's rows are in.
+    batch_a = await archiver.read(">", s.batch_size * 10)
+    assert len(batch_a) == 1200
+    await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_a))
+    archiver.insert(opened, batch_a)
+    await load_stream(redis_client, lines[1200:2000], with_fold=True)
+    batch_b = await archiver.read(">", s.batch_size * 10)
+    await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_b))
+    await load_stream(redis_client, lines[2000:], with_fold=True)  # more arrives meanwhile
+    # Its successor reads the pending entries again in the same batches (1,200 then 800, not 2,000 at once), so A is
+    # inserted again with the same token: no new row.
+    successor = Archiver(s, redis_client)
+    successor.archive = opened
+    task = asyncio.create_task(successor.consume())
     await wait_for(lambda: _acked_all(redis_client, s), 60, "every entry acknowledged", task)
     await stop(task)
-    assert opened.query("SELECT count(), uniqExact(meta_id) FROM events")[1] == [(expected, expected)]  # without FINAL: the token did it
+    expected = len(non_canary_ids(lines))
+    assert opened.query("SELECT count(), uniqExact(meta_id) FROM events")[1] == [(expected, expected)]  # without FINAL
+    assert await redis_client.llen(keys.archiver_batches(s.archive_group)) == 0
 
 
 def test_the_backstop_when_a_batch_comes_back_with_other_boundaries(opened: Archive) -> None:

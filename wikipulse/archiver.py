@@ -1,10 +1,10 @@
 """Redis stream -> ClickHouse: every event archived, acknowledged only after ClickHouse confirmed the insert.
 
 Its own consumer group on the stream (`archive_group`), one archiver per group (a lease; a second one stands
-by) under one consumer name, one batch at a time: read, insert, then XACK. A crash before the XACK leaves
-the batch pending; the next archiver reads its pending entries first, in batches of the same size from the
-same first id, so it re-reads the same batch and inserts it with the same deduplication token (a digest
-of its stream ids): ClickHouse drops the second insert. Were the boundaries ever to change (entries
+by) under one consumer name: read, insert, then XACK, the next batch read while ClickHouse inserts one. A crash before the XACK leaves
+the batch pending; the next archiver reads its pending entries first, in the batch sizes recorded in Redis,
+so it re-reads the same batches and inserts them with the same deduplication tokens (a digest of their
+stream ids): ClickHouse drops the second insert. Were the boundaries ever to change (entries
 claimed from another consumer name), the table's ReplacingMergeTree on the event is the backstop, and
 `FINAL` reads it exactly (README: the archive).
 
@@ -42,9 +42,10 @@ CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds t
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
 
-def rows_of(
-    entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]], max_bytes: int, counters: Counter[str]
-) -> tuple[list[bytes], list[bytes]]:
+Entry = tuple[bytes, dict[bytes, bytes] | None]  # as redis-py's XREADGROUP gives it; None: trimmed before it was read
+
+
+def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) -> tuple[list[bytes], list[bytes]]:
     """(stream ids, raw JSON) of the entries to archive. The publisher's entries (with a fold summary) were
     validated when they were written; any other writer's are validated here, and what fails is counted."""
     ids: list[bytes] = []
@@ -135,37 +136,68 @@ class Archiver:
         logger.error("%s; retrying in %.1fs", why, delay)
         await pause_before_retry(delay)
 
+    async def read(self, cursor: str, count: int) -> list[Entry]:
+        s = self.settings
+        reply = await self.client.xreadgroup(
+            s.archive_group, CONSUMER, {s.stream: cursor}, count=count, block=None if cursor != ">" else 1000
+        )
+        return list(reply[0][1]) if reply else []
+
     async def consume(self) -> None:
-        """Read a batch, insert it, acknowledge it; own pending entries first (a batch in flight when the last
-        archiver stopped: re-read with the same boundaries, so its retried insert has the same token)."""
+        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one.
+
+        Each batch's size is recorded (keys.archiver_batches) before it is inserted and dropped with its XACK, in
+        order. So after a crash the pending entries are read again in the very same batches (own pending first,
+        COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
+        ClickHouse drops it. At most two batches are unacknowledged."""
         s = self.settings
         archive = await self.open_archive()
+        batches = keys.archiver_batches(s.archive_group)
+        recorded = [int(n) for n in await self.client.lrange(batches, 0, -1)]
         cursor = "0"
-        count = s.batch_size * 10
+        inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
         while True:
             stop_if_cancelled()
-            reply = await self.client.xreadgroup(
-                s.archive_group, CONSUMER, {s.stream: cursor}, count=count, block=None if cursor != ">" else 1000
-            )
-            entries = reply[0][1] if reply else []
-            if not entries:
+            replaying = cursor != ">" and bool(recorded)
+            entries = await self.read(cursor, recorded.pop(0) if replaying else s.batch_size * 10)
+            if not entries and cursor != ">":
                 cursor = ">"  # our own pending entries are done: new ones from now on
+                if inserting is None:
+                    await self.client.delete(batches)  # nothing pending: no size to remember
                 continue
-            if cursor != ">":
-                cursor = entries[-1][0].decode()
-            counters: Counter[str] = Counter()
-            ids, raws = rows_of(entries, s.max_event_bytes, counters)
-            if ids:
-                await self.call(archive.insert, ids, raws, batch_token([e[0] for e in entries]))
-            counters["archived"] += len(ids)
-            pipe = self.client.pipeline(transaction=True)  # acknowledged only now, after ClickHouse's receipt
-            pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
-            for name, n in counters.items():
-                pipe.hincrby(keys.ARCHIVER_STATS, name, n)
-            pipe.hset(keys.ARCHIVER_STATS, "updated_at", time.time())
-            await pipe.execute()
-            self.totals.update(counters)
-            self.backoff.reset()
+            if entries:
+                if cursor != ">":
+                    cursor = entries[-1][0].decode()
+                if not replaying:
+                    await self.client.rpush(batches, len(entries))
+            if inserting is not None:
+                await self.acknowledge(*inserting)
+                inserting = None
+            if entries:
+                inserting = (entries, asyncio.ensure_future(self.call(self.insert, archive, entries)))
+
+    def insert(self, archive: Archive, entries: list[Entry]) -> Counter[str]:
+        """The batch's rows into ClickHouse (in the ClickHouse thread); what it counted."""
+        counters: Counter[str] = Counter()
+        ids, raws = rows_of(entries, self.settings.max_event_bytes, counters)
+        if ids:
+            archive.insert(ids, raws, batch_token([e[0] for e in entries]))
+        counters["archived"] += len(ids)
+        return counters
+
+    async def acknowledge(self, entries: list[Entry], insert: asyncio.Future[Counter[str]]) -> None:
+        """After ClickHouse's receipt, and only then: XACK the batch, forget its size, count it."""
+        counters = await insert
+        s = self.settings
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
+        pipe.lpop(keys.archiver_batches(s.archive_group))
+        for name, n in counters.items():
+            pipe.hincrby(keys.ARCHIVER_STATS, name, n)
+        pipe.hset(keys.ARCHIVER_STATS, "updated_at", time.time())
+        await pipe.execute()
+        self.totals.update(counters)
+        self.backoff.reset()
 
     # ---- read-only queries, for the processes that cannot open the embedded directory ----------
     def app(self) -> web.Application:

@@ -43,6 +43,12 @@ def archiver_lease(group: str) -> str:
     return f"{PREFIX}:archiver:lease:{group}"
 
 
+def archiver_batches(group: str) -> str:
+    """List: the sizes of the batches read but not yet acknowledged, oldest first. A restarted archiver reads its
+    pending entries again in exactly these batches, so a retried insert carries the same deduplication token."""
+    return f"{PREFIX}:archiver:batches:{group}"
+
+
 def consumer_lease(group: str, consumer: str) -> str:
     """The lease on a consumer name in a group: one live process per name, or two processes would
     take each other's in-flight entries for their own pending ones. The apply script is fenced by it."""
