@@ -77,6 +77,7 @@ async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     await load_stream(redis_client, lines[1200:2000], with_fold=True)
     batch_b = await archiver.read(">", s.batch_size * 10)
     await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_b))
+    await archiver.reader.close()
     await load_stream(redis_client, lines[2000:], with_fold=True)  # more arrives meanwhile
     # Its successor reads the pending entries again in the same batches (1,200 then 800, not 2,000 at once), so A is
     # inserted again with the same token: no new row.

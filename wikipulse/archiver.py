@@ -35,14 +35,12 @@ from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.streams import Entry, StreamReader
 
 logger = logging.getLogger(__name__)
 
 CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds the pending batch under this name
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
-
-
-Entry = tuple[bytes, dict[bytes, bytes] | None]  # as redis-py's XREADGROUP gives it; None: trimmed before it was read
 
 
 def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) -> tuple[list[bytes], list[bytes]]:
@@ -54,8 +52,13 @@ def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) ->
         if not fields:
             counters["trimmed"] += 1  # trimmed from the stream after it was delivered, before it was archived
             continue
-        data = fields.get(_DATA)
-        if data is not None and _FOLD in fields:
+        if len(fields) == 4 and fields[0] == _DATA and fields[2] == _FOLD:  # the publisher's layout: most entries
+            ids.append(entry_id)
+            raws.append(fields[1])
+            continue
+        named = dict(zip(fields[::2], fields[1::2], strict=False))
+        data = named.get(_DATA)
+        if data is not None and _FOLD in named:
             ids.append(entry_id)
             raws.append(data)
             continue
@@ -79,6 +82,7 @@ class Archiver:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
         self.totals: Counter[str] = Counter()
         self.backoff = Backoff(settings.backoff_cap)
+        self.reader = StreamReader(client, settings.stream, settings.archive_group, CONSUMER)
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -137,11 +141,9 @@ class Archiver:
         await pause_before_retry(delay)
 
     async def read(self, cursor: str, count: int) -> list[Entry]:
-        s = self.settings
-        reply = await self.client.xreadgroup(
-            s.archive_group, CONSUMER, {s.stream: cursor}, count=count, block=None if cursor != ">" else 1000
-        )
-        return list(reply[0][1]) if reply else []
+        await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
+        entries, _ = await self.reader.receive()
+        return entries
 
     async def consume(self) -> None:
         """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one.
@@ -150,8 +152,13 @@ class Archiver:
         order. So after a crash the pending entries are read again in the very same batches (own pending first,
         COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
         ClickHouse drops it. At most two batches are unacknowledged."""
+        try:
+            await self._consume(await self.open_archive())
+        finally:
+            await self.reader.close()  # a reply half read must not be taken for the next one
+
+    async def _consume(self, archive: Archive) -> None:
         s = self.settings
-        archive = await self.open_archive()
         batches = keys.archiver_batches(s.archive_group)
         recorded = [int(n) for n in await self.client.lrange(batches, 0, -1)]
         cursor = "0"

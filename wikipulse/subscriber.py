@@ -32,13 +32,10 @@ from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
+from wikipulse.streams import Entry, StreamReader
 
 logger = logging.getLogger(__name__)
 
-# An entry as XREADGROUP/XAUTOCLAIM reply it, unparsed: [id, [field, value, ...]], or [id, None]
-# when it was trimmed from the stream before it was read. Unparsed, because redis-py's
-# conversion to dicts would cost more than everything else the fast path does per entry.
-Entry = tuple[bytes, list[bytes] | None]
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 WRITES_IN_FLIGHT = 2
 PUBSUB_SILENCE = 30  # seconds without a message or a PING reply before the pub/sub connection counts as dead
@@ -117,30 +114,6 @@ return reply
 """
 
 
-class StreamReader:
-    """XREADGROUP on a connection of its own, sent and received apart, so Redis can read the
-    next batch while this process folds the current one. Replies come unparsed (see Entry).
-    Each read is preceded by a GET of keys.CLAIMS on the same connection (so before it, in Redis)."""
-
-    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
-        self._connection = client.connection_pool.make_connection()
-        self._stream, self._group, self._consumer = stream, group, consumer
-
-    async def send(self, start: str, count: int, block_ms: int | None) -> None:
-        block = ["BLOCK", block_ms] if block_ms is not None else []
-        read = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
-        await self._connection.send_packed_command(self._connection.pack_commands([("GET", keys.CLAIMS), read]))
-
-    async def receive(self) -> tuple[list[Entry], bytes]:
-        """(the entries read, keys.CLAIMS as it was before they were read)."""
-        claims = await self._connection.read_response()
-        reply = await self._connection.read_response()
-        return (cast(list[Entry], reply[0][1]) if reply else []), (claims or b"0")
-
-    async def close(self) -> None:
-        await drop(self._connection)
-
-
 @dataclass
 class Batch:
     ids: list[bytes]
@@ -168,7 +141,7 @@ class Subscriber:
     def use_name(self, consumer: str, lease: Lease | None = None) -> None:
         self.consumer = consumer
         token, ttl_ms = (lease.token, lease.ttl_ms) if lease is not None else ("", 0)
-        self.reader = StreamReader(self.client, self.settings.stream, self.settings.group, consumer)
+        self.reader = StreamReader(self.client, self.settings.stream, self.settings.group, consumer, counter=keys.CLAIMS)
         self.writer = SeriesWriter(self.client, self.settings.stream, self.settings.group, consumer, token, ttl_ms)
 
     async def take_name(self) -> None:
@@ -272,7 +245,8 @@ class Subscriber:
     async def read(self, start: str, block: int | None) -> tuple[list[Entry], bytes]:
         """(entries, keys.CLAIMS before they were read)."""
         await self.reader.send(start, self.batch_size, block)
-        return await self.reader.receive()
+        entries, claims = await self.reader.receive()
+        return entries, claims or b"0"
 
     async def claim_stale(self) -> int:
         """Fold the entries that other consumers left pending for longer than claim_idle."""
@@ -350,6 +324,7 @@ class Subscriber:
                 # Take the read's reply (megabytes: the events' JSON) before the write goes out:
                 # Redis sends no reply while it runs a script.
                 entries, claims = await self.reader.receive()
+                claims = claims or b"0"
                 await self.settle(WRITES_IN_FLIGHT - 1)
                 await self.send(batch)
         finally:
