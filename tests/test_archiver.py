@@ -70,12 +70,12 @@ async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     await archiver.ensure_group()
     # An archiver reads a partial batch A (the feed is slow), records its size, inserts it; reads and records the next
     # batch B while A is inserted (as consume does); and dies before A's XACK. Both are pending, A's rows are in.
-    batch_a = await archiver.read(">", s.batch_size * 10)
+    batch_a = await archiver.read(">", s.archive_batch)
     assert len(batch_a) == 1200
     await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_a))
     archiver.insert(opened, batch_a)
     await load_stream(redis_client, lines[1200:2000], with_fold=True)
-    batch_b = await archiver.read(">", s.batch_size * 10)
+    batch_b = await archiver.read(">", s.archive_batch)
     await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_b))
     await archiver.reader.close()
     await load_stream(redis_client, lines[2000:], with_fold=True)  # more arrives meanwhile
@@ -121,7 +121,7 @@ async def test_kill_9_three_times_mid_batch_and_a_redis_restart_archive_every_ev
     tmp_path: Path, archive_settings: Settings
 ) -> None:
     redis = RedisServer(tmp_path / "redis").start()  # AOF on
-    s = dataclasses.replace(archive_settings, redis_url=redis.url, batch_size=50, lease_ttl=1.0)
+    s = dataclasses.replace(archive_settings, redis_url=redis.url, archive_batch=500, lease_ttl=1.0)
     sim = Simulator(seed=9, start=time.time() - 30_000 / 35, canary_every=0)
     lines = [orjson.dumps(sim.event(i)) for i in range(30_000)]  # 30,000 distinct events, 500 a batch
     expected = len(lines)

@@ -29,7 +29,7 @@ SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 DASH = (*REDIS, "host", "port", "stream", "group", "channel")
 ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")
-ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "batch_size", "max_event_bytes",
+ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "archive_batch", "max_event_bytes",
             "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
 
