@@ -107,12 +107,7 @@ async def test_bad_entries_are_counted_and_skipped(redis_client: aioredis.Redis,
     good = calibrated_lines()[:10]
     await load_stream(redis_client, [b"{oops", b"[]", *good, b'{"meta":{"domain":"x y"}}', b'{"meta":{"domain":"canary"}}'])
     await redis_client.xadd("wiki:events", {"other": "field"})  # no data at all
-    archiver = Archiver(archive_settings, redis_client)
-    archiver.archive = opened
-    await archiver.ensure_group()
-    task = asyncio.create_task(archiver.consume())
-    await wait_for(lambda: _acked_all(redis_client, archive_settings), 30, "every entry acknowledged", task)
-    await stop(task)
+    await archive_all(archive_settings, redis_client, opened)
     stats = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.ARCHIVER_STATS)).items() if k != b"updated_at"}
     assert stats == {"archived": 10, "rejected:not_json": 2, "rejected:not_object": 1, "rejected:bad_domain": 1, "canaries": 1}
     assert opened.query("SELECT count() FROM events")[1] == [(10,)]
@@ -232,16 +227,21 @@ async def test_the_same_archive_on_a_clickhouse_server(redis_client: aioredis.Re
     archive.client.command("DROP TABLE IF EXISTS events")
     archive.ensure_schema()
     await load_stream(redis_client, calibrated_lines()[:1000], with_fold=True)
-    archiver = Archiver(s, redis_client)
-    archiver.archive = archive
-    await archiver.ensure_group()
-    task = asyncio.create_task(archiver.consume())
-    await wait_for(lambda: _acked_all(redis_client, s), 60, "archived", task)
-    await stop(task)
+    await archive_all(s, redis_client, archive)
     assert archive.query("SELECT count() FROM events")[1] == [(len(non_canary_ids(calibrated_lines()[:1000])),)]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+async def archive_all(settings: Settings, client: aioredis.Redis, archive: Archive) -> None:
+    """Run an archiver on `archive` in this process until every entry of the stream is acknowledged."""
+    archiver = Archiver(settings, client)
+    archiver.archive = archive
+    await archiver.ensure_group()
+    task = asyncio.create_task(archiver.consume())
+    await wait_for(lambda: _acked_all(client, settings), 60, "every entry acknowledged", task)
+    await stop(task)
 
 
 def _spawn(settings: Settings) -> subprocess.Popen[bytes]:

@@ -37,22 +37,12 @@ def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> N
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 6  # redis-server, feed, publisher, subscriber, archiver, dashboard
         client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        folded = 0
-        while folded < 50:
-            assert time.monotonic() < deadline, "no events reached the counters within 10 s"
-            folded = int(client.hget("wp:subscriber:stats", "folded") or 0)
-            time.sleep(0.2)
+        wait_for_count(client, "wp:subscriber:stats", "folded", 50, 10)
         assert any(k.startswith(b"wp:ts:{") for k in client.scan_iter("wp:ts:*"))
         with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/", timeout=10) as page:
             assert page.status == 200 and b"wikipulse" in page.read()
         # The archiver keeps every event in the embedded ClickHouse beside Redis's data, and answers queries.
-        deadline = time.monotonic() + 30
-        archived = 0
-        while archived < 50:
-            assert time.monotonic() < deadline, "no events reached the archive within 30 s"
-            archived = int(client.hget("wp:archiver:stats", "archived") or 0)
-            time.sleep(0.2)
+        archived = wait_for_count(client, "wp:archiver:stats", "archived", 50, 30)
         query = urllib.request.Request(f"http://127.0.0.1:{archive_port}/query", data=b"SELECT count() AS n FROM events", method="POST")
         with urllib.request.urlopen(query, timeout=30) as answer:
             assert orjson.loads(answer.read())["n"] >= archived
@@ -68,3 +58,12 @@ def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> N
             up.stdout.close()
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], "orphans left behind"
+
+
+def wait_for_count(client: redis.Redis, key: str, counter: str, n: int, timeout: float) -> int:
+    """The counter once it reached n, within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while (value := int(client.hget(key, counter) or 0)) < n:
+        assert time.monotonic() < deadline, f"{key} {counter} did not reach {n} within {timeout} s"
+        time.sleep(0.2)
+    return value
