@@ -301,3 +301,20 @@ def test_typed_columns_hold_the_real_events_fields(opened: Archive) -> None:
         }  # fmt: skip
         assert {k: got[k] for k in expected} == expected, i
         assert int(got["event_time"].replace(tzinfo=UTC).timestamp()) == e["timestamp"]
+
+
+def test_hostile_values_are_archived_and_read_back(opened: Archive) -> None:
+    """Valid JSON with absurd values neither blocks an insert (a batch retried forever) nor breaks a read."""
+    raws = [
+        b'{"meta":{"domain":"a.org","id":"1"},"timestamp":99999999999999999}',
+        b'{"meta":{"domain":"a.org","id":"2"},"timestamp":-99999999999}',
+        b'{"meta":{"domain":"a.org","id":"3","dt":"garbage"},"timestamp":"x"}',
+        b'{"meta":{"domain":"a.org","id":"4","dt":"2024-05-01T10:00:00Z"},"timestamp":1.5e300,"namespace":99999999999999999999}',
+        b'{"meta":{"domain":"a.org","id":"5"},"length":{"old":"x","new":[1]},"revision":{"old":{}},"bot":"yes","title":12}',
+    ]
+    ids = [f"{i}-0".encode() for i in range(len(raws))]
+    opened.insert(ids, raws, batch_token(ids))
+    names, rows = opened.query("SELECT * FROM events ORDER BY meta_id")
+    times = {row[names.index("meta_id")]: row[names.index("event_time")].isoformat() for row in rows}
+    assert times == {"1": "1970-01-01T00:00:00", "2": "1970-01-01T00:00:00", "3": "1970-01-01T00:00:00",
+                     "4": "2024-05-01T10:00:00", "5": "1970-01-01T00:00:00"}  # fmt: skip

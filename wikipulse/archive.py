@@ -33,6 +33,7 @@ EVENT = (
     "timestamp Nullable(Int64))"
 )
 _E = f"JSONExtract(raw, '{EVENT}')"
+LATEST_TIME = 7_258_118_400  # 2200-01-01: a `timestamp` outside 1970..2200 is not believed (meta.dt is used)
 
 # Typed columns of the recentchange schema (mediawiki/recentchange 1.0.0), each derived from `raw`. Every default
 # names the same `JSONExtract` call, and ClickHouse computes an identical expression once per block: one JSON
@@ -45,7 +46,8 @@ COLUMNS = f"""
     meta_id String DEFAULT {_E}.meta.id,
     event_key String DEFAULT if(meta_id != '', meta_id, stream_id),
     meta_dt DateTime64(3, 'UTC') DEFAULT parseDateTime64BestEffortOrZero({_E}.meta.dt, 3, 'UTC'),
-    event_time DateTime64(3, 'UTC') DEFAULT if(isNull({_E}.timestamp), meta_dt, toDateTime64(assumeNotNull({_E}.timestamp), 3, 'UTC')),
+    event_time DateTime64(3, 'UTC') DEFAULT if(
+        {_E}.timestamp BETWEEN 0 AND {LATEST_TIME}, toDateTime64(assumeNotNull({_E}.timestamp), 3, 'UTC'), meta_dt),
     domain LowCardinality(String) DEFAULT {_E}.meta.domain,
     wiki LowCardinality(String) DEFAULT {_E}.wiki,
     type LowCardinality(String) DEFAULT {_E}.type,
@@ -165,9 +167,12 @@ class Archive:
         statement = check_read_only(sql)
         try:
             result = self.client.query(statement, settings={"readonly": 1})
+            rows = [tuple(row) for row in result.result_rows]
         except ClickHouseError as exc:
             raise OperatorError(f"ClickHouse: {str(exc).strip()[:500]}") from exc
-        return list(result.column_names), [tuple(row) for row in result.result_rows]
+        except (ValueError, OverflowError) as exc:  # a value Python cannot hold (a date before year 1)
+            raise OperatorError(f"a value in the result cannot be converted: {exc}; select it with toString()") from exc
+        return list(result.column_names), rows
 
     def close(self) -> None:
         self.client.close()
