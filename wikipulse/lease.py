@@ -123,6 +123,7 @@ class Lease:
     async def keep(self) -> None:
         """Renew the lease every third of its time to live, until cancelled. A renewal that finds it
         taken logs so; the fenced writes are what stop this process from writing after that."""
+        reported: str | None = None
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
@@ -130,8 +131,9 @@ class Lease:
             except REDIS_ERRORS as exc:
                 logger.debug("could not renew lease %s (%s); the next write re-takes it if it lapsed", self.key, exc)
                 continue
-            if holder is not None:
+            if holder is not None and holder != reported:
                 logger.warning("lease %s was taken by %s while this process held it", self.key, holder)
+            reported = holder
 
     async def release(self) -> None:
         _HELD.discard(self.token)
