@@ -486,8 +486,9 @@ class Publisher:
         while True:
             await pause_before_retry(backoff.next_delay())
             try:
-                # A small write that Redis refuses while it is still full (HSET is a deny-oom command).
-                await self.client.hset(keys.PUBLISHER_STATS, "paused_full_at", time.time())
+                # The one write of the probe (a deny-oom command, refused while Redis is still full), so that a Redis
+                # at the edge of maxmemory cannot take it and then refuse a second one: that is the next batch's to try.
+                await self.client.hincrby(keys.PUBLISHER_STATS, "paused_full", 1)
             except ResponseError as exc:
                 if is_full(exc):
                     continue
@@ -495,7 +496,6 @@ class Publisher:
             except REDIS_ERRORS:
                 await self._wait_for_redis()
                 continue
-            await self.client.hincrby(keys.PUBLISHER_STATS, "paused_full", 1)
             logger.warning("Redis has room again: resuming the feed")
             await self._wait_for_redis()  # this process's dedup window took ids of the refused batch
             return
