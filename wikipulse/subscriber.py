@@ -161,8 +161,7 @@ class Subscriber:
                     break
             else:
                 raise LeaseLost(f"every default consumer name up to {name!r} is held by a live process")
-        if name != self.consumer or self.lease is None:
-            logger.info("consumer name %s (group %s)", name, s.group)
+        logger.info("consumer name %s (group %s)", name, s.group)
         self.lease = lease
         self.use_name(name, lease)
         self._lease_keeper = asyncio.create_task(lease.keep())
