@@ -63,7 +63,9 @@ def dash_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     server = RedisServer(tmp_path_factory.mktemp("dash-redis")).start()
     port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "dash_app.py"], env=env, stdin=subprocess.DEVNULL)
+    log = tmp_path_factory.mktemp("dash-log") / "dash.log"
+    with log.open("wb") as out:  # the child has its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "dash_app.py"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 30
     while True:
@@ -75,8 +77,10 @@ def dash_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             time.sleep(0.2)
     yield server.url, base
     process.terminate()
-    process.wait(10)
+    assert process.wait(10) == 0
     server.stop()
+    output = log.read_text(errors="replace")
+    assert "development server" not in output.lower() and "Traceback" not in output, output[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +284,8 @@ def test_a_malicious_domain_is_refused(browser: Browser, seeded: tuple[redis.Red
 def test_debug_is_off_and_bound_to_loopback(dash_env: tuple[str, str]) -> None:
     _, base = dash_env
     assert base.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(base, timeout=10) as page:
+        assert page.headers["server"] == "uvicorn"  # a production ASGI server, not a development one
     # A callback request naming no callback makes Dash raise: in debug mode Werkzeug would answer with its debugger.
     bogus = {"output": "nope.children", "outputs": {"id": "nope", "property": "children"}, "inputs": [], "changedPropIds": []}
     request = urllib.request.Request(

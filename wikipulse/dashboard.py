@@ -7,8 +7,12 @@ binds 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dash
@@ -172,7 +176,8 @@ h1 { font-size: 22px; margin: 8px 0 12px; }
 
 def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Dash:
     client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    app = dash.Dash(__name__, title="wikipulse", update_title="")
+    # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
+    app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi")
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 
@@ -329,6 +334,23 @@ def ticker(snap: Snapshot) -> list[html.Tr]:
 
 
 def serve(settings: Settings) -> None:
-    app = build_app(settings)
-    logger.info("dashboard on http://%s:%d/", settings.host, settings.port)
-    app.run(host=settings.host, port=settings.port, debug=False)
+    """The page under uvicorn, a production ASGI server (debug is never on), until SIGINT or SIGTERM: both stop
+    it gracefully and the process exits 0, as the other scripts do."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the signals are ours (below): uvicorn would re-raise them
+            yield
+
+    async def run() -> None:
+        app = build_app(settings)
+        config = uvicorn.Config(app.server, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        server = Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        logger.info("dashboard on http://%s:%d/ (uvicorn)", settings.host, settings.port)
+        await server.serve()
+
+    asyncio.run(run())
