@@ -1,10 +1,10 @@
 """SSE -> Redis fan-out: resumable, validated, deduplicated, batched.
 
-Each batch is one atomic Lua script call holding the events (PUBLISH to the channel
-and XADD to the stream), the new dedup-window entries, the SSE position and the
-counters, so the stored position never runs ahead of or behind what was written.
-On any failure the in-memory state is reloaded from Redis and the feed is resumed
-from the stored position with `Last-Event-ID`: nothing lost, nothing doubled.
+The publisher reads the feed, validates and batches its events, and hands each batch to the
+atomic, fenced write of ingest.py. On any failure the in-memory state is reloaded from Redis
+and the feed is resumed from the stored position with `Last-Event-ID`: nothing lost, nothing
+doubled. It holds the publisher lease (one publisher per Redis and feed) and pauses while
+Redis is full.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -22,80 +21,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.events import Accepted, Canary, Reject, Rejected, parse_dt, validate
+from wikipulse.events import Accepted, Canary, Reject, Rejected, validate
 from wikipulse.fold import observe, summarize
-from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, fenced_error
+from wikipulse.ingest import Batch, BatchWriter, RedisDown
+from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
-from wikipulse.trimming import TRIM_LUA
 
 logger = logging.getLogger(__name__)
 
 HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 THROTTLE_STATUSES = (429, 503)
-
-
-# KEYS: stream, seen zset, position, stats hash, rejected list, lease.
-# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "ids", "position", "counters", "status", "rejected"},
-#       lease token, lease ttl ms, then the raw event frames. The frames go as plain ARGV items (no
-#       re-encoding on either side); one script call costs the client one command to pack instead of two
-#       per event. `fold` holds each frame's fold summary (keys.FOLD_FIELD), `ids` its meta.id ('' if none).
-# A full Redis refuses the whole call: Redis refuses a deny-oom command only while a script has written
-# nothing yet, and the first write here is the lease's SET (fence); the PUBLISHes come after every
-# XADD, so a full Redis can never publish frames that the stream then does not hold. The dedup window is checked here,
-# not only in this process's memory, so that two writers (a takeover, a second publisher by mistake)
-# cannot add an event twice; the lease fences out a publisher that lost it.
-# Returns {written, duplicates, 1 if a position was stored before, group, trimmed unread, group, ...}
-# (see trimming.TRIM_LUA): no stored position where this process wrote one means Redis lost its data.
-WRITE_SCRIPT = (
-    FENCE_LUA
-    + TRIM_LUA
-    + """
-local holder = fence(KEYS[6], ARGV[5], ARGV[6])
-if holder then return redis.error_reply('WPLEASE ' .. holder) end
-local channel, maxlen, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local p = cjson.decode(ARGV[4])
-local folds, ids = p['fold'], p['ids']
-local written, zadd, dups = {}, {}, 0
-local had_position = redis.call('EXISTS', KEYS[3])
--- Which ids the window holds already: one ZMSCORE per 1,000 (a ZSCORE per event cost ~8% of the throughput).
-local named, seen = {}, {}
-for _, id in ipairs(ids) do if id ~= '' then named[#named + 1] = id end end
-for i = 1, #named, 1000 do
-  local scores = redis.call('ZMSCORE', KEYS[2], unpack(named, i, math.min(i + 999, #named)))
-  for j = 1, #scores do if scores[j] then seen[named[i + j - 1]] = true end end
-end
-for i = 7, #ARGV do
-  local id = ids[i - 6]
-  if id ~= '' and seen[id] then
-    dups = dups + 1
-  else
-    local entry = redis.call('XADD', KEYS[1], '*', 'data', ARGV[i], 'fold', folds[i - 6])
-    written[#written + 1] = ARGV[i]
-    if id ~= '' then
-      zadd[#zadd + 1] = string.match(entry, '^%d+')
-      zadd[#zadd + 1] = id
-      if #zadd >= 1000 then redis.call('ZADD', KEYS[2], unpack(zadd)); zadd = {} end
-    end
-  end
-end
-if #zadd > 0 then redis.call('ZADD', KEYS[2], unpack(zadd)) end
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1))
-for _, frame in ipairs(written) do redis.call('PUBLISH', channel, frame) end
-if p['position'] ~= cjson.null then redis.call('SET', KEYS[3], p['position']) end
-if #written > 0 then redis.call('HINCRBY', KEYS[4], 'published', #written) end
-if dups > 0 then redis.call('HINCRBY', KEYS[4], 'duplicates', dups) end
-for name, n in pairs(p['counters']) do redis.call('HINCRBY', KEYS[4], name, n) end
-for name, v in pairs(p['status']) do redis.call('HSET', KEYS[4], name, v) end
-for _, r in ipairs(p['rejected']) do redis.call('LPUSH', KEYS[5], r) end
-if #p['rejected'] > 0 then redis.call('LTRIM', KEYS[5], 0, tonumber(p['keep']) - 1) end
-local reply = {#written, dups, had_position}
-for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4])) do reply[#reply + 1] = v end
-return reply
-"""
-)
 
 
 class StreamError(Exception):
@@ -110,10 +48,6 @@ class Throttled(StreamError):
 
 class Rejected400(StreamError):
     """The feed answered 400 to what this publisher asked for (a stored position or --since)."""
-
-
-class RedisDown(Exception):
-    pass
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -148,19 +82,6 @@ class Dedup:
             del self._ids[next(iter(self._ids))]
 
 
-@dataclass
-class Batch:
-    frames: list[bytes] = field(default_factory=list)
-    folds: list[str] = field(default_factory=list)  # fold.summarize of each frame
-    ids: list[str] = field(default_factory=list)  # meta.id of each frame, '' if it has none
-    counters: Counter[str] = field(default_factory=Counter)
-    rejected: list[bytes] = field(default_factory=list)
-    last_id: str | None = None
-    last_dt: str | None = None
-    taken: int = 0
-    started: float = 0.0
-
-
 class Publisher:
     def __init__(self, settings: Settings, client: aioredis.Redis, session: aiohttp.ClientSession) -> None:
         self.settings = settings
@@ -174,8 +95,8 @@ class Publisher:
         self.connected = asyncio.Event()  # set while a feed connection is open (for tests and `up`)
         self.events_this_connection = 0
         self.lease = Lease(client, keys.PUBLISHER_LEASE, settings.lease_ttl)
+        self.writer = BatchWriter(settings, client, self.lease)
         self._inflight: asyncio.Future[None] | None = None
-        self._script = client.register_script(WRITE_SCRIPT)
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
         self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
 
@@ -278,34 +199,7 @@ class Publisher:
                 self._inflight = None
 
     async def _write(self, batch: Batch) -> None:
-        s = self.settings
-        now = time.time()
-        status: dict[str, str | float] = {"updated_at": now}
-        if batch.frames:
-            status["last_publish_at"] = now
-        if batch.last_dt is not None:
-            status["last_event_dt"] = batch.last_dt
-            dt = parse_dt(batch.last_dt)
-            if dt is not None:
-                status["lag_seconds"] = round(now - dt, 3)
-        payload = {
-            "fold": batch.folds,
-            "ids": batch.ids,
-            "position": batch.last_id,
-            "counters": {name: n for name, n in batch.counters.items() if n},
-            "status": status,
-            "rejected": [r.decode() for r in batch.rejected],
-            "keep": keys.REJECTED_KEEP,
-        }
-        script_keys = [s.stream, keys.SEEN, keys.POSITION, keys.PUBLISHER_STATS, keys.REJECTED, keys.PUBLISHER_LEASE]
-        args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
-        try:
-            reply = await self._script(keys=script_keys, args=args)
-        except ResponseError as exc:
-            raise fenced_error(exc, "another publisher ({holder}) holds the lease") from exc
-        except REDIS_ERRORS as exc:
-            raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
-        written, duplicates, had_position, *grew = reply
+        written, duplicates, had_position, grew = await self.writer.write(batch, time.time())
         if not had_position and self._stored:
             await self._redis_lost_data()
         self._stored = self._stored or batch.last_id is not None
@@ -313,11 +207,11 @@ class Publisher:
         self.totals.update(published=written, duplicates=duplicates)
         if duplicates:
             logger.warning("%d events were in the stream already (written by another publisher): not added again", duplicates)
-        for group, lost in zip(grew[::2], grew[1::2], strict=True):
+        for group, lost in grew.items():
             logger.error(
                 "the stream was trimmed to %d entries before consumer group %s had read them: %d entries trimmed unread so far "
                 "(is it stopped? raise STREAM_MAXLEN to bridge longer outages)",
-                s.stream_maxlen, group.decode() if isinstance(group, bytes) else group, lost,
+                self.settings.stream_maxlen, group, lost,
             )  # fmt: skip
         if batch.last_id is not None:
             self.position = batch.last_id
