@@ -92,6 +92,26 @@ async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     assert await redis_client.llen(keys.archiver_batches(s.archive_group)) == 0
 
 
+async def test_a_trickle_is_inserted_about_once_a_second(
+    redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive
+) -> None:
+    """At the live feed's pace every blocking read returns a few entries; an insert a read would make ClickHouse
+    merge a part for each. The archiver waits for a second since its last insert instead."""
+    archiver = Archiver(archive_settings, redis_client)
+    archiver.archive = opened
+    await archiver.ensure_group()
+    task = asyncio.create_task(archiver.consume())
+    lines = calibrated_lines()[:30]
+    for line in lines:  # 10 events a second for 3 seconds
+        await load_stream(redis_client, [line], with_fold=True)
+        await asyncio.sleep(0.1)
+    await wait_for(lambda: _acked_all(redis_client, archive_settings), 10, "every entry acknowledged", task)
+    await stop(task)
+    inserts = int(await redis_client.hget(keys.ARCHIVER_STATS, "inserts"))
+    assert 2 <= inserts <= 5, inserts  # one a read would be about 30
+    assert opened.query("SELECT count() FROM events")[1] == [(len(lines),)]
+
+
 def test_the_backstop_when_a_batch_comes_back_with_other_boundaries(opened: Archive) -> None:
     """A claim can merge a pending batch with others: another token, so ClickHouse inserts it again. The table
     is keyed on the event (ReplacingMergeTree): FINAL reads each event once, and a merge removes the copies."""
@@ -109,7 +129,14 @@ async def test_bad_entries_are_counted_and_skipped(redis_client: aioredis.Redis,
     await redis_client.xadd("wiki:events", {"other": "field"})  # no data at all
     await archive_all(archive_settings, redis_client, opened)
     stats = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.ARCHIVER_STATS)).items() if k != b"updated_at"}
-    assert stats == {"archived": 10, "rejected:not_json": 2, "rejected:not_object": 1, "rejected:bad_domain": 1, "canaries": 1}
+    assert stats == {
+        "archived": 10,
+        "inserts": 1,
+        "rejected:not_json": 2,
+        "rejected:not_object": 1,
+        "rejected:bad_domain": 1,
+        "canaries": 1,
+    }
     assert opened.query("SELECT count() FROM events")[1] == [(10,)]
 
 

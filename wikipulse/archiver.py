@@ -196,6 +196,7 @@ class Archiver:
         ids, raws = rows_of(entries, self.settings.max_event_bytes, counters)
         if ids:
             archive.insert(ids, raws, batch_token([e[0] for e in entries]))
+            counters["inserts"] += 1
         counters["archived"] += len(ids)
         return counters
 

@@ -34,7 +34,7 @@ SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 CLAIMS = f"{PREFIX}:subscriber:claims"
 
 
-# The archiver (archiver.py): its counters (`archived`, `rejected:<reason>`, `canaries`, `trimmed`, `updated_at`)
+# The archiver (archiver.py): its counters (`archived`, `inserts`, `rejected:<reason>`, `canaries`, `trimmed`, `updated_at`)
 # and its lease, one archiver per consumer group.
 ARCHIVER_STATS = f"{PREFIX}:archiver:stats"
 
