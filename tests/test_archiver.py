@@ -92,9 +92,7 @@ async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     assert await redis_client.llen(keys.archiver_batches(s.archive_group)) == 0
 
 
-async def test_a_trickle_is_inserted_about_once_a_second(
-    redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive
-) -> None:
+async def test_a_trickle_is_inserted_about_once_a_second(redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive) -> None:
     """At the live feed's pace every blocking read returns a few entries; an insert a read would make ClickHouse
     merge a part for each. The archiver waits for a second since its last insert instead."""
     archiver = Archiver(archive_settings, redis_client)

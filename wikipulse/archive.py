@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
@@ -176,6 +177,11 @@ class Archive:
 
     def close(self) -> None:
         self.client.close()
+
+
+def json_lines(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    """One JSON object per row, keyed by column name (dates as ISO 8601)."""
+    return b"".join(orjson.dumps(dict(zip(columns, row, strict=True)), default=str, option=orjson.OPT_NAIVE_UTC) + b"\n" for row in rows)
 
 
 def daily_counts_sql(domain: str, since: int, until: int) -> str:

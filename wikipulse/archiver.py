@@ -23,13 +23,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect
+from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect, json_lines
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
@@ -236,11 +235,6 @@ class Archiver:
             with contextlib.suppress(Exception):  # closing an engine that failed must not hide why we stop
                 self.archive.close()
         self.thread.shutdown(wait=True)
-
-
-def json_lines(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
-    """One JSON object per row, keyed by column name (dates as ISO 8601)."""
-    return b"".join(orjson.dumps(dict(zip(columns, row, strict=True)), default=str, option=orjson.OPT_NAIVE_UTC) + b"\n" for row in rows)
 
 
 async def log_stats(archiver: Archiver, interval: float) -> None:

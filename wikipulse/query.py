@@ -81,8 +81,7 @@ async def stats(settings: Settings) -> dict[str, Any]:
 def archive_query(settings: Settings, sql: str) -> bytes:
     """A read-only statement's rows as JSON lines. While the archiver runs it holds the embedded engine (one
     process at a time), so the query goes to its endpoint on 127.0.0.1; otherwise straight to ClickHouse."""
-    from wikipulse.archive import Archive, ArchiveUnavailable, check_read_only, connect
-    from wikipulse.archiver import json_lines
+    from wikipulse.archive import Archive, ArchiveUnavailable, check_read_only, connect, json_lines
 
     statement = check_read_only(sql)
     if not settings.clickhouse_url:
