@@ -31,12 +31,14 @@ from typing import Any
 import orjson
 import psutil
 import redis
+import redis.cluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from bench.common import write_events
 from tests.test_fold import as_reference, reference_fold
 from wikipulse import keys
 from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.redis_server import LocalCluster, RedisServer, free_port
 from wikipulse.status import decode_hash
 from wikipulse.trimming import trimmed_unread
 
@@ -61,6 +63,13 @@ class Scenario:
     subscribers: int = 1
     subscriber_late: bool = False  # started only once every event is published (a stopped consumer)
     full_seconds: float = 0.0  # Redis is full (maxmemory reached) this long, from 30% of the run
+    masters: int = 0  # > 0: a real Redis Cluster of that many masters instead of one Redis
+    shards: int = 1
+    subscriber_shards: tuple[str, ...] = ()  # one subscriber process per item, folding those shards (SUBSCRIBER_SHARDS)
+
+    @property
+    def layout(self) -> keys.Layout:
+        return keys.Layout("wiki:events", self.shards, self.masters > 0)
 
 
 def scenarios(events: int, soak_minutes: float) -> dict[str, Scenario]:
@@ -75,6 +84,7 @@ def scenarios(events: int, soak_minutes: float) -> dict[str, Scenario]:
             Scenario("redis-restart", events // 4, rate=4000, restart_redis=True),
             Scenario("malformed", events // 4, malformed_every=100),
             *operator_mistakes(events // 4),
+            *cluster_scenarios(events // 4),
             soak,
         )
     }
@@ -91,6 +101,19 @@ def operator_mistakes(events: int) -> tuple[Scenario, ...]:
         Scenario("trimmed-unread", events, subscriber_late=True, env={"STREAM_MAXLEN": str(events // 5)}),
         # Redis reaches maxmemory (noeviction) for 5 s mid-run, then the operator frees memory.
         Scenario("redis-full", events, rate=4000, full_seconds=5.0),
+    )
+
+
+def cluster_scenarios(events: int) -> tuple[Scenario, ...]:
+    """On a real 3-master Redis Cluster with 3 shards, one subscriber process per shard (issue: scale out)."""
+    c: dict[str, Any] = {"masters": 3, "shards": 3, "subscriber_shards": ("0", "1", "2")}
+    return (
+        Scenario("cluster-burst", events * 2, **c),
+        Scenario("cluster-drops", events, drop_every=1000, overlap=100, **c),
+        # The publisher (and its router) killed 3 times, the shard consumers 5 times in turn.
+        Scenario("cluster-kills", events, rate=1000, kill_publisher=3, kill_subscriber=5, **c),
+        # The master holding the ingest stream and the publisher's keys is restarted (AOF on) mid-run.
+        Scenario("cluster-master-restart", events, rate=1000, restart_redis=True, **c),
     )
 
 
@@ -115,7 +138,9 @@ class Pipeline:
 
     def __init__(self, scenario: Scenario, events_file: Path, workdir: Path) -> None:
         self.scenario, self.workdir = scenario, workdir
-        self.redis = RedisServer(workdir / "redis", appendonly=True)
+        self.redis: RedisServer | LocalCluster = (
+            LocalCluster(workdir / "cluster", scenario.masters) if scenario.masters else RedisServer(workdir / "redis", appendonly=True)
+        )
         self.feed_port = free_port()
         self.events_file = events_file
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -131,6 +156,7 @@ class Pipeline:
             "CONSUMER_NAME": "scenario",
             "CLAIM_IDLE": "5",
             "LOG_LEVEL": "WARNING",
+            "SHARDS": str(self.scenario.shards),
             **self.scenario.env,
         }
 
@@ -151,11 +177,28 @@ class Pipeline:
         log = (self.workdir / f"{name}.log").open("ab")
         self.logs.append(log)
         cmd = self.command(name)
-        self.processes[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        env = {**self.env, **self.extra_env.get(name, {})}
+        self.processes[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    @property
+    def subscriber_names(self) -> list[str]:
+        n = len(self.scenario.subscriber_shards) or self.scenario.subscribers
+        return ["subscriber" if i == 1 else f"subscriber-{i}" for i in range(1, n + 1)]
+
+    @property
+    def extra_env(self) -> dict[str, dict[str, str]]:
+        shards = self.scenario.subscriber_shards
+        return {name: {"SUBSCRIBER_SHARDS": picked} for name, picked in zip(self.subscriber_names, shards, strict=False)}
 
     def start_subscribers(self) -> None:
-        for n in range(1, self.scenario.subscribers + 1):
-            self.start("subscriber" if n == 1 else f"subscriber-{n}")
+        for name in self.subscriber_names:
+            self.start(name)
+
+    def client(self) -> Any:
+        """A blocking client of the Redis or the cluster."""
+        if isinstance(self.redis, LocalCluster):
+            return redis.cluster.RedisCluster.from_url(self.redis.url, socket_timeout=5)
+        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
 
     def kill(self, name: str) -> None:
         """SIGKILL, as a crash would, then start it again."""
@@ -172,6 +215,11 @@ class Pipeline:
         client.close()
 
     def restart_redis(self) -> None:
+        if isinstance(self.redis, LocalCluster):
+            # The master that holds the ingest stream (and the publisher's keys): the one whose loss hurts most.
+            slot = key_slot(self.scenario.layout.stream.encode())
+            self.redis.restart(slot * len(self.redis.nodes) // REDIS_CLUSTER_HASH_SLOTS, down=2)
+            return
         self.redis.stop()  # SIGTERM: Redis writes its AOF and exits; the pipeline sees it go away
         time.sleep(2)
         self.redis.start()
@@ -181,7 +229,7 @@ class Pipeline:
         for name, p in self.processes.items():
             with contextlib.suppress(psutil.Error):
                 out[f"{name}_rss_mb"] = psutil.Process(p.pid).memory_info().rss / 1e6
-        if self.redis.process is not None:
+        if isinstance(self.redis, RedisServer) and self.redis.process is not None:
             with contextlib.suppress(psutil.Error):
                 out["redis_rss_mb"] = psutil.Process(self.redis.process.pid).memory_info().rss / 1e6
         return out
@@ -219,6 +267,12 @@ def stat(client: redis.Redis, key: str, name: str) -> int:
     return -1  # Redis is restarting
 
 
+def folded(client: redis.Redis, layout: keys.Layout) -> int:
+    """Folded by every shard, plus what the subscribers' group lost to trimming (counted apart)."""
+    counts = [stat(client, shard.stats, "folded") for shard in layout.all_shards]
+    return -1 if -1 in counts else sum(counts) + trimmed(client, layout)
+
+
 def run(scenario: Scenario, out: Path) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -236,8 +290,8 @@ def run(scenario: Scenario, out: Path) -> Result:
         with pipeline.running():
             drive(pipeline, scenario, result, result.sent)
             result.seconds = time.monotonic() - started
-            (compare_soak if scenario.soak_seconds else compare)(redis.Redis.from_url(pipeline.redis.url), sent, result)
-        for name in ("publisher", "subscriber", "feed"):
+            (compare_soak if scenario.soak_seconds else compare)(pipeline.client(), sent, result, scenario.layout)
+        for name in ("publisher", *pipeline.subscriber_names, "feed"):
             log = (workdir / f"{name}.log").read_text(errors="replace")
             (out / f"{scenario.name}-{name}.log").write_text(log[-20_000:])
     return result
@@ -245,9 +299,13 @@ def run(scenario: Scenario, out: Path) -> Result:
 
 def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int) -> None:
     """Inject the faults at evenly spread points of the run, then wait until everything is folded."""
-    client = redis.Redis.from_url(pipeline.redis.url, socket_timeout=5)
+    client = pipeline.client()
+    layout = scenario.layout
+    subscribers = pipeline.subscriber_names
     faults = [(i / (scenario.kill_publisher + 1), "publisher") for i in range(1, scenario.kill_publisher + 1)]
-    faults += [(i / (scenario.kill_subscriber + 1) + 0.03, "subscriber") for i in range(1, scenario.kill_subscriber + 1)]
+    faults += [
+        (i / (scenario.kill_subscriber + 1) + 0.03, subscribers[i % len(subscribers)]) for i in range(1, scenario.kill_subscriber + 1)
+    ]
     faults += [(0.5, "redis")] if scenario.restart_redis else []
     faults += [(0.3, "full")] if scenario.full_seconds else []
     faults += [(1.0, "late subscriber")] if scenario.subscriber_late else []
@@ -255,15 +313,15 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
     progress, last_change, next_sample = (-1, -1), time.monotonic(), 0.0
     started = time.monotonic()
     while True:
-        published = stat(client, keys.PUBLISHER_STATS, "published")
-        folded = stat(client, keys.SUBSCRIBER_STATS, "folded") + trimmed(client)  # trimmed unread: counted apart
+        published = stat(client, layout.publisher.stats, "published")
+        now_folded = folded(client, layout)
         while faults and published >= faults[0][0] * expected:
             _, what = faults.pop(0)
             result.faults += 1
             print(f"  {scenario.name}: {what} fault at {published:,} published", flush=True)
             if what == "redis":
                 pipeline.restart_redis()
-                client = redis.Redis.from_url(pipeline.redis.url, socket_timeout=5)
+                client = pipeline.client()
             elif what == "full":
                 pipeline.fill_redis(scenario.full_seconds)
             elif what == "late subscriber":
@@ -273,31 +331,38 @@ def drive(pipeline: Pipeline, scenario: Scenario, result: Result, expected: int)
                 pipeline.kill(what)
         if scenario.soak_seconds and time.monotonic() >= next_sample:
             next_sample = time.monotonic() + 10
-            sample = {"t": round(time.monotonic() - started, 1), "published": published, "folded": folded}
+            sample = {"t": round(time.monotonic() - started, 1), "published": published, "folded": now_folded}
             with contextlib.suppress(redis.RedisError):
                 sample["redis_used_mb"] = int(client.info("memory")["used_memory"]) / 1e6
             result.samples.append({**sample, **pipeline.rss()})
-        if (published, folded) != progress:
-            progress, last_change = (published, folded), time.monotonic()
-        done = folded >= expected and not faults and time.monotonic() - started >= scenario.soak_seconds
+        if (published, now_folded) != progress:
+            progress, last_change = (published, now_folded), time.monotonic()
+        done = now_folded >= expected and not faults and time.monotonic() - started >= scenario.soak_seconds
         if done or time.monotonic() - last_change > SETTLE_TIMEOUT:
             time.sleep(1)  # anything still in flight (a duplicate would show up now)
             return
         time.sleep(0.2)
 
 
-def trimmed(client: redis.Redis) -> int:
+def trimmed(client: redis.Redis, layout: keys.Layout) -> int:
+    """Entries trimmed before the subscribers' group read them; sharded, also those trimmed before they were routed."""
     with contextlib.suppress(redis.RedisError):
-        return sum(trimmed_unread(decode_hash(client.hgetall(keys.PUBLISHER_STATS))).values())
+        if not layout.sharded:
+            return sum(trimmed_unread(decode_hash(client.hgetall(layout.publisher.stats))).values())
+        ingest = trimmed_unread(decode_hash(client.hgetall(layout.publisher.stats))).get(layout.router_group, 0)
+        return ingest + sum(trimmed_unread(decode_hash(client.hgetall(s.router_stats))).get("wikipulse", 0) for s in layout.all_shards)
     return 0
 
 
-def compare(client: redis.Redis, sent: list[dict[str, Any]], result: Result) -> None:
+def compare(client: redis.Redis, sent: list[dict[str, Any]], result: Result, layout: keys.Layout) -> None:
     ids = Counter(orjson.loads(fields[b"data"])["meta"]["id"] for _, fields in client.xrange("wiki:events"))
-    result.trimmed_unread = trimmed(client)
+    result.trimmed_unread = trimmed(client, layout)
     result.in_stream = sum(ids.values()) + result.trimmed_unread  # what the publisher added, trimmed since or not
-    stored = {(key, fld): n for key in client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000) for fld, n in client.hgetall(key).items()}
+    series = list(client.scan_iter(match=f"{keys.PREFIX}:ts:*", count=1000))
+    stored = {(key, fld): n for key in series for fld, n in client.hgetall(key).items()}
     got = as_reference(stored)
+    misplaced = [key for key in series if not in_its_shard(key.decode(), layout)]
+    assert not misplaced, f"series outside their domain's shard: {misplaced[:5]}"
     # The stream is first in, first out: what was trimmed unread are the oldest events; the rest must be exact.
     expected = reference_fold(sent[result.trimmed_unread :], time.time())
     # Event-level figures from the all-domain totals at 1 min (kept by every scenario's retention).
@@ -306,13 +371,22 @@ def compare(client: redis.Redis, sent: list[dict[str, Any]], result: Result) -> 
     result.lost = sum(max(0, expected[k] - got[k]) for k in minute)  # lost silently: the trimmed ones are counted
     result.duplicated = sum(max(0, got[k] - expected[k]) for k in minute)
     result.exact = got == expected
-    result.rejected = sum(int(v) for k, v in client.hgetall(keys.PUBLISHER_STATS).items() if k.startswith(b"rejected:"))
+    result.rejected = sum(int(v) for k, v in client.hgetall(layout.publisher.stats).items() if k.startswith(b"rejected:"))
 
 
-def compare_soak(client: redis.Redis, _sent: list[dict[str, Any]], result: Result) -> None:
+def in_its_shard(key: str, layout: keys.Layout) -> bool:
+    """Whether a series key lives where readers look for it: its domain's shard (any shard for _all and _other)."""
+    if not layout.sharded:
+        return True
+    _, _, tag, domain, *_ = key.split(":")
+    tags = {s.tag for s in layout.shards_holding(domain)}
+    return tag.strip("{}") in tags
+
+
+def compare_soak(client: redis.Redis, _sent: list[dict[str, Any]], result: Result, layout: keys.Layout) -> None:
     """With short retentions the old buckets are gone by design: compare the subscriber's count instead."""
-    folded = int(client.hget(keys.SUBSCRIBER_STATS, "folded") or 0)
-    result.in_stream = int(client.hget(keys.PUBLISHER_STATS, "published") or 0)
+    folded = sum(int(client.hget(shard.stats, "folded") or 0) for shard in layout.all_shards)
+    result.in_stream = int(client.hget(layout.publisher.stats, "published") or 0)
     result.counted = folded
     result.lost, result.duplicated = max(0, result.sent - folded), max(0, folded - result.sent)
     result.exact = folded == result.sent == result.in_stream

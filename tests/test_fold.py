@@ -43,10 +43,12 @@ def as_reference(counts: Mapping[tuple[str, str], int] | Mapping[tuple[bytes, by
     """Stored {(key, field): n} -> reference_fold's shape, humans worked out as total - bot (not stored)."""
     out: Counter[tuple[str, str, int, str]] = Counter()
     for (key, fld), n in counts.items():
-        _, _, tag, res, _window = (key.decode() if isinstance(key, bytes) else key).split(":")
+        parts = (key.decode() if isinstance(key, bytes) else key).split(":")
+        # wp:ts:{domain}:RES:WINDOW on one Redis; wp:ts:{shard}:domain:RES:WINDOW sharded (_all: one share a shard)
+        domain, res = (parts[2].strip("{}"), parts[3]) if len(parts) == 5 else (parts[3], parts[4])
         bucket, _, dim = (fld.decode() if isinstance(fld, bytes) else fld).partition(":")
         assert dim in ("", *keys.STORED_DIMENSIONS), f"unexpected field {fld!r}"
-        out[(tag.strip("{}"), res, int(bucket), dim)] += int(n)
+        out[(domain, res, int(bucket), dim)] += int(n)
     for (domain, res, start, dim), n in list(out.items()):
         human = n - out.get((domain, res, start, "bot"), 0) if dim == "" else 0
         if human:

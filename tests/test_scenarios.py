@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scenarios import Scenario, operator_mistakes, run
+from bench.scenarios import Scenario, cluster_scenarios, operator_mistakes, run
 
 CASES = [
     Scenario("burst", 20_000),
@@ -18,6 +18,8 @@ CASES = [
     Scenario("redis-restart", 6_000, rate=1000, restart_redis=True),
     Scenario("malformed", 5_000, malformed_every=100),
     *operator_mistakes(6_000),
+    # The same guarantees on a real 3-master Redis Cluster: 3 shards, one subscriber process per shard.
+    *cluster_scenarios(6_000),
 ]
 
 

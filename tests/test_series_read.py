@@ -44,12 +44,14 @@ async def test_read_series_returns_what_was_written(redis_client: aioredis.Redis
 
 def test_script_payload_is_flat_and_keeps_ids_verbatim() -> None:
     inc = fold([{"meta": {"domain": "a.org"}, "timestamp": 1_700_000_005, "type": "edit", "bot": True}], 1_700_000_010, RETENTION)
-    payload = orjson.loads(script_payload(inc, [b"1700000000000-0", "1700000000001-12"], {"folded": 1, "late": 0}))
+    declared, raw = script_payload(inc, [b"1700000000000-0", "1700000000001-12"], {"folded": 1, "late": 0})
+    payload = orjson.loads(raw)
     assert payload["ids"] == ["1700000000000-0", "1700000000001-12"]
     assert payload["stats"] == {"folded": 1}
+    assert declared == [*inc.hashes, *inc.zsets]  # every key the script touches is declared
     key = keys.series_key("a.org", TEN, 1_700_000_005 - 1_700_000_005 % TEN.window)
-    i = payload["h"].index(key)
+    i = payload["h"].index(declared.index(key) + 5)  # its number in KEYS, after the 4 fixed keys (1-based)
     assert payload["h"][i + 1 : i + 9] == [inc.expire_at[key], 3, "1700000000", 1, "1700000000:edit", 1, "1700000000:bot", 1]
-    assert orjson.loads(script_payload(inc, [], {}))["ids"] == []
+    assert orjson.loads(script_payload(inc, [], {})[1])["ids"] == []
     with pytest.raises(ValueError, match="not stream ids"):
         script_payload(inc, [b'1-0"],"x'], {})

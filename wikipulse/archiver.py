@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect, json_lines
+from wikipulse.connect import Client, open_client
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
@@ -76,10 +76,11 @@ def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) ->
 
 
 class Archiver:
-    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, client: Client, layout: keys.Layout | None = None) -> None:
         self.settings = settings
         self.client = client
-        self.lease = Lease(client, keys.archiver_lease(settings.archive_group), settings.lease_ttl)
+        self.layout = layout or keys.Layout(settings.stream)
+        self.lease = Lease(client, self.layout.archiver_lease(settings.archive_group), settings.lease_ttl)
         self.archive: Archive | None = None
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
         self.totals: Counter[str] = Counter()
@@ -150,7 +151,7 @@ class Archiver:
     async def consume(self) -> None:
         """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one.
 
-        Each batch's size is recorded (keys.archiver_batches) before it is inserted and dropped with its XACK, in
+        Each batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in
         order. So after a crash the pending entries are read again in the very same batches (own pending first,
         COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
         ClickHouse drops it. At most two batches are unacknowledged."""
@@ -161,7 +162,7 @@ class Archiver:
 
     async def _consume(self, archive: Archive) -> None:
         s = self.settings
-        batches = keys.archiver_batches(s.archive_group)
+        batches = self.layout.archiver_batches(s.archive_group)
         recorded = [int(n) for n in await self.client.lrange(batches, 0, -1)]
         cursor = "0"
         inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
@@ -205,10 +206,10 @@ class Archiver:
         s = self.settings
         pipe = self.client.pipeline(transaction=True)
         pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
-        pipe.lpop(keys.archiver_batches(s.archive_group))
+        pipe.lpop(self.layout.archiver_batches(s.archive_group))
         for name, n in counters.items():
-            pipe.hincrby(keys.ARCHIVER_STATS, name, n)
-        pipe.hset(keys.ARCHIVER_STATS, "updated_at", time.time())
+            pipe.hincrby(self.layout.archiver_stats, name, n)
+        pipe.hset(self.layout.archiver_stats, "updated_at", time.time())
         await pipe.execute()
         self.totals.update(counters)
         self.backoff.reset()
@@ -245,10 +246,10 @@ async def log_stats(archiver: Archiver, interval: float) -> None:
 
 
 async def run_archiver(settings: Settings) -> None:
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    client, layout = await open_client(settings)
     async with client:
         await check_redis(client, settings)
-        archiver = Archiver(settings, client)
+        archiver = Archiver(settings, client, layout)
         runner = web.AppRunner(archiver.app())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", settings.archive_port)

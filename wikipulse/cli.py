@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wikipulse")
 
-REDIS = ("redis_url", "log_level")
+REDIS = ("redis_url", "cluster", "shards", "log_level")
 PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
              "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval",
              "lease_ttl", "allow_eviction")  # fmt: skip
-SUBSCRIBER = (*REDIS, "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
+SUBSCRIBER = (*REDIS, "shard", "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
 DASH = (*REDIS, "host", "port", "stream", "group", "channel")
 ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")

@@ -17,12 +17,12 @@ from typing import Any
 
 import dash
 import orjson
-import redis
 from dash import ALL, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
-from wikipulse.series import SeriesRead, bucket_range
+from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
+from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
 from wikipulse.view import (
@@ -51,8 +51,9 @@ TICKER_SIZE = 12
 TOP_SIZE = 10
 
 
-def read_snapshot(client: redis.Redis, stream: str, sel: Selection, now: float | None = None) -> Snapshot:
-    """Everything one refresh needs, in one pipelined round trip."""
+def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | None = None, layout: keys.Layout | None = None) -> Snapshot:
+    """Everything one refresh needs, in one pipelined round trip (on a cluster, one per master, at once)."""
+    layout = layout or keys.Layout(stream)
     now = time.time() if now is None else now
     t = int(now)
     res = sel.res
@@ -66,28 +67,24 @@ def read_snapshot(client: redis.Redis, stream: str, sel: Selection, now: float |
         (keys.ALL_DOMAINS, SeriesRead.plan(minute, bucket_range(minute, t - 3540, t), ("",))),
     ]
     pipe = client.pipeline(transaction=False)
-    for domain, read in reads:
-        for key in read.hashes(domain):
-            pipe.hgetall(key)
-    pipe.zunion(keys.rank_keys(t, 3600), withscores=True)
-    pipe.zunion(keys.rank_keys(t, 300), withscores=True)
-    pipe.hgetall(keys.PUBLISHER_STATS)
+    queue_reads(pipe, layout, reads)
+    queue_ranking(pipe, layout, t, 3600)
+    queue_ranking(pipe, layout, t, 300)
+    pipe.hgetall(layout.publisher.stats)
     pipe.xrevrange(stream, count=TICKER_SIZE)
     replies = pipe.execute()
 
-    decoded = []
-    at = 0
-    for _, read in reads:
-        decoded.append(read.decode(replies[at : at + len(read.windows)]))
-        at += len(read.windows)
+    decoded, at = decode_reads(layout, reads, replies)
     *picked, totals, recent, hour = decoded
-    ranked_hour, ranked_5min, publisher, latest = replies[at:]
+    ranked_hour, n = merge_ranking(layout, replies[at:])
+    ranked_5min, m = merge_ranking(layout, replies[at + n :])
+    publisher, latest = replies[at + n + m :]
     return Snapshot(
         now=now,
         buckets=buckets,
         series={**dict(zip(sel.domains, picked, strict=True)), keys.ALL_DOMAINS: totals},
-        ranked_hour=[(m.decode(), s) for m, s in ranked_hour],
-        ranked_5min=[(m.decode(), s) for m, s in ranked_5min],
+        ranked_hour=ranked_hour,
+        ranked_5min=ranked_5min,
         publisher=decode_hash(publisher),
         recent_10s=recent[""],
         last_hour_1m=hour[""],
@@ -174,14 +171,16 @@ h1 { font-size: 22px; margin: 8px 0 12px; }
 """
 
 
-def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Dash:
-    client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash:
+    cluster = is_cluster_sync(settings)
+    layout = keys.Layout(settings.stream, settings.shards, cluster)
+    client = client or open_sync_client(settings, cluster, socket_timeout=5, socket_connect_timeout=5)
     # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
     app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi")
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 
-    register_selection_callbacks(app, client)
+    register_selection_callbacks(app, client, layout)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
     def window_options(resolution: Any) -> list[str]:
@@ -201,7 +200,7 @@ def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Das
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}")
-        return render(read_snapshot(client, settings.stream, sel), sel, zoom)
+        return render(read_snapshot(client, settings.stream, sel, layout=layout), sel, zoom)
 
     @app.callback(
         Output("download", "data"), Input("export", "n_clicks"),
@@ -213,14 +212,14 @@ def build_app(settings: Settings, client: redis.Redis | None = None) -> dash.Das
             sel = clean_selection(domains, resolution, window, breakdown)
         except SelectionError:
             raise PreventUpdate from None
-        frame = to_frame(read_snapshot(client, settings.stream, sel), sel)
+        frame = to_frame(read_snapshot(client, settings.stream, sel, layout=layout), sel)
         csv_name = f"wikipulse-{sel.resolution}-{int(time.time())}.csv"
         return dcc.send_data_frame(frame.to_csv, csv_name, index=False)  # type: ignore[attr-defined,no-untyped-call]
 
     return app
 
 
-def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
+def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
     """The selection lives in the URL: read once per page load, then kept in step with the controls."""
 
     @app.callback(
@@ -234,7 +233,7 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
         if initialized:
             raise PreventUpdate
         wanted = selection_from_query(search)
-        ranked = ranked_desc(_ranked(client))
+        ranked = ranked_desc(_ranked(client, layout))
         try:
             sel = clean_selection(wanted["domains"] or default_domains(ranked), wanted["resolution"] or "10s",
                                   wanted["window"], wanted["breakdown"] or "total")  # fmt: skip
@@ -293,8 +292,10 @@ def register_selection_callbacks(app: dash.Dash, client: redis.Redis) -> None:
     )  # fmt: skip
 
 
-def _ranked(client: redis.Redis) -> list[tuple[str, float]]:
-    return [(m.decode(), s) for m, s in client.zunion(keys.rank_keys(int(time.time()), 3600), withscores=True)]
+def _ranked(client: SyncClient, layout: keys.Layout) -> list[tuple[str, float]]:
+    pipe = client.pipeline(transaction=False)
+    queue_ranking(pipe, layout, int(time.time()), 3600)
+    return merge_ranking(layout, pipe.execute())[0]
 
 
 def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:

@@ -122,8 +122,11 @@ def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, i
     return out
 
 
-def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, int], out: Increments) -> None:
-    """Turn per-class counts into HINCRBY/EXPIREAT/ZINCRBY work at every resolution.
+def expand(
+    classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, int], out: Increments, shard: keys.Shard = keys.UNSHARDED
+) -> None:
+    """Turn per-class counts into HINCRBY/EXPIREAT/ZINCRBY work at every resolution, on `shard`'s keys (its
+    domains' series, its share of the totals and of the ranking).
 
     Classes are merged per resolution first (many fall into one 1 min or 1 h bucket), and the
     global totals are summed apart, so each hash field is touched once per batch."""
@@ -143,17 +146,17 @@ def expand(classes: Mapping[FoldKey, int], now: float, retention: Mapping[str, i
             expires = window + width + keep
             if expires <= now:
                 continue  # this resolution no longer keeps that window
-            _add(hashes, expire_at, names, keys.series_key(domain, res, window), expires, (bucket, kind, bot), n)
+            _add(hashes, expire_at, names, shard.series_key(domain, res, window), expires, (bucket, kind, bot), n)
             everywhere[(bucket, kind, bot)] += n
         for dims, n in everywhere.items():
             window = dims[0] - dims[0] % width
-            _add(hashes, expire_at, names, keys.series_key(keys.ALL_DOMAINS, res, window), window + width + keep, dims, n)
+            _add(hashes, expire_at, names, shard.series_key(keys.ALL_DOMAINS, res, window), window + width + keep, dims, n)
     rank_floor = now - keys.RANK_RETENTION
     for (domain, t, _kind, _bot), n in classes.items():
         out.folded += n
         minute = t - t % keys.RANK_STEP
         if minute > rank_floor and domain != keys.OTHER_DOMAINS:  # the ranking lists real domains only
-            rkey = keys.rank_key(minute)
+            rkey = shard.rank_key(minute)
             members = out.zsets.get(rkey)
             if members is None:
                 members = out.zsets[rkey] = {}

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
+from wikipulse.connect import Client
 from wikipulse.events import parse_dt
 from wikipulse.lease import FENCE_LUA, Lease, fenced_error
 from wikipulse.retry import REDIS_ERRORS
@@ -109,8 +109,12 @@ class Written(NamedTuple):
 
 
 class BatchWriter:
-    def __init__(self, settings: Settings, client: aioredis.Redis, lease: Lease) -> None:
+    def __init__(
+        self, settings: Settings, client: Client, lease: Lease, publisher_keys: keys.PublisherKeys = keys.UNSHARDED_PUBLISHER
+    ) -> None:
         self.settings, self.lease = settings, lease
+        k = publisher_keys
+        self._keys = [settings.stream, k.seen, k.position, k.stats, k.rejected, k.lease]
         self._script = client.register_script(WRITE_SCRIPT)
 
     async def write(self, batch: Batch, now: float) -> Written:
@@ -133,14 +137,13 @@ class BatchWriter:
             "rejected": [r.decode() for r in batch.rejected],
             "keep": keys.REJECTED_KEEP,
         }
-        script_keys = [s.stream, keys.SEEN, keys.POSITION, keys.PUBLISHER_STATS, keys.REJECTED, keys.PUBLISHER_LEASE]
         args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
         try:
-            reply = await self._script(keys=script_keys, args=args)
+            reply = await self._script(keys=self._keys, args=args)
+        except REDIS_ERRORS as exc:  # first: on a cluster, CLUSTERDOWN and TRYAGAIN are ResponseErrors too
+            raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
             raise fenced_error(exc, "another publisher ({holder}) holds the lease") from exc
-        except REDIS_ERRORS as exc:
-            raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
         written, duplicates, had_position, *grew = reply
         groups = {(g.decode() if isinstance(g, bytes) else str(g)): int(n) for g, n in zip(grew[::2], grew[1::2], strict=True)}
         return Written(int(written), int(duplicates), bool(had_position), groups)

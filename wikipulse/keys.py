@@ -11,7 +11,12 @@ across domains (the ranking) share the `{rank}` tag.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import count
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "wp"
 
@@ -138,3 +143,154 @@ def rank_keys(now: int, seconds: int) -> list[str]:
     """Rank keys covering the last `seconds` up to and including now's minute."""
     last = now - now % RANK_STEP
     return [rank_key(m) for m in range(last - seconds + RANK_STEP, last + 1, RANK_STEP)]
+
+
+# ---- Shards (Redis Cluster) ------------------------------------------------------------------------------------------
+# On one Redis the keys are named as above. Sharded (on a cluster, or SHARDS > 1), the work is split into N shards,
+# each one hash tag, so every atomic script keeps all its keys in one slot while the shards spread over the masters:
+#   - the publisher writes one ingest stream (settings.stream) with its own keys tagged like it (PublisherKeys);
+#   - the router (router.py) copies each entry, with its original id, to the stream of its domain's shard;
+#   - a shard's consumers fold it into series and ranking keys tagged by the shard, with the shard's stats,
+#     claims count and consumer-name leases in the same slot. `_all` and `_other` exist once per shard: readers sum them.
+
+
+@dataclass(frozen=True)
+class PublisherKeys:
+    position: str
+    seen: str
+    stats: str
+    rejected: str
+    lease: str
+
+
+UNSHARDED_PUBLISHER = PublisherKeys(POSITION, SEEN, PUBLISHER_STATS, REJECTED, PUBLISHER_LEASE)
+
+
+def hash_tag(key: str) -> str:
+    """The part of `key` that Redis Cluster hashes: the first non-empty {...}, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def shard_tag(index: int, shards: int) -> str:
+    """The hash tag of shard `index` of `shards`: the first of s<i>, s<i>.1, s<i>.2, ... whose slot lies in the
+    index-th Nth of the slot space. `redis-cli --cluster create` splits the slots evenly, so with as many shards as
+    masters each shard lands on a master of its own."""
+    for j in count():
+        tag = f"s{index}" if j == 0 else f"s{index}.{j}"
+        if key_slot(tag.encode()) * shards // REDIS_CLUSTER_HASH_SLOTS == index:
+            return tag
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where one shard's keys live. `tag` None: the single-node layout, keys named as they always were."""
+
+    index: int
+    tag: str | None
+    stream: str  # the stream its consumers read
+
+    def _key(self, name: str) -> str:
+        return f"{PREFIX}:{{{self.tag}}}:{name}"
+
+    def series_key(self, domain: str, res: Resolution, window: int) -> str:
+        if self.tag is None:
+            return series_key(domain, res, window)
+        return f"{PREFIX}:ts:{{{self.tag}}}:{domain}:{res.name}:{window}"
+
+    def rank_key(self, minute: int) -> str:
+        return rank_key(minute) if self.tag is None else self._key(f"rank:1m:{minute}")
+
+    def rank_keys(self, now: int, seconds: int) -> list[str]:
+        last = now - now % RANK_STEP
+        return [self.rank_key(m) for m in range(last - seconds + RANK_STEP, last + 1, RANK_STEP)]
+
+    @property
+    def stats(self) -> str:
+        """The shard's subscriber counters (SUBSCRIBER_STATS on one Redis)."""
+        return SUBSCRIBER_STATS if self.tag is None else self._key("subscriber:stats")
+
+    @property
+    def claims(self) -> str:
+        return CLAIMS if self.tag is None else self._key("subscriber:claims")
+
+    def consumer_lease(self, group: str, consumer: str) -> str:
+        return consumer_lease(group, consumer) if self.tag is None else self._key(f"subscriber:consumer:{group}:{consumer}")
+
+    @property
+    def router_lease(self) -> str:
+        """Held by the one router that writes this shard's stream (router.py)."""
+        return self._key("router:lease")
+
+    @property
+    def router_stats(self) -> str:
+        """Counters of the router's writes to this shard: `routed`, `trimmed_unread:<group>` (trimming.py)."""
+        return self._key("router:stats")
+
+
+UNSHARDED = Shard(0, None, "")  # the single-node layout's keys (its stream is settings.stream)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The deployment's key layout: one Redis (the default), or `shards` shards, on a cluster or not.
+    The number of shards is fixed per deployment: it decides where every domain's keys live."""
+
+    stream: str  # the stream the publisher writes (settings.stream)
+    shards: int = 1
+    cluster: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.cluster or self.shards > 1
+
+    @cached_property
+    def all_shards(self) -> tuple[Shard, ...]:
+        if not self.sharded:
+            return (Shard(0, None, self.stream),)
+        tags = [shard_tag(i, self.shards) for i in range(self.shards)]
+        return tuple(Shard(i, tag, f"{PREFIX}:{{{tag}}}:{self.stream}") for i, tag in enumerate(tags))
+
+    def shard_of(self, domain: str) -> Shard:
+        """The shard that folds `domain` (crc32: stable across processes and Python versions)."""
+        if self.shards == 1:
+            return self.all_shards[0]
+        return self.all_shards[zlib.crc32(domain.encode()) % self.shards]
+
+    def shards_holding(self, domain: str) -> tuple[Shard, ...]:
+        """Where a domain's series live: its shard; for the totals and _other, a share in every shard."""
+        if domain in (ALL_DOMAINS, OTHER_DOMAINS):
+            return self.all_shards
+        return (self.shard_of(domain),)
+
+    @cached_property
+    def publisher(self) -> PublisherKeys:
+        """The publisher's keys, in the ingest stream's slot (its write script touches them all)."""
+        if not self.sharded:
+            return UNSHARDED_PUBLISHER
+        return PublisherKeys(*(self._ingest_key(f"publisher:{name}") for name in ("position", "seen", "stats", "rejected", "lease")))
+
+    def _ingest_key(self, name: str) -> str:
+        """A key in the ingest stream's slot (sharded), for what is written in one step with the stream."""
+        return f"{PREFIX}:{{{hash_tag(self.stream)}}}:{name}"
+
+    @property
+    def archiver_stats(self) -> str:
+        return self._ingest_key("archiver:stats") if self.sharded else ARCHIVER_STATS
+
+    def archiver_batches(self, group: str) -> str:
+        """Acknowledged in one MULTI with the ingest stream's XACK, so in its slot."""
+        return self._ingest_key(f"archiver:batches:{group}") if self.sharded else archiver_batches(group)
+
+    def archiver_lease(self, group: str) -> str:
+        return self._ingest_key(f"archiver:lease:{group}") if self.sharded else archiver_lease(group)
+
+    @property
+    def router_group(self) -> str:
+        """The consumer group the router reads the ingest stream with."""
+        return "wikipulse-router"

@@ -17,16 +17,17 @@ from collections import Counter
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
+from wikipulse.connect import Client, open_client
 from wikipulse.events import Accepted, Canary, Reject, Rejected, validate
 from wikipulse.fold import observe, summarize
 from wikipulse.ingest import Batch, BatchWriter, RedisDown
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.router import Router
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
 
@@ -83,9 +84,11 @@ class Dedup:
 
 
 class Publisher:
-    def __init__(self, settings: Settings, client: aioredis.Redis, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None) -> None:
         self.settings = settings
         self.client = client
+        self.layout = layout or keys.Layout(settings.stream)
+        self.keys = self.layout.publisher
         self.session = session
         self.dedup = Dedup(settings.dedup_window)
         self.position: str | None = None
@@ -94,8 +97,8 @@ class Publisher:
         self.totals: Counter[str] = Counter()
         self.connected = asyncio.Event()  # set while a feed connection is open (for tests and `up`)
         self.events_this_connection = 0
-        self.lease = Lease(client, keys.PUBLISHER_LEASE, settings.lease_ttl)
-        self.writer = BatchWriter(settings, client, self.lease)
+        self.lease = Lease(client, self.keys.lease, settings.lease_ttl)
+        self.writer = BatchWriter(settings, client, self.lease, self.keys)
         self._inflight: asyncio.Future[None] | None = None
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
         self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
@@ -108,12 +111,12 @@ class Publisher:
         persistence, flushed): resume from the position this process knows, with its dedup window,
         and say loudly that what Redis held is gone."""
         if self._reset_pending:
-            await self.client.delete(keys.POSITION)
+            await self.client.delete(self.keys.position)
             self._reset_pending = False
-        raw = await self.client.get(keys.POSITION)
+        raw = await self.client.get(self.keys.position)
         if raw:
             self.position = raw.decode()
-            self.dedup.load(await self.client.zrange(keys.SEEN, 0, -1))
+            self.dedup.load(await self.client.zrange(self.keys.seen, 0, -1))
         elif self.position is not None:
             await self._redis_lost_data()
         self._stored = bool(raw)
@@ -129,7 +132,7 @@ class Publisher:
         )
         self.totals["position_lost"] += 1
         with contextlib.suppress(*REDIS_ERRORS, ResponseError):
-            await self.client.hincrby(keys.PUBLISHER_STATS, "position_lost", 1)
+            await self.client.hincrby(self.keys.stats, "position_lost", 1)
 
     # ---- taking events ---------------------------------------------------------------------
     def take(self, sse: ServerSentEvent) -> None:
@@ -218,7 +221,7 @@ class Publisher:
 
     async def heartbeat(self) -> None:
         """Mark the publisher alive even when the feed is quiet (the dashboard's status)."""
-        await self.client.hset(keys.PUBLISHER_STATS, "updated_at", time.time())
+        await self.client.hset(self.keys.stats, "updated_at", time.time())
 
     # ---- the feed ----------------------------------------------------------------------------
     def request_headers(self) -> dict[str, str]:
@@ -310,7 +313,7 @@ class Publisher:
                 delay = await self._run_once(backoff)
                 self.totals["reconnects"] += 1
                 with contextlib.suppress(*REDIS_ERRORS, ResponseError):  # counted in memory; Redis trouble is handled on the next write
-                    await self.client.hincrby(keys.PUBLISHER_STATS, "reconnects", 1)
+                    await self.client.hincrby(self.keys.stats, "reconnects", 1)
                 await pause_before_retry(delay)
         finally:
             keeper.cancel()
@@ -382,7 +385,7 @@ class Publisher:
             try:
                 # The one write of the probe (a deny-oom command, refused while Redis is still full), so that a Redis
                 # at the edge of maxmemory cannot take it and then refuse a second one: that is the next batch's to try.
-                await self.client.hincrby(keys.PUBLISHER_STATS, "paused_full", 1)
+                await self.client.hincrby(self.keys.stats, "paused_full", 1)
             except ResponseError as exc:
                 if is_full(exc):
                     continue
@@ -422,14 +425,20 @@ async def log_stats(publisher: Publisher, interval: float) -> None:
 
 
 async def run_publisher(settings: Settings) -> None:
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    client, layout = await open_client(settings)
     async with client, aiohttp.ClientSession(read_bufsize=1 << 20) as session:
         await check_redis(client, settings)
-        publisher = Publisher(settings, client, session)
+        publisher = Publisher(settings, client, session, layout)
         stats_task = asyncio.create_task(log_stats(publisher, settings.stats_interval))
+        # Sharded, the publisher's process also routes its stream to the shards' streams (router.py).
+        router = asyncio.create_task(Router(settings, client, layout).run()) if layout.sharded else None
         try:
             await publisher.run()
         finally:
             stats_task.cancel()
+            if router is not None:
+                router.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await router
             await asyncio.shield(publisher.close())
             log_totals(publisher)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from wikipulse import keys
+from wikipulse.connect import open_client
 from wikipulse.events import is_valid_domain
 from wikipulse.eventstreams import parse_since
 from wikipulse.series import bucket_range, read_series
@@ -52,8 +51,9 @@ async def counts(settings: Settings, domain: str, resolution: str, since: str | 
     res = keys.RESOLUTION_BY_NAME[resolution]
     start, end = bounded_range(res, since, until, settings.retention_seconds()[res.name], int(time.time()))
     dims = BY[by] if by else ("",)
-    async with aioredis.Redis.from_url(settings.redis_url) as client:
-        series = (await read_series(client, [domain], res, start, end, dims))[domain]
+    client, layout = await open_client(settings)
+    async with client:
+        series = (await read_series(client, [domain], res, start, end, dims, layout))[domain]
     out: dict[int, Any] = {}
     for i, bucket in enumerate(bucket_range(res, start, end)):
         if by:
@@ -66,13 +66,17 @@ async def counts(settings: Settings, domain: str, resolution: str, since: str | 
 
 
 async def stats(settings: Settings) -> dict[str, Any]:
-    async with aioredis.Redis.from_url(settings.redis_url) as client:
+    client, layout = await open_client(settings)
+    async with client:
         if not await client.exists(settings.stream):
             raise OperatorError(f"no stream {settings.stream!r} in this Redis: has the publisher run, and is --stream right?")
-        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in await client.xinfo_groups(settings.stream)}
+        folded = layout.all_shards[0].stream  # the stream the subscribers read (sharded: each shard's, made alike)
+        if not await client.exists(folded):
+            raise OperatorError(f"no stream {folded!r}: the router (in the publisher's process) has not routed anything yet")
+        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in await client.xinfo_groups(folded)}
         if settings.group not in groups:
-            raise OperatorError(f"no consumer group {settings.group!r} on {settings.stream!r} (there are: {sorted(groups) or 'none'})")
-        return await read_status(client, settings.stream, settings.group)
+            raise OperatorError(f"no consumer group {settings.group!r} on {folded!r} (there are: {sorted(groups) or 'none'})")
+        return await read_status(client, layout, settings.group)
 
 
 # ---- the archive (ClickHouse) ------------------------------------------------------------------

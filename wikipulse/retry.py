@@ -7,11 +7,15 @@ import contextlib
 import random
 
 from redis.asyncio.connection import Connection
+from redis.exceptions import AskError, ClusterError, OutOfMemoryError, RedisError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# What passes: Redis down or unreachable, and on a cluster a master down or restarting (CLUSTERDOWN, TRYAGAIN, no node
+# for a slot) or a slot that moved (MOVED/ASK on a connection of our own: connect.refresh, then a new connection).
+REDIS_ERRORS = (
+    RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterError, TryAgainError, SlotNotCoveredError, AskError,
+)  # fmt: skip
 
 
 class RedisFull(Exception):

@@ -17,26 +17,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
+from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from wikipulse import keys
+from wikipulse.connect import Client, raw_connection
 from wikipulse.fold import Increments
 from wikipulse.lease import FENCE_LUA
 from wikipulse.retry import drop
 
-# KEYS: the stream, the stats hash, keys.CLAIMS, the consumer name's lease. ARGV: group, consumer, the claims
-# count seen before the entries were read ('' if unknown), then one JSON payload
-#   {"ids": [...], "stats": {name: n}, "h": [key, expire_at, k, field1, n1, ..., fieldk, nk, key, ...],
-#    "z": [key, expire_at, k, member1, n1, ...]}
-# One JSON string instead of thousands of ARGV items: packing each item costs the client far more
-# than cjson.decode costs Redis. The series keys are therefore not declared in KEYS: on a Redis
-# Cluster a batch would have to be split per slot first (each domain's keys share one slot).
-# Flat arrays, because every nested object costs cjson a Lua table. Then the lease token ('' for
-# none: pub/sub mode) and its ttl ms: a process whose consumer name was taken over by another (it
-# stalled past its lease) applies nothing. A full Redis refuses the whole call: the fence's SET (or, with
-# no lease, HINCRBY) is its first write, and Redis refuses a deny-oom command while nothing is written.
+# KEYS: the stream, the stats hash, the claims counter, the consumer name's lease, then every series hash and ranking
+# zset the batch touches (declared, as Redis asks of scripts: on a cluster they all share the shard's slot). ARGV:
+# group, consumer, the claims count seen before the entries were read ('' if unknown), then one JSON payload
+#   {"ids": [...], "stats": {name: n}, "h": [key no., expire_at, k, field1, n1, ..., fieldk, nk, key no., ...],
+#    "z": [key no., expire_at, k, member1, n1, ...]}
+# where a key no. is the key's index in KEYS. One JSON string instead of thousands of ARGV items: packing each
+# item costs the client far more than cjson.decode costs Redis. Flat arrays, because every nested object costs
+# cjson a Lua table. Then the lease token ('' for none: pub/sub mode) and its ttl ms: a process whose consumer
+# name was taken over by another (it stalled past its lease) applies nothing. A full Redis refuses the whole
+# call: the fence's SET (or, with no lease, HINCRBY) is its first write, and Redis refuses a deny-oom command
+# while nothing is written.
 APPLY_SCRIPT = (
     FENCE_LUA
     + """
@@ -71,7 +72,7 @@ for name, n in pairs(p['stats']) do
 end
 local h, i = p['h'], 1
 while i <= #h do
-  local key, last = h[i], i + 2 + 2 * h[i + 2]
+  local key, last = KEYS[h[i]], i + 2 + 2 * h[i + 2]
   for j = i + 3, last, 2 do redis.call('HINCRBY', key, h[j], h[j + 1]) end
   redis.call('EXPIREAT', key, h[i + 1])
   i = last + 1
@@ -79,7 +80,7 @@ end
 local z = p['z']
 i = 1
 while i <= #z do
-  local key, last = z[i], i + 2 + 2 * z[i + 2]
+  local key, last = KEYS[z[i]], i + 2 + 2 * z[i + 2]
   for j = i + 3, last, 2 do redis.call('ZINCRBY', key, z[j + 1], z[j]) end
   redis.call('EXPIREAT', key, z[i + 1])
   i = last + 1
@@ -92,14 +93,21 @@ return true
 _NOT_IN_IDS = re.compile(rb'[^0-9",-]')
 
 
-def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> bytes:
-    """The JSON payload of APPLY_SCRIPT (pure, so it can be tested with plain values)."""
-    return orjson.dumps({
+FIXED_KEYS = 4  # the stream, stats, claims and lease come first in KEYS
+
+
+def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> tuple[list[str], bytes]:
+    """The keys APPLY_SCRIPT declares after its fixed ones, and its JSON payload (pure, so it can be tested with
+    plain values)."""
+    declared = [*inc.hashes, *inc.zsets]
+    number = {key: FIXED_KEYS + 1 + i for i, key in enumerate(declared)}
+    payload = orjson.dumps({
         "ids": _json_ids(ids),
         "stats": {k: v for k, v in stats.items() if v},
-        "h": _flat(inc.hashes, inc.expire_at),
-        "z": _flat(inc.zsets, inc.expire_at),
+        "h": _flat(inc.hashes, inc.expire_at, number),
+        "z": _flat(inc.zsets, inc.expire_at, number),
     })  # fmt: skip
+    return declared, payload
 
 
 def _json_ids(ids: Sequence[bytes | str]) -> orjson.Fragment:
@@ -110,10 +118,10 @@ def _json_ids(ids: Sequence[bytes | str]) -> orjson.Fragment:
     return orjson.Fragment(b'["' + joined + b'"]' if ids else b"[]")
 
 
-def _flat(counts: Mapping[str, Mapping[str, int]], expire_at: Mapping[str, int]) -> list[str | int]:
+def _flat(counts: Mapping[str, Mapping[str, int]], expire_at: Mapping[str, int], number: Mapping[str, int]) -> list[str | int]:
     out: list[str | int] = []
     for key, members in counts.items():
-        out += (key, expire_at[key], len(members))
+        out += (number[key], expire_at[key], len(members))
         out += chain.from_iterable(members.items())
     return out
 
@@ -127,17 +135,24 @@ class SeriesWriter:
     small next to the payload, and a Redis that restarted and lost its script cache needs no retry."""
 
     def __init__(
-        self, client: aioredis.Redis, stream: str, group: str, consumer: str, lease_token: str = "", lease_ttl_ms: int = 0
+        self,
+        client: Client,
+        stream: str,
+        group: str,
+        consumer: str,
+        lease_token: str = "",
+        lease_ttl_ms: int = 0,
+        shard: keys.Shard = keys.UNSHARDED,
     ) -> None:
-        self._connection = client.connection_pool.make_connection()
+        self._connection = raw_connection(client, stream)  # on a cluster, the node of the shard's slot
         self._stream, self._group, self._consumer = stream, group, consumer
-        self._lease_key = keys.consumer_lease(group, consumer)
+        self._fixed_keys = (stream, shard.stats, shard.claims, shard.consumer_lease(group, consumer))
         self._lease = (lease_token, lease_ttl_ms)
 
     async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None) -> None:
         """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry)."""
-        payload = script_payload(inc, ids, stats)
-        script_keys = (self._stream, keys.SUBSCRIBER_STATS, keys.CLAIMS, self._lease_key)
+        declared, payload = script_payload(inc, ids, stats)
+        script_keys = (*self._fixed_keys, *declared)
         seen = b"" if claims is None else claims
         token, ttl_ms = self._lease
         await self._connection.send_command(
@@ -189,9 +204,9 @@ class SeriesRead:
             by_window.setdefault(keys.window_start(res, b), []).append(b)
         return cls(res, tuple(dims), tuple(by_window.items()))
 
-    def hashes(self, domain: str) -> list[str]:
+    def hashes(self, domain: str, shard: keys.Shard = keys.UNSHARDED) -> list[str]:
         """The hashes to HGETALL for this domain, in the order decode() takes their replies."""
-        return [keys.series_key(domain, self.res, window) for window, _ in self.windows]
+        return [shard.series_key(domain, self.res, window) for window, _ in self.windows]
 
     @cached_property
     def _fields(self) -> dict[str, list[bytes]]:
@@ -221,22 +236,68 @@ class SeriesRead:
         return out
 
 
+def merge_counts(parts: Sequence[dict[str, list[int | None]]]) -> dict[str, list[int | None]]:
+    """The sum of several shards' decoded counts of one pseudo-domain (_all, _other); a gap only where all have one."""
+    merged = dict(parts[0])
+    for part in parts[1:]:
+        for dim, values in part.items():
+            merged[dim] = [a if b is None else b if a is None else a + b for a, b in zip(merged[dim], values, strict=True)]
+    return merged
+
+
+def queue_reads(pipe: Any, layout: keys.Layout, reads: Sequence[tuple[str, SeriesRead]]) -> None:
+    """HGETALL every hash of these (domain, plan) reads on a non-transactional pipeline, in every shard that holds
+    a share of the domain; decode_reads takes the replies in the same order."""
+    for domain, read in reads:
+        for shard in layout.shards_holding(domain):
+            for key in read.hashes(domain, shard):
+                pipe.hgetall(key)
+
+
+def decode_reads(
+    layout: keys.Layout, reads: Sequence[tuple[str, SeriesRead]], replies: Sequence[Any]
+) -> tuple[list[dict[str, list[int | None]]], int]:
+    """The decoded counts of each read (summed over shards), and how many replies they took."""
+    out = []
+    at = 0
+    for domain, read in reads:
+        parts = []
+        for _ in layout.shards_holding(domain):
+            parts.append(read.decode(replies[at : at + len(read.windows)]))
+            at += len(read.windows)
+        out.append(merge_counts(parts))
+    return out, at
+
+
+def queue_ranking(pipe: Any, layout: keys.Layout, now: int, seconds: int) -> None:
+    """ZUNION of each shard's ranking keys (one slot each) over the last `seconds`; merge_ranking reads them."""
+    for shard in layout.all_shards:
+        pipe.zunion(shard.rank_keys(now, seconds), withscores=True)
+
+
+def merge_ranking(layout: keys.Layout, replies: Sequence[Any]) -> tuple[list[tuple[str, float]], int]:
+    """[(domain, events)] lowest first, as ZUNION answers (a domain lives in one shard), and the replies taken."""
+    n = len(layout.all_shards)
+    ranked = [(m.decode() if isinstance(m, bytes) else str(m), float(score)) for reply in replies[:n] for m, score in reply]
+    return sorted(ranked, key=lambda pair: pair[1]), n
+
+
 async def read_series(
-    client: aioredis.Redis,
+    client: Client,
     domains: Sequence[str],
     res: keys.Resolution,
     start: int,
     end: int,
     dims: Sequence[str] = ("",),
+    layout: keys.Layout | None = None,
 ) -> dict[str, dict[str, list[int | None]]]:
     """{domain: {dim: [count or None per bucket]}} in one pipelined round trip.
 
     None means nothing was recorded for that bucket (a gap, not a zero)."""
+    layout = layout or keys.Layout("")
     read = SeriesRead.plan(res, bucket_range(res, start, end), dims)
+    reads = [(domain, read) for domain in domains]
     pipe = client.pipeline(transaction=False)
-    for domain in domains:
-        for key in read.hashes(domain):
-            pipe.hgetall(key)
-    replies = await pipe.execute()
-    n = len(read.windows)
-    return {domain: read.decode(replies[i * n : (i + 1) * n]) for i, domain in enumerate(domains)}
+    queue_reads(pipe, layout, reads)
+    decoded, _ = decode_reads(layout, reads, await pipe.execute())
+    return dict(zip(domains, decoded, strict=True))

@@ -15,6 +15,7 @@ from typing import Any
 from wikipulse import __version__
 
 LIVE_STREAM_URL = "https://stream.wikimedia.org/v2/stream/recentchange"
+MAX_SHARDS = 1024  # a shard is a slot of 16,384, and a consumer task
 
 
 class SettingsError(ValueError):
@@ -75,6 +76,11 @@ class Settings:
     batch_delay: float = _opt("BATCH_DELAY", "seconds a partial batch waits before it is written", 0.005)
     max_event_bytes: int = _opt("MAX_EVENT_BYTES", "frames larger than this are rejected", 1 << 20)
     dedup_window: int = _opt("DEDUP_WINDOW", "recent meta.id values remembered for deduplication", 50_000)
+    cluster: str = _opt(
+        "REDIS_CLUSTER", "whether REDIS_URL is a Redis Cluster node: auto (ask the server), on, off", "auto", choices=("auto", "on", "off")
+    )
+    shards: int = _opt("SHARDS", "shards the work is split into (on a cluster: as many as masters); fixed per deployment, see README", 1)
+    shard: str = _opt("SUBSCRIBER_SHARDS", "the shards this subscriber folds, e.g. 0,2 (default: all)", "")
     source: str = _opt(
         "SUBSCRIBER_SOURCE", "where the subscriber reads: stream (exactly-once) or pubsub", "stream", choices=("stream", "pubsub")
     )
@@ -107,6 +113,18 @@ class Settings:
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
+
+    def shard_indexes(self) -> list[int]:
+        """The shards this subscriber folds: settings.shard ('0,2'), or every shard."""
+        if not self.shard.strip():
+            return list(range(self.shards))
+        try:
+            picked = sorted({int(part) for part in self.shard.split(",") if part.strip()})
+        except ValueError:
+            raise SettingsError(f"shard: not a list of shard numbers: {self.shard!r} (e.g. 0,2)") from None
+        if not picked or picked[0] < 0 or picked[-1] >= self.shards:
+            raise SettingsError(f"shard: {self.shard!r} is not within 0..{self.shards - 1} (SHARDS={self.shards})")
+        return picked
 
     def retention_seconds(self) -> dict[str, int]:
         from wikipulse.keys import RESOLUTIONS
@@ -157,7 +175,7 @@ class Settings:
                 raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         at_least = {
             "batch_size": 1, "max_domains": 1, "stream_maxlen": 1, "dedup_window": 1, "max_event_bytes": 1, "port": 1,
-            "archive_port": 1, "archive_batch": 1,
+            "archive_port": 1, "archive_batch": 1, "shards": 1,
             "idle_timeout": 0.1, "backoff_cap": 0.01, "claim_idle": 0.01, "stats_interval": 0.01, "lease_ttl": 0.1, "batch_delay": 0,
         }  # fmt: skip
         for name, least in at_least.items():
@@ -169,6 +187,9 @@ class Settings:
         for name in ("stream", "group", "channel", "archive_group"):
             if not getattr(self, name).strip():
                 raise SettingsError(f"{name} must not be empty")
+        if self.shards > MAX_SHARDS:
+            raise SettingsError(f"shards must be at most {MAX_SHARDS}, not {self.shards}")
+        self.shard_indexes()
         check_redis_url(self.redis_url)
         self.retention_seconds()
         if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:

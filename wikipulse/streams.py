@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import cast
 
-import redis.asyncio as aioredis
-
+from wikipulse.connect import Client, raw_connection
 from wikipulse.retry import drop
 
 # An entry as XREADGROUP/XAUTOCLAIM reply it, unparsed: [id, [field, value, ...]], or [id, None]
@@ -22,8 +21,8 @@ class StreamReader:
     while this process works on the current one. With `counter`, each read is preceded by a GET of that
     key on the same connection (so before it, in Redis): the subscriber's claims count (keys.CLAIMS)."""
 
-    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str, counter: str | None = None) -> None:
-        self._connection = client.connection_pool.make_connection()
+    def __init__(self, client: Client, stream: str, group: str, consumer: str, counter: str | None = None) -> None:
+        self._connection = raw_connection(client, stream)  # on a cluster, the counter shares the stream's slot
         self._stream, self._group, self._consumer, self._counter = stream, group, consumer, counter
 
     async def send(self, start: str, count: int, block_ms: int | None) -> None:

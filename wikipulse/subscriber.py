@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
+from wikipulse.connect import Client, open_client, raw_connection, refresh
 from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
@@ -31,7 +31,7 @@ from wikipulse.lease import Lease, LeaseLost, fenced_error
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter
-from wikipulse.settings import Settings
+from wikipulse.settings import OperatorError, Settings
 from wikipulse.streams import Entry, StreamReader
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,10 @@ class Batch:
 
 
 class Subscriber:
-    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, client: Client, shard: keys.Shard | None = None) -> None:
         self.settings = settings
         self.client = client
+        self.shard = shard or keys.Layout(settings.stream).all_shards[0]  # the stream it folds, and where its keys live
         self.claim_script = client.register_script(CLAIM_SCRIPT)
         self.retention = settings.retention_seconds()
         self.lease: Lease | None = None  # on the consumer name, while this process holds it (take_name)
@@ -141,8 +142,9 @@ class Subscriber:
     def use_name(self, consumer: str, lease: Lease | None = None) -> None:
         self.consumer = consumer
         token, ttl_ms = (lease.token, lease.ttl_ms) if lease is not None else ("", 0)
-        self.reader = StreamReader(self.client, self.settings.stream, self.settings.group, consumer, counter=keys.CLAIMS)
-        self.writer = SeriesWriter(self.client, self.settings.stream, self.settings.group, consumer, token, ttl_ms)
+        stream = self.shard.stream
+        self.reader = StreamReader(self.client, stream, self.settings.group, consumer, counter=self.shard.claims)
+        self.writer = SeriesWriter(self.client, stream, self.settings.group, consumer, token, ttl_ms, self.shard)
 
     async def take_name(self) -> None:
         """Hold a consumer name no other live process holds: the configured one (standing by while another
@@ -151,17 +153,17 @@ class Subscriber:
             return
         s = self.settings
         if s.consumer:
-            lease = Lease(self.client, keys.consumer_lease(s.group, s.consumer), s.lease_ttl)
+            lease = Lease(self.client, self.shard.consumer_lease(s.group, s.consumer), s.lease_ttl)
             await lease.wait_until_held(f"consumer name {s.consumer!r} in group {s.group!r}")
             name = s.consumer
         else:
             for name in default_consumers():
-                lease = Lease(self.client, keys.consumer_lease(s.group, name), s.lease_ttl)
+                lease = Lease(self.client, self.shard.consumer_lease(s.group, name), s.lease_ttl)
                 if await lease.try_acquire() is None:
                     break
             else:
                 raise LeaseLost(f"every default consumer name up to {name!r} is held by a live process")
-        logger.info("consumer name %s (group %s)", name, s.group)
+        logger.info("consumer name %s (group %s) on %s", name, s.group, self.shard.stream)
         self.lease = lease
         self.use_name(name, lease)
         self._lease_keeper = asyncio.create_task(lease.keep())
@@ -186,7 +188,7 @@ class Subscriber:
         inc = Increments()
         classes = tally(observations.items(), now, self.retention, inc)
         classes, counters["overflow"] = await self.gate.route(classes)
-        expand(classes, now, self.retention, inc)
+        expand(classes, now, self.retention, inc, self.shard)
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
         return Batch(ids, inc, counters, source, claims)
 
@@ -235,8 +237,8 @@ class Subscriber:
     async def ensure_group(self) -> None:
         try:
             # From the stream's start: events published before the first subscriber ran are folded too.
-            await self.client.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
-            logger.info("created consumer group %s on %s", self.settings.group, self.settings.stream)
+            await self.client.xgroup_create(self.shard.stream, self.settings.group, id="0", mkstream=True)
+            logger.info("created consumer group %s on %s", self.settings.group, self.shard.stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -253,7 +255,7 @@ class Subscriber:
         start: bytes | str = "0-0"
         min_idle = int(self.settings.claim_idle * 1000)
         while True:
-            script_keys = [self.settings.stream, keys.CLAIMS]
+            script_keys = [self.shard.stream, self.shard.claims]
             args = [self.settings.group, self.consumer, min_idle, start, self.batch_size]
             reply = await self.claim_script(keys=script_keys, args=args)
             start, entries = reply[0], [(e[0], e[1] or None) for e in reply[1] if e]
@@ -275,6 +277,8 @@ class Subscriber:
                     delay = self.backoff.next_delay()
                     logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                     await pause_before_retry(delay)
+                    await refresh(self.client)  # on a cluster, the slot may have moved: new connections to its node
+                    self.use_name(self.consumer, self.lease)
                 except LeaseLost as exc:
                     logger.error("%s: it applied nothing since, and takes a consumer name again", exc)
                     await self.give_up_name()
@@ -331,7 +335,7 @@ class Subscriber:
 
     async def heartbeat(self) -> None:
         try:
-            await self.client.hset(keys.SUBSCRIBER_STATS, mapping={"updated_at": time.time(), "consumer": self.consumer})
+            await self.client.hset(self.shard.stats, mapping={"updated_at": time.time(), "consumer": self.consumer})
         except ResponseError as exc:
             if not is_full(exc):
                 raise  # a full Redis refuses it; the writes say so
@@ -343,7 +347,7 @@ class Subscriber:
             # A connection of its own, read directly with read_response (~5 µs a message here):
             # redis-py's PubSub.get_message costs 15-18 µs. The connection still comes from the
             # client's settings (TLS, password, timeouts).
-            connection = self.client.connection_pool.make_connection()
+            connection = raw_connection(self.client, self.settings.channel)
             try:
                 await connection.connect()
                 await connection.send_command("SUBSCRIBE", self.settings.channel)
@@ -420,17 +424,25 @@ def tune_gc() -> None:
 
 async def run_subscriber(settings: Settings) -> None:
     tune_gc()
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    client, layout = await open_client(settings)
     async with client:
         await check_redis(client, settings)
-        subscriber = Subscriber(settings, client)
-        logger.info(
-            "subscriber %s reading %s",
-            subscriber.consumer,
-            settings.stream if settings.source == "stream" else f"channel {settings.channel}",
-        )
-        stats_task = asyncio.create_task(log_stats(subscriber, settings.stats_interval))
+        if settings.source == "stream":
+            # One fold per shard this process takes, each with its own consumer-name lease, connections and batches.
+            subscribers = [Subscriber(settings, client, layout.all_shards[i]) for i in settings.shard_indexes()]
+        elif layout.sharded:
+            raise OperatorError("--source pubsub folds into one Redis's keys: on a cluster or with SHARDS > 1, use the stream")
+        else:
+            subscribers = [Subscriber(settings, client)]
+        for subscriber in subscribers:
+            logger.info(
+                "subscriber %s reading %s",
+                subscriber.consumer,
+                subscriber.shard.stream if settings.source == "stream" else f"channel {settings.channel}",
+            )
+        stats_tasks = [asyncio.create_task(log_stats(subscriber, settings.stats_interval)) for subscriber in subscribers]
         try:
-            await (subscriber.run_stream() if settings.source == "stream" else subscriber.run_pubsub())
+            await asyncio.gather(*(sub.run_stream() if settings.source == "stream" else sub.run_pubsub() for sub in subscribers))
         finally:
-            stats_task.cancel()
+            for task in stats_tasks:
+                task.cancel()
