@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Sequence
 
 from redis.exceptions import ResponseError
 
@@ -79,7 +80,7 @@ def domain_of(fields: list[bytes], max_bytes: int) -> str | None:
     return verdict.event["meta"]["domain"] if isinstance(verdict, Accepted) else None
 
 
-def split(entries: list[Entry], layout: keys.Layout, max_bytes: int) -> tuple[dict[int, list[Entry]], int]:
+def split(entries: Sequence[Entry], layout: keys.Layout, max_bytes: int) -> tuple[dict[int, list[Entry]], int]:
     """{shard index: its entries, in stream order}, and how many entries were trimmed before they were routed.
     An entry whose domain cannot be told goes to shard 0, whose subscriber counts it as rejected."""
     by_shard: dict[int, list[Entry]] = {}
@@ -167,7 +168,7 @@ class Router:
         finally:
             await reader.close()
 
-    async def route(self, entries: list[Entry]) -> None:
+    async def route(self, entries: Sequence[Entry]) -> None:
         by_shard, trimmed = split(entries, self.layout, self.settings.max_event_bytes)
         shards = self.layout.all_shards
         replies = await asyncio.gather(*(self._write(shards[i], part) for i, part in by_shard.items()))
