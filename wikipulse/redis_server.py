@@ -167,7 +167,7 @@ class LocalCluster:
     Every node has AOF on, a free client port and a free bus port (cluster-port), and the slots are split evenly
     by `redis-cli --cluster create`, so shard i of N = masters lands on master i (keys.shard_tag)."""
 
-    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+    def __init__(self, data_dir: Path, masters: int = 3, appendonly: bool = True) -> None:
         self.data_dir = Path(data_dir)
         binary = cluster_binary()
         self.nodes: list[RedisServer] = []
@@ -181,7 +181,7 @@ class LocalCluster:
                 # the cluster should keep serving the other masters' slots.
                 "--cluster-require-full-coverage", "no",
             )  # fmt: skip
-            self.nodes.append(RedisServer(self.data_dir / f"node{i}", extra=extra, binary=binary))
+            self.nodes.append(RedisServer(self.data_dir / f"node{i}", appendonly=appendonly, extra=extra, binary=binary))
 
     @property
     def url(self) -> str:

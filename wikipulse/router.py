@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
+import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
@@ -36,18 +37,26 @@ CONSUMER = "router"  # one router at a time (the leases), so one name: a restart
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
 # KEYS: the shard stream, the shard's router stats, the shard's router lease. ARGV: lease token, ttl ms, stream
-# maxlen, then per entry: its id, its number of field/value items, the items. Returns {added, duplicates, group,
-# trimmed unread, ...}. An id not above the stream's last one was added before (the ids come in order): skipped.
+# maxlen, then the entries as one blob of their ids, fields and values end to end, and a JSON array that cuts it:
+# per entry its number of field/value items, the id's length, then each item's length. (One blob, not an ARGV item
+# per id, field and value: packing those cost the router 15 µs an entry, half its time.) Returns {added, duplicates,
+# group, trimmed unread, ...}. An id not above the stream's last one was added before (the ids come in order): skipped.
 ROUTE_SCRIPT = (
     FENCE_LUA
     + TRIM_LUA
     + """
 local holder = fence(KEYS[3], ARGV[1], ARGV[2])
 if holder then return redis.error_reply('WPLEASE ' .. holder) end
-local added, dups, i = 0, 0, 4
-while i <= #ARGV do
-  local id, n = ARGV[i], tonumber(ARGV[i + 1])
-  local reply = redis.pcall('XADD', KEYS[1], id, unpack(ARGV, i + 2, i + 1 + n))
+local blob, cut = ARGV[4], cjson.decode(ARGV[5])
+local added, dups, i, at = 0, 0, 1, 1
+while i <= #cut do
+  local n = cut[i]
+  local args = {'XADD', KEYS[1]}
+  for j = i + 1, i + 1 + n do
+    args[#args + 1] = string.sub(blob, at, at + cut[j] - 1)
+    at = at + cut[j]
+  end
+  local reply = redis.pcall(unpack(args))
   if type(reply) == 'table' and reply.err then
     if not string.find(reply.err, 'equal or smaller', 1, true) then return reply end
     dups = dups + 1
@@ -94,6 +103,21 @@ def split(entries: Sequence[Entry], layout: keys.Layout, max_bytes: int) -> tupl
         shard = layout.shard_of(domain).index if domain is not None else 0
         by_shard.setdefault(shard, []).append(entry)
     return by_shard, trimmed
+
+
+def pack_entries(entries: Sequence[Entry]) -> tuple[bytes, bytes]:
+    """ROUTE_SCRIPT's blob of the entries' ids, fields and values, and the JSON array that cuts it (pure)."""
+    items: list[bytes] = []
+    cut: list[int] = []
+    for entry_id, fields in entries:
+        if fields is None:
+            continue  # trimmed before it was routed: split() counts it
+        items.append(entry_id)
+        items += fields
+        cut.append(len(fields))
+        cut.append(len(entry_id))
+        cut += map(len, fields)
+    return b"".join(items), orjson.dumps(cut)
 
 
 class Router:
@@ -154,15 +178,18 @@ class Router:
         s = self.settings
         reader = StreamReader(self.client, self.layout.stream, self.layout.router_group, CONSUMER)
         cursor = "0"
+        count = s.batch_size * 10
         try:
+            await reader.send(cursor, count, None)
             while True:
-                await reader.send(cursor, s.batch_size * 10, None if cursor != ">" else 1000)
                 entries, _ = await reader.receive()
                 if not entries:
                     cursor = ">"
+                    await reader.send(cursor, count, 1000)
                     continue
                 if cursor != ">":
                     cursor = entries[-1][0].decode()
+                await reader.send(cursor, count, None if cursor != ">" else 1000)  # Redis reads the next batch meanwhile
                 await self.route(entries)
                 self.backoff.reset()
         finally:
@@ -184,10 +211,9 @@ class Router:
         self.totals["trimmed"] += trimmed
 
     async def _write(self, shard: keys.Shard, entries: list[Entry]) -> tuple[int, int]:
-        args: list[bytes | str | int] = [self.leases[shard.index].token, self.leases[shard.index].ttl_ms, self.settings.stream_maxlen]
-        for entry_id, fields in entries:
-            assert fields is not None
-            args += (entry_id, len(fields), *fields)
+        lease = self.leases[shard.index]
+        blob, cut = pack_entries(entries)
+        args = [lease.token, lease.ttl_ms, self.settings.stream_maxlen, blob, cut]
         script_keys = [shard.stream, shard.router_stats, shard.router_lease]
         try:
             reply = await self._script(keys=script_keys, args=args)
