@@ -221,3 +221,36 @@ async def test_operator_errors_on_a_cluster(cluster_settings: Settings, tmp_path
         Settings.from_args(environ={"SHARDS": "3", "SUBSCRIBER_SHARDS": "3"})
     with pytest.raises(Exception, match="shard"):
         Settings.from_args(environ={"SHARDS": "3", "SUBSCRIBER_SHARDS": "one"})
+
+
+async def test_the_archiver_on_a_cluster_archives_every_event_once(
+    cluster_client: RedisCluster, cluster_settings: Settings, tmp_path: Path
+) -> None:
+    """Its XACK and its batch list are one MULTI: on a cluster they share the ingest stream's slot."""
+    pytest.importorskip("chdb")
+    from wikipulse.archive import Archive, connect
+    from wikipulse.archiver import Archiver
+
+    s = dataclasses.replace(cluster_settings, archive_dir=str(tmp_path / "clickhouse"), archive_from_stream=True, archive_batch=3000)
+    layout = layout_of(s)
+    lines = calibrated_lines()
+    await load_stream(cluster_client, lines, with_fold=True)
+    archive = Archive(connect(s))
+    archive.ensure_schema()
+    archiver = Archiver(s, cluster_client, layout)
+    archiver.archive = archive
+    await archiver.ensure_group()
+    task = asyncio.create_task(archiver.consume())
+
+    async def all_acknowledged() -> bool:
+        pending = await cluster_client.xpending(s.stream, s.archive_group)
+        return archiver.totals["archived"] >= 9996 and pending["pending"] == 0
+
+    try:
+        await wait_for(all_acknowledged, 60, "every entry archived and acknowledged", task)
+    finally:
+        await stop(task)
+    assert archive.query("SELECT count(), uniqExact(meta_id) FROM events")[1] == [(9996, 9996)]
+    assert await cluster_client.llen(layout.archiver_batches(s.archive_group)) == 0
+    assert int(await cluster_client.hget(layout.archiver_stats, "archived") or 0) == 9996
+    archive.close()

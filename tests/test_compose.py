@@ -74,3 +74,18 @@ def test_dockerfile_copies_what_the_services_run() -> None:
     for path in ("wikipulse", "publisher.py", "subscriber.py", "archiver.py", "dash_app.py", "Pipfile.lock"):
         assert path in dockerfile
     assert "--deploy" in dockerfile and "USER nobody" in dockerfile
+
+
+def test_the_cluster_override_runs_three_persistent_masters_and_points_every_stage_at_them() -> None:
+    cluster = yaml.safe_load((ROOT / "docker-compose.cluster.yml").read_text())
+    services = cluster["services"]
+    nodes = [services[f"redis-{i}"] for i in (1, 2, 3)]
+    for node in nodes:
+        assert node["command"][node["command"].index("--cluster-enabled") + 1] == "yes"
+        assert node["command"][node["command"].index("--appendonly") + 1] == "yes"
+        assert node["volumes"][0].split(":")[0] in cluster["volumes"]
+    assert "--cluster create" in services["redis-cluster-init"]["command"][0]
+    for name in ("publisher", "subscriber", "archiver", "dash"):
+        env = services[name]["environment"]
+        assert env["REDIS_URL"].startswith("redis://redis-") and env["SHARDS"] == "3" and set(env) <= ENV_NAMES
+        assert services[name]["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"

@@ -199,8 +199,8 @@ class Shard:
         return f"{PREFIX}:{{{self.tag}}}:{name}"
 
     def series_key(self, domain: str, res: Resolution, window: int) -> str:
-        if self.tag is None:
-            return series_key(domain, res, window)
+        if self.tag is None:  # series_key's name, inline: this is called for every class of every batch
+            return f"{PREFIX}:ts:{{{domain}}}:{res.name}:{window}"
         return f"{PREFIX}:ts:{{{self.tag}}}:{domain}:{res.name}:{window}"
 
     def rank_key(self, minute: int) -> str:

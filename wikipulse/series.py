@@ -126,6 +126,16 @@ def _flat(counts: Mapping[str, Mapping[str, int]], expire_at: Mapping[str, int],
     return out
 
 
+def pack(args: Sequence[bytes | str | int]) -> bytes:
+    """One command in Redis's wire format (RESP). redis-py's pack_command costs ~0.7 µs an argument, which a batch's
+    ~1,400 declared keys would make 3% of the fold; this costs a third of that."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
+
+
 class SeriesWriter:
     """Applies folded batches with APPLY_SCRIPT on a connection of its own, pipelined: send() puts
     a batch on the wire and returns at once, receive() takes the replies in the order sent. So Redis
@@ -152,12 +162,22 @@ class SeriesWriter:
     async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None) -> None:
         """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry)."""
         declared, payload = script_payload(inc, ids, stats)
-        script_keys = (*self._fixed_keys, *declared)
         seen = b"" if claims is None else claims
         token, ttl_ms = self._lease
-        await self._connection.send_command(
-            "EVAL", APPLY_SCRIPT, len(script_keys), *script_keys, self._group, self._consumer, seen, payload, token, ttl_ms
+        command: tuple[bytes | str | int, ...] = (
+            "EVAL",
+            APPLY_SCRIPT,
+            FIXED_KEYS + len(declared),
+            *self._fixed_keys,
+            *declared,
+            self._group,
+            self._consumer,
+            seen,
+            payload,
+            token,
+            ttl_ms,
         )
+        await self._connection.send_packed_command(pack(command))
 
     async def receive(self) -> list[bytes] | None:
         """The oldest unanswered batch's outcome. None when it was applied; else the subset of its
