@@ -127,14 +127,17 @@ def main() -> None:
         biggest = max(range(3), key=lambda i: shares[i])
         rest = ",".join(str(i) for i in range(3) if i != biggest)
         assignments = {1: ["0,1,2"], 2: [str(biggest), rest], 3: ["0", "1", "2"]}
-        route_rates = []
+        route_rates: list[float] = []
+        route_cpu: list[list[float]] = []
         for consumers, assignment in assignments.items():
             with LocalCluster(Path(tmp) / f"cluster{consumers}", masters=3, appendonly=False) as cluster:
                 settings = Settings.from_args(environ={}, redis_url=cluster.url, shards=3, stats_interval=3600.0)
                 counter = redis.cluster.RedisCluster.from_url(cluster.url)
                 load(counter, lines, "wiki:events")
-                route_rates.append(asyncio.run(route_all(settings, n)))
                 nodes = [redis.Redis(port=node.port) for node in cluster.nodes]
+                before = [cpu(node) for node in nodes]
+                route_rates.append(asyncio.run(route_all(settings, n)))
+                route_cpu.append([(cpu(node) - b) * 1e6 / n for node, b in zip(nodes, before, strict=True)])
                 rate, used = fold(cluster.url, nodes, counter, layout, n, assignment)
                 name = f"3-master cluster, {consumers} subscriber process{'es' if consumers > 1 else ''} ({' | '.join(assignment)})"
                 rows.append((name, rate, "events/s"))
@@ -145,6 +148,7 @@ def main() -> None:
     report(f"fold throughput: {n:,} events, 3 shards on the cluster", rows)
     print(f"\nshare of the events per shard: {', '.join(f'shard {i} {s:.0%}' for i, s in enumerate(shares))}")
     print(f"router (in the publisher's process): {', '.join(f'{r:,.0f}' for r in route_rates)} events/s")
+    print(f"Redis CPU per event routed (µs, per master): {' ; '.join(' / '.join(f'{u:.2f}' for u in used) for used in route_cpu)}")
     print("\nRedis CPU per event folded (µs, used_cpu_user + used_cpu_sys)")
     print("| variant | total | per master |")
     print("|---|---|---|")

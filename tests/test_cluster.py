@@ -35,7 +35,7 @@ from wikipulse.router import Router
 from wikipulse.settings import OperatorError, Settings
 from wikipulse.status import read_status
 from wikipulse.subscriber import Subscriber, run_subscriber
-from wikipulse.view import Selection
+from wikipulse.view import Selection, trimmed_notice
 
 SHARDS = 3
 PAGE_DOMAINS = ("commons.wikimedia.org", "www.wikidata.org", "en.wikipedia.org", "de.wikipedia.org")
@@ -254,3 +254,29 @@ async def test_the_archiver_on_a_cluster_archives_every_event_once(
     assert await cluster_client.llen(layout.archiver_batches(s.archive_group)) == 0
     assert int(await cluster_client.hget(layout.archiver_stats, "archived") or 0) == 9996
     archive.close()
+
+
+async def test_what_a_shard_stream_loses_to_trimming_is_counted_and_shown(cluster_client: RedisCluster, cluster_settings: Settings) -> None:
+    """The subscribers are stopped while the router writes past STREAM_MAXLEN: the entries trimmed from the shard streams
+    before the group read them are counted per shard, summed by `stats` and said on the page."""
+    s = dataclasses.replace(cluster_settings, stream_maxlen=500)
+    layout = layout_of(s)
+    for shard in layout.all_shards:  # the subscribers ran once (their group exists), then stopped
+        await cluster_client.xgroup_create(shard.stream, s.group, id="0", mkstream=True)
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line][:4000]
+    await load_stream(cluster_client, lines, with_fold=True)
+    router = Router(s, cluster_client, layout)
+    await router.ensure_group()
+    for lease in router.leases:
+        assert await lease.try_acquire() is None
+    reply = await cluster_client.xreadgroup(layout.router_group, "router", {layout.stream: ">"}, count=10_000)
+    for start in range(0, 4000, 500):  # in batches, as the router reads
+        await router.route([(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1][start : start + 500]])
+    kept = sum([await cluster_client.xlen(shard.stream) for shard in layout.all_shards])
+    status = await read_status(cluster_client, layout, s.group)
+    lost = status["trimmed_unread"].get(s.group, 0)
+    assert lost > 0 and lost + kept == 4000
+    client = open_sync_client(s, cluster=True)
+    snap = read_snapshot(client, s.stream, Selection((), "1m", "1h", "total"), layout=layout)
+    client.close()
+    assert f"{lost:,} events were trimmed from the stream before consumer group 'wikipulse'" in trimmed_notice(snap)

@@ -25,6 +25,7 @@ from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
+from wikipulse.trimming import TRIMMED_UNREAD
 from wikipulse.view import (
     BREAKDOWNS,
     WINDOWS,
@@ -72,20 +73,28 @@ def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | 
     queue_ranking(pipe, layout, t, 300)
     pipe.hgetall(layout.publisher.stats)
     pipe.xrevrange(stream, count=TICKER_SIZE)
+    routed = [shard.router_stats for shard in layout.all_shards] if layout.sharded else []
+    for key in routed:  # what the shard streams lost to trimming before the subscribers read it
+        pipe.hgetall(key)
     replies = pipe.execute()
 
     decoded, at = decode_reads(layout, reads, replies)
     *picked, totals, recent, hour = decoded
     ranked_hour, n = merge_ranking(layout, replies[at:])
     ranked_5min, m = merge_ranking(layout, replies[at + n :])
-    publisher, latest = replies[at + n + m :]
+    publisher_raw, latest, *routers = replies[at + n + m :]
+    publisher = decode_hash(publisher_raw)
+    for router in routers:
+        for name, value in decode_hash(router).items():
+            if name.startswith(TRIMMED_UNREAD):
+                publisher[name] = publisher.get(name, 0) + value
     return Snapshot(
         now=now,
         buckets=buckets,
         series={**dict(zip(sel.domains, picked, strict=True)), keys.ALL_DOMAINS: totals},
         ranked_hour=ranked_hour,
         ranked_5min=ranked_5min,
-        publisher=decode_hash(publisher),
+        publisher=publisher,
         recent_10s=recent[""],
         last_hour_1m=hour[""],
         latest=[_parse(fields.get(b"data", b"")) for _, fields in latest],
