@@ -109,6 +109,8 @@ async def test_a_replayed_route_adds_nothing_and_a_second_router_is_fenced(
     other = Router(cluster_settings, cluster_client, layout)  # a second router by mistake: it holds no lease
     with pytest.raises(LeaseLost, match="another router"):
         await other.route(entries[:10])
+    await router.close()
+    await other.close()
 
 
 async def test_the_pipeline_on_a_cluster_reads_like_one_redis(
@@ -272,6 +274,7 @@ async def test_what_a_shard_stream_loses_to_trimming_is_counted_and_shown(cluste
     reply = await cluster_client.xreadgroup(layout.router_group, "router", {layout.stream: ">"}, count=10_000)
     for start in range(0, 4000, 500):  # in batches, as the router reads
         await router.route([(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1][start : start + 500]])
+    await router.close()
     kept = sum([await cluster_client.xlen(shard.stream) for shard in layout.all_shards])
     status = await read_status(cluster_client, layout, s.group)
     lost = status["trimmed_unread"].get(s.group, 0)

@@ -17,16 +17,16 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
-import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.connect import Client
+from wikipulse.connect import Client, pack, raw_connection
 from wikipulse.events import Accepted, validate
 from wikipulse.fold import parse_summary
-from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, fenced_error, new_token
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry
+from wikipulse.lease import Lease, LeaseLost, fenced_error, new_token
+from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry
 from wikipulse.settings import Settings
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trimming import TRIM_LUA
@@ -36,42 +36,77 @@ logger = logging.getLogger(__name__)
 CONSUMER = "router"  # one router at a time (the leases), so one name: a restarted router finds its pending entries
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
-# KEYS: the shard stream, the shard's router stats, the shard's router lease. ARGV: lease token, ttl ms, stream
-# maxlen, then the entries as one blob of their ids, fields and values end to end, and a JSON array that cuts it:
-# per entry its number of field/value items, the id's length, then each item's length. (One blob, not an ARGV item
-# per id, field and value: packing those cost the router 15 µs an entry, half its time.) Returns {added, duplicates,
-# group, trimmed unread, ...}. An id not above the stream's last one was added before (the ids come in order): skipped.
-ROUTE_SCRIPT = (
-    FENCE_LUA
-    + TRIM_LUA
-    + """
-local holder = fence(KEYS[3], ARGV[1], ARGV[2])
-if holder then return redis.error_reply('WPLEASE ' .. holder) end
-local blob, cut = ARGV[4], cjson.decode(ARGV[5])
-local added, dups, i, at = 0, 0, 1, 1
-while i <= #cut do
-  local n = cut[i]
-  local args = {'XADD', KEYS[1]}
-  for j = i + 1, i + 1 + n do
-    args[#args + 1] = string.sub(blob, at, at + cut[j] - 1)
-    at = at + cut[j]
-  end
-  local reply = redis.pcall(unpack(args))
-  if type(reply) == 'table' and reply.err then
-    if not string.find(reply.err, 'equal or smaller', 1, true) then return reply end
-    dups = dups + 1
-  else
-    added = added + 1
-  end
-  i = i + 2 + n
-end
-if added > 0 then redis.call('HINCRBY', KEYS[2], 'routed', added) end
-if dups > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dups) end
-local reply = {added, dups}
-for _, v in ipairs(trim(KEYS[1], tonumber(ARGV[3]), KEYS[2])) do reply[#reply + 1] = v end
-return reply
-"""
-)
+# Trims a shard stream and counts what each group lost (trimming.py). KEYS: the stream, the shard's router stats.
+# ARGV: maxlen. Returns {group, trimmed unread so far, ...} for the groups that lost entries now.
+TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2])"
+
+
+class ShardWriter:
+    """Writes one shard's part of a batch in one MULTI/EXEC on a connection of its own to the shard's master, fenced by
+    the router's lease on the shard: WATCH the lease, check it is ours (or lapsed), then renew it, XADD every entry
+    with its id, trim, EXEC. Another router that took the lease meanwhile makes EXEC abort; a lease held by another
+    raises LeaseLost. Within the transaction an XADD whose id is not above the stream's last is refused alone (it was
+    written before) while the others go on: that is the idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the
+    same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures)."""
+
+    def __init__(self, client: Client, shard: keys.Shard, lease: Lease, maxlen: int) -> None:
+        self.shard, self.lease, self.maxlen = shard, lease, maxlen
+        self._connection = raw_connection(client, shard.stream)
+
+    async def write(self, entries: Sequence[Entry]) -> tuple[int, int, list[Any]]:
+        """(added, duplicates, trim's reply). Raises LeaseLost, RedisFull, or a Redis error (the connection is dropped:
+        the transaction was applied whole or not at all, and the batch is routed again)."""
+        try:
+            for _ in range(MAX_ABORTS):
+                reply = await self._try(entries)
+                if reply is not None:
+                    return self._count(reply)
+            raise LeaseLost(f"the lease on shard {self.shard.index} kept changing during {MAX_ABORTS} writes")
+        except BaseException:
+            await drop(self._connection)
+            raise
+
+    async def _try(self, entries: Sequence[Entry]) -> list[Any] | None:
+        conn, key, token = self._connection, self.shard.router_lease, self.lease.token
+        await conn.send_packed_command(pack(("WATCH", key)) + pack(("GET", key)))
+        await conn.read_response()
+        holder = await conn.read_response()
+        if holder is not None and holder.decode() != token:
+            await conn.send_packed_command(pack(("UNWATCH",)))
+            await conn.read_response()
+            raise LeaseLost(f"another router ({holder.decode()}) holds the lease on shard {self.shard.index}")
+        commands = [pack(("MULTI",)), pack(("SET", key, token, "PX", self.lease.ttl_ms))]
+        commands += [pack(("XADD", self.shard.stream, entry_id, *fields)) for entry_id, fields in entries if fields is not None]
+        commands += [pack(("EVAL", TRIM_SCRIPT, 2, self.shard.stream, self.shard.router_stats, self.maxlen)), pack(("EXEC",))]
+        await conn.send_packed_command(b"".join(commands))
+        queued_error: ResponseError | None = None
+        for _ in range(len(commands) - 1):  # OK, then QUEUED each; a command refused here (OOM) makes EXEC refuse all
+            try:
+                await conn.read_response()
+            except ResponseError as exc:
+                queued_error = queued_error or exc
+        try:
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            raise fenced_error(queued_error or exc, "") from exc
+        return None if reply is None else list(reply)  # None: the lease changed after WATCH (EXEC aborted)
+
+    async def close(self) -> None:
+        await drop(self._connection)
+
+    def _count(self, reply: list[Any]) -> tuple[int, int, list[Any]]:
+        added = duplicates = 0
+        for result in reply[1:-1]:
+            if isinstance(result, ResponseError):
+                if "equal or smaller" not in str(result):
+                    raise result
+                duplicates += 1
+            else:
+                added += 1
+        return added, duplicates, list(reply[-1])
+
+
+MAX_ABORTS = 10  # our own lease keeper renewing between WATCH and EXEC aborts a write now and then: try again
 
 
 def domain_of(fields: list[bytes], max_bytes: int) -> str | None:
@@ -105,27 +140,14 @@ def split(entries: Sequence[Entry], layout: keys.Layout, max_bytes: int) -> tupl
     return by_shard, trimmed
 
 
-def pack_entries(entries: Sequence[Entry]) -> tuple[bytes, bytes]:
-    """ROUTE_SCRIPT's blob of the entries' ids, fields and values, and the JSON array that cuts it (pure)."""
-    items: list[bytes] = []
-    cut: list[int] = []
-    for entry_id, fields in entries:
-        if fields is None:
-            continue  # trimmed before it was routed: split() counts it
-        items.append(entry_id)
-        items += fields
-        cut.append(len(fields))
-        cut.append(len(entry_id))
-        cut += map(len, fields)
-    return b"".join(items), orjson.dumps(cut)
-
-
 class Router:
     def __init__(self, settings: Settings, client: Client, layout: keys.Layout) -> None:
         self.settings, self.client, self.layout = settings, client, layout
         token = new_token()
         self.leases = [Lease(client, shard.router_lease, settings.lease_ttl, token) for shard in layout.all_shards]
-        self._script = client.register_script(ROUTE_SCRIPT)
+        self.writers = [
+            ShardWriter(client, shard, lease, settings.stream_maxlen) for shard, lease in zip(layout.all_shards, self.leases, strict=True)
+        ]
         self.backoff = Backoff(settings.backoff_cap)
         self.totals: Counter[str] = Counter()
         self.reported: dict[str, int] = {}
@@ -170,8 +192,14 @@ class Router:
         finally:
             for task in keepers:
                 task.cancel()
+            await self.close()
             for lease in self.leases:
                 await lease.release()
+
+    async def close(self) -> None:
+        """Drop the shard writers' connections (each transaction was applied whole or not at all)."""
+        for writer in self.writers:
+            await writer.close()
 
     async def _route(self) -> None:
         """Own pending entries first (a restart's), then new ones; each batch routed whole before the next is read."""
@@ -211,18 +239,14 @@ class Router:
         self.totals["trimmed"] += trimmed
 
     async def _write(self, shard: keys.Shard, entries: list[Entry]) -> tuple[int, int]:
-        lease = self.leases[shard.index]
-        blob, cut = pack_entries(entries)
-        args = [lease.token, lease.ttl_ms, self.settings.stream_maxlen, blob, cut]
-        script_keys = [shard.stream, shard.router_stats, shard.router_lease]
-        try:
-            reply = await self._script(keys=script_keys, args=args)
-        except ResponseError as exc:
-            raise fenced_error(exc, f"another router ({{holder}}) holds the lease on shard {shard.index}") from exc
-        added, duplicates, *grew = reply
+        added, duplicates, grew = await self.writers[shard.index].write(entries)
+        if added or duplicates:
+            await self.client.hincrby(shard.router_stats, "routed", added)  # counters only: not part of the guarantee
+            if duplicates:
+                await self.client.hincrby(shard.router_stats, "duplicates", duplicates)
         for group, total in zip(grew[::2], grew[1::2], strict=True):
             name = group.decode() if isinstance(group, bytes) else str(group)
             if self.reported.get(name) != int(total):
                 logger.error("shard %d: %d entries were trimmed before group %r read them (STREAM_MAXLEN)", shard.index, int(total), name)
                 self.reported[name] = int(total)
-        return int(added), int(duplicates)
+        return added, duplicates
