@@ -7,7 +7,7 @@ its domain's shard (keys.Layout.shard_of), then acknowledges it on the ingest st
 Why this holds through any crash: a shard stream accepts an explicit id only when it is greater than its last one,
 so copying an entry again (a restart re-reads its pending entries) is refused, and counted as `duplicates`, not
 added twice. For that to drop nothing, each shard stream must be written in id order by one router at a time: the
-router holds a lease on every shard (in the shard's slot), and each shard's script is fenced by it; a router reads
+router holds a lease on every shard (in the shard's slot), and each shard's write (a MULTI/EXEC) is fenced by it; a router reads
 its own pending entries first, in order, and a batch's shards are written before the next batch is read.
 """
 
