@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from wikipulse import keys
 from wikipulse.fold import fold
 from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.series import SeriesWriter
+from wikipulse.series import SeriesWriter, notice
 from wikipulse.settings import Settings
 
 pytestmark = pytest.mark.browser
@@ -40,13 +40,14 @@ RETENTION = Settings.from_args(environ={}).retention_seconds()
 
 
 def fold_into(url: str, events: list[dict[str, Any]]) -> None:
-    """Fold events into Redis the way the subscriber does (pub/sub style: no stream entries to ack)."""
+    """Fold events into Redis the way the subscriber does (pub/sub style: no stream entries to ack), announcing the
+    batch on the notice channel as it does."""
 
     async def go() -> None:
         async with aioredis.Redis.from_url(url) as client:
             inc = fold(events, time.time(), RETENTION)
-            writer = SeriesWriter(client, "wiki:events", "wikipulse", "test")
-            await writer.apply(inc, [], {"folded": inc.folded})
+            writer = SeriesWriter(client, "wiki:events", "wikipulse", "test", notices=keys.NOTICES)
+            await writer.apply(inc, [], {"folded": inc.folded}, notice(inc.folded, {e["meta"]["domain"] for e in events}, 0))
             await writer.close()
 
     # Playwright's sync API runs an event loop in this thread: fold in another one.
@@ -182,7 +183,7 @@ def test_a_newly_folded_event_shows_up_within_3_seconds(browser: Browser, seeded
 
 
 def test_a_refresh_keeps_the_users_zoom(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
-    _, base = seeded
+    client, base = seeded
     page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s")
     xrange = "() => document.querySelector('#graph .js-plotly-plot').layout.xaxis.range.map(v => Date.parse(v.replace(' ', 'T') + 'Z'))"
     full = page.evaluate(xrange)
@@ -197,6 +198,10 @@ def test_a_refresh_keeps_the_users_zoom(browser: Browser, seeded: tuple[redis.Re
     assert zoomed[1] - zoomed[0] < (full[1] - full[0]) / 2
     page.evaluate("() => { window.redraws = 0; document.querySelector('#graph .js-plotly-plot')"
                   ".on('plotly_afterplot', () => window.redraws++) }")  # fmt: skip
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+    for _ in range(2):  # new counts, pushed to the page: a refresh each
+        fold_into(url, make_events("en.wikipedia.org", 1, time.time()))
+        time.sleep(0.5)
     page.wait_for_function("() => window.redraws >= 2", timeout=10000)  # two refreshes redrew the graph
     assert page.evaluate(xrange) == zoomed
     page.dblclick("#graph .nsewdrag", position={"x": box["width"] / 2, "y": box["height"] / 2})  # back to the whole window

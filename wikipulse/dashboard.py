@@ -22,6 +22,7 @@ from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
+from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
@@ -124,10 +125,13 @@ def serve_layout() -> html.Div:
             dcc.Location(id="url", refresh=False),
             dcc.Store(id="initialized", data=False),
             dcc.Store(id="zoom", data=None),
-            dcc.Interval(id="tick", interval=REFRESH_MS),
+            dcc.Interval(id="tick", interval=REFRESH_MS),  # polling: only until push takes over (push.py)
+            dcc.Store(id="pulse", data=0),  # poked by the server when the counts moved
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
-            html.H1("wikipulse · the live pulse of the Wikimedia wikis"),
+            html.H1(
+                ["wikipulse · the live pulse of the Wikimedia wikis", html.Span("polling every 2 s", id="push-status", className="push")]
+            ),
             html.Div(
                 [
                     stat_card("events/s now", "h-eps"),
@@ -167,6 +171,7 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; }
 .page { max-width: 1280px; margin: 0 auto; padding: 12px 20px; }
 h1 { font-size: 22px; margin: 8px 0 12px; }
+h1 .push { font-size: 12px; font-weight: normal; color: #888; margin-left: 12px; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; }
 .card { background: white; border-radius: 8px; padding: 8px 14px; min-width: 140px; box-shadow: 0 1px 2px #0002; }
 .card .label { color: #666; font-size: 12px; } .card .value { font-size: 22px; font-weight: 600; }
@@ -190,6 +195,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 
     register_selection_callbacks(app, client, layout)
+    register_push(app, NoticeHub(settings.redis_url))
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
     def window_options(resolution: Any) -> list[str]:
@@ -200,10 +206,10 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Output("h-active", "children"), Output("h-lag", "children"), Output("h-publisher", "children"),
         Output("stale-banner", "children"), Output("stale-banner", "style"), Output("top-5min", "children"),
         Output("top-hour", "children"), Output("ticker", "children"), Output("selection-error", "children"),
-        Input("tick", "n_intervals"), Input("domains", "value"), Input("resolution", "value"), Input("window", "value"),
-        Input("breakdown", "value"), State("zoom", "data"),
+        Input("tick", "n_intervals"), Input("pulse", "data"), Input("domains", "value"), Input("resolution", "value"),
+        Input("window", "value"), Input("breakdown", "value"), State("zoom", "data"),
     )  # fmt: skip
-    def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, zoom: Any) -> tuple[Any, ...]:
+    def refresh(_n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, zoom: Any) -> tuple[Any, ...]:
         try:
             sel = clean_selection(domains, resolution, window, breakdown)
         except SelectionError as exc:
@@ -228,17 +234,45 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     return app
 
 
+def register_push(app: dash.Dash, hub: NoticeHub) -> None:
+    """One persistent websocket callback per open page (Dash restarts it when the socket reconnects): it stops the
+    page's polling, then pokes `pulse` whenever the counts moved, at most every MIN_PUSH_GAP. A page whose socket
+    cannot open never runs it, and keeps polling, as its status line says."""
+
+    @app.callback(websocket=True, persistent=True)
+    async def push_updates() -> None:
+        ws = dash.ctx.websocket
+        if ws is None:
+            raise PreventUpdate
+        hub.page_opened()
+
+        try:
+            dash.set_props("tick", {"disabled": True})
+            seen: tuple[int, bool] | None = None
+            while not ws.is_shutdown:
+                if hub.state != seen:
+                    seen = hub.state
+                    dash.set_props("pulse", {"data": seen[0]})
+                    dash.set_props("push-status", {"children": "live" if seen[1] else "Redis unavailable: reconnecting…"})
+                    await asyncio.sleep(MIN_PUSH_GAP)  # coalesce a burst of notices into one refresh
+                await hub.changed(seen, timeout=1.0)
+        finally:
+            hub.page_closed()
+
+
 def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
     """The selection lives in the URL: read once per page load, then kept in step with the controls."""
 
     @app.callback(
         Output("domains", "value"), Output("resolution", "value"), Output("window", "value"), Output("breakdown", "value"),
         Output("initialized", "data"), Output("domains", "options", allow_duplicate=True),
-        Input("url", "search"), State("initialized", "data"),
+        Input("url", "pathname"), State("url", "search"), State("initialized", "data"),
         prevent_initial_call="initial_duplicate",
     )  # fmt: skip
-    def selection_from_url(search: Any, initialized: Any) -> tuple[Any, ...]:
-        """Once per page load: the URL's selection (a reload or a shared link), else the most active domains."""
+    def selection_from_url(_path: Any, search: Any, initialized: Any) -> tuple[Any, ...]:
+        """Once per page load: the URL's selection (a reload or a shared link), else the most active domains.
+        Triggered by the path, not the query it reads: selection_to_url writes the query, and that cycle stalls
+        Dash's renderer once the page has a websocket callback (push)."""
         if initialized:
             raise PreventUpdate
         wanted = selection_from_query(search)

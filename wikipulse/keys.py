@@ -60,6 +60,12 @@ def consumer_lease(group: str, consumer: str) -> str:
     return f"{PREFIX}:subscriber:consumer:{group}:{consumer}"
 
 
+# Channel of the subscriber's notices: after each applied batch, in the same script, a small JSON
+# {"folded": n, "domains": [up to 50 of the domains it moved], "shard": i}. The page is pushed an update on it
+# (push.py) instead of polling; `redis-cli subscribe wp:notices` shows them.
+NOTICES = f"{PREFIX}:notices"
+NOTICE_DOMAINS = 50
+
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
 # (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
 # already; entries that other writers add without it are folded from their JSON.

@@ -13,7 +13,7 @@ applies nothing and returns the ids it still owns for a re-fold.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -37,7 +37,7 @@ from wikipulse.retry import drop
 # cjson a Lua table. Then the lease token ('' for none: pub/sub mode) and its ttl ms: a process whose consumer
 # name was taken over by another (it stalled past its lease) applies nothing. A full Redis refuses the whole
 # call: the fence's SET (or, with no lease, HINCRBY) is its first write, and Redis refuses a deny-oom command
-# while nothing is written.
+# while nothing is written. Last, the notice channel ('' for none) and the notice, PUBLISHed once the batch is applied.
 APPLY_SCRIPT = (
     FENCE_LUA
     + """
@@ -85,6 +85,7 @@ while i <= #z do
   redis.call('EXPIREAT', key, z[i + 1])
   i = last + 1
 end
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
 return true
 """
 )
@@ -143,14 +144,19 @@ class SeriesWriter:
         lease_token: str = "",
         lease_ttl_ms: int = 0,
         shard: keys.Shard = keys.UNSHARDED,
+        notices: str = "",
     ) -> None:
         self._connection = raw_connection(client, stream)  # on a cluster, the node of the shard's slot
         self._stream, self._group, self._consumer = stream, group, consumer
         self._fixed_keys = (stream, shard.stats, shard.claims, shard.consumer_lease(group, consumer))
         self._lease = (lease_token, lease_ttl_ms)
+        self._notices = notices  # the channel each applied batch is announced on ('' for none)
 
-    async def send(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None) -> None:
-        """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry)."""
+    async def send(
+        self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], claims: bytes | None = None, notice: bytes = b""
+    ) -> None:
+        """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry). `notice`: what
+        the batch's PUBLISH on the notice channel says once it is applied."""
         declared, payload = script_payload(inc, ids, stats)
         seen = b"" if claims is None else claims
         token, ttl_ms = self._lease
@@ -166,6 +172,8 @@ class SeriesWriter:
             payload,
             token,
             ttl_ms,
+            self._notices if notice else "",
+            notice,
         )
         await self._connection.send_packed_command(pack(command))
 
@@ -177,9 +185,11 @@ class SeriesWriter:
             return None
         return [i if isinstance(i, bytes) else str(i).encode() for i in result]
 
-    async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> list[bytes] | None:
+    async def apply(
+        self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], notice: bytes = b""
+    ) -> list[bytes] | None:
         """send + receive, with nothing else in flight."""
-        await self.send(inc, ids, stats, None)
+        await self.send(inc, ids, stats, None, notice)
         return await self.receive()
 
     async def close(self) -> None:
@@ -244,6 +254,12 @@ class SeriesRead:
             else:
                 out[d] = [int(v) if v is not None else (None if t is None else 0) for v, t in zip(stored[d], totals, strict=True)]
         return out
+
+
+def notice(folded: int, domains: Iterable[str], shard: int) -> bytes:
+    """What an applied batch announces on keys.NOTICES (pure)."""
+    moved = sorted(set(domains))
+    return orjson.dumps({"folded": folded, "domains": moved[: keys.NOTICE_DOMAINS], "shard": shard})
 
 
 def merge_counts(parts: Sequence[dict[str, list[int | None]]]) -> dict[str, list[int | None]]:

@@ -30,7 +30,7 @@ from wikipulse.fold import Increments, Observation, expand, observe, parse_summa
 from wikipulse.lease import Lease, LeaseLost, fenced_error
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
-from wikipulse.series import SeriesWriter
+from wikipulse.series import SeriesWriter, notice
 from wikipulse.settings import OperatorError, Settings
 from wikipulse.streams import Entry, StreamReader
 
@@ -121,6 +121,7 @@ class Batch:
     counters: Counter[str]
     source: Sequence[Entry] | Sequence[bytes | None]  # kept to re-fold a part of it
     claims: bytes | None = None  # keys.CLAIMS before the entries were read; None: unknown
+    notice: bytes = b""  # announced on keys.NOTICES once applied (series.notice)
 
 
 class Subscriber:
@@ -144,7 +145,7 @@ class Subscriber:
         token, ttl_ms = (lease.token, lease.ttl_ms) if lease is not None else ("", 0)
         stream = self.shard.stream
         self.reader = StreamReader(self.client, stream, self.settings.group, consumer, counter=self.shard.claims)
-        self.writer = SeriesWriter(self.client, stream, self.settings.group, consumer, token, ttl_ms, self.shard)
+        self.writer = SeriesWriter(self.client, stream, self.settings.group, consumer, token, ttl_ms, self.shard, keys.NOTICES)
 
     async def take_name(self) -> None:
         """Hold a consumer name no other live process holds: the configured one (standing by while another
@@ -190,10 +191,11 @@ class Subscriber:
         classes, counters["overflow"] = await self.gate.route(classes)
         expand(classes, now, self.retention, inc, self.shard)
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
-        return Batch(ids, inc, counters, source, claims)
+        moved = notice(inc.folded, (domain for domain, _, _, _ in classes), self.shard.index) if inc.folded else b""
+        return Batch(ids, inc, counters, source, claims, moved)
 
     async def send(self, batch: Batch) -> None:
-        await self.writer.send(batch.increments, batch.ids, batch.counters, batch.claims)
+        await self.writer.send(batch.increments, batch.ids, batch.counters, batch.claims, batch.notice)
         self.inflight.append(batch)
 
     async def settle(self, keep: int) -> None:

@@ -1,0 +1,116 @@
+"""Server push: the page moves when the data moves, not on a timer.
+
+The subscriber announces every applied batch on keys.NOTICES (series.APPLY_SCRIPT). A dashboard process holds one
+Redis subscription to it (NoticeHub), whatever the number of open pages, and each page's persistent websocket callback
+(dashboard.py) waits on the hub and pokes the page, which then refreshes once: a page costs no Redis read per event,
+and nothing at all while nothing happens. Bursts are coalesced: a page is poked at most once per MIN_PUSH_GAP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+
+from wikipulse import keys
+from wikipulse.retry import REDIS_ERRORS, Backoff
+
+logger = logging.getLogger(__name__)
+
+MIN_PUSH_GAP = 0.25  # seconds between two pokes of one page: at most 4 refreshes a second, however busy the feed
+SILENCE_CHECK = 5.0  # seconds without a notice before the hub PINGs its connection (a dead one is replaced)
+IDLE_STOP = 10.0  # seconds the hub keeps its subscription once the last page closed
+
+
+class NoticeHub:
+    """One subscription to the notice channel per process, fanned out to every open page.
+
+    `state` is (version, redis_up): version grows with every notice, and once more whenever the subscription is
+    (re)established, so a page that waited through an outage refreshes on recovery."""
+
+    def __init__(self, redis_url: str, channel: str = keys.NOTICES) -> None:
+        self.redis_url, self.channel = redis_url, channel
+        self.version = 0
+        self.redis_up = True
+        self.pages = 0
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> tuple[int, bool]:
+        return self.version, self.redis_up
+
+    @property
+    def subscribed(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def page_opened(self) -> None:
+        self.pages += 1
+        if self._stopper is not None:
+            self._stopper.cancel()
+            self._stopper = None
+        if not self.subscribed:
+            self._changed = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="wikipulse-notice-hub")
+
+    def page_closed(self) -> None:
+        self.pages -= 1
+        if self.pages == 0 and self._stopper is None:
+            self._stopper = asyncio.get_running_loop().create_task(self._stop_when_idle())
+
+    async def changed(self, seen: tuple[int, bool], timeout: float) -> None:
+        """Return once the state differs from `seen`, or after `timeout` seconds."""
+        if self.state != seen or self._changed is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _announce(self) -> None:
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.redis_up:
+            self.redis_up = up
+            logger.warning("notices: Redis is %s", "back" if up else "unavailable; resubscribing")
+            self._announce()
+
+    async def _stop_when_idle(self) -> None:
+        await asyncio.sleep(IDLE_STOP)
+        if self.pages == 0 and self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._stopper = None
+
+    async def _listen(self) -> None:
+        backoff = Backoff(5.0)
+        while True:
+            # A plain client even on a cluster: classic PUBLISH reaches every node.
+            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=SILENCE_CHECK * 2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self._set_up(True)
+                    self._announce()  # (re)subscribed: what happened meanwhile is unknown, so every page refreshes
+                    backoff.reset()
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=SILENCE_CHECK)
+                        if message is None:
+                            await pubsub.ping()  # a quiet channel: prove the connection is alive
+                        elif message.get("type") == "message":
+                            self._announce()
+            except REDIS_ERRORS as exc:
+                self._set_up(False)
+                delay = backoff.next_delay()
+                logger.debug("notice subscription lost (%s); again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await client.aclose()
