@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -60,28 +61,39 @@ def make_events(domain: str, n: int, t: float, kind: str = "edit", bot: bool = F
 
 
 @pytest.fixture(scope="module")
-def dash_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def dash_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("dash-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dash_env(dash_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    server = dash_redis
     port = free_port()
-    env = {**os.environ, "REDIS_URL": server.url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING"}
     log = tmp_path_factory.mktemp("dash-log") / "dash.log"
-    with log.open("wb") as out:  # the child has its own copy of the descriptor
-        process = subprocess.Popen([sys.executable, "dash_app.py"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    process = start_dashboard(server.url, port, log)
     base = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(base, timeout=2).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
-            time.sleep(0.2)
     yield server.url, base
     process.terminate()
     assert process.wait(10) == 0
-    server.stop()
     output = log.read_text(errors="replace")
     assert "development server" not in output.lower() and "Traceback" not in output, output[-2000:]
+
+
+def start_dashboard(redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`./dash_app.py` on `port`, once it answers."""
+    env = {**os.environ, "REDIS_URL": redis_url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING"}
+    with log.open("ab") as out:  # the child has its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "dash_app.py"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +396,115 @@ def test_screenshot(browser: Browser, seeded: tuple[redis.Redis, str], tmp_path:
     page.screenshot(path=path, full_page=True)
     assert os.path.getsize(path) > 10_000
     page.close()
+
+
+LIVE = "() => document.querySelector('#push-status').textContent === 'live'"
+TOTAL = "() => document.querySelector('#graph .js-plotly-plot').data[0].y.reduce((a, b) => a + (b || 0), 0)"
+
+
+def redis_url_of(client: redis.Redis) -> str:
+    return f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+
+
+def push_status(base: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base + "_wikipulse/push", timeout=5) as response:
+        return dict(orjson.loads(response.read()))
+
+
+def test_a_new_event_is_pushed_with_no_polling_request_in_between(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    page, errors = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function(LIVE, timeout=10000)
+    page.wait_for_timeout(1000)  # the page load's own callbacks are done
+    posts: list[float] = []
+    page.on("request", lambda r: posts.append(time.monotonic()) if r.method == "POST" else None)
+    page.wait_for_timeout(5000)  # nothing new: a page polling every 2 s would have asked twice by now
+    assert posts == []
+    sent = time.monotonic()
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
+    page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=3000)
+    shown = time.monotonic() - sent
+    assert posts and all(t >= sent for t in posts) and len(posts) <= 2, posts  # the one refresh the push asked for
+    assert shown < 1.5, f"{shown:.2f}s from the fold to the screen"
+    assert errors == []
+    page.close()
+
+
+def test_twenty_pages_get_the_same_push_and_leave_nothing_behind(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    contexts = [browser.new_context(viewport={"width": 1000, "height": 800}) for _ in range(20)]  # 20 separate viewers
+    pages = []
+    for context in contexts:
+        page = context.new_page()
+        page.goto(base + "?domains=fr.wikipedia.org&res=10s")
+        pages.append(page)
+    for page in pages:
+        page.wait_for_function(LIVE, timeout=30000)
+    status = push_status(base)
+    assert status["pages"] == 20 and status["subscribed"]
+    assert client.pubsub_numsub(keys.NOTICES) == [(keys.NOTICES.encode(), 1)]  # one subscription for all of them
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
+    for page in pages:
+        page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=10000)
+    for context in contexts:
+        context.close()
+    deadline = time.monotonic() + 30  # the hub lets its subscription go IDLE_STOP (10 s) after the last page
+    while (status := push_status(base))["pages"] or status["subscribed"]:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert client.pubsub_numsub(keys.NOTICES) == [(keys.NOTICES.encode(), 0)]
+
+
+def test_the_page_says_when_redis_is_gone_and_recovers_by_itself(
+    browser: Browser, seeded: tuple[redis.Redis, str], dash_redis: RedisServer
+) -> None:
+    _, base = seeded
+    page, _ = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function(LIVE, timeout=10000)
+    dash_redis.stop()  # AOF on: it comes back with what it held
+    page.wait_for_function("() => document.querySelector('#push-status').textContent.startsWith('Redis unavailable')", timeout=15000)
+    dash_redis.start()
+    page.wait_for_function(LIVE, timeout=20000)
+    fold_into(dash_redis.url, make_events("fr.wikipedia.org", 7, time.time()))
+    page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=5000)
+    page.close()
+
+
+def test_a_page_whose_socket_was_cut_reconnects_and_catches_up(browser: Browser, seeded: tuple[redis.Redis, str], tmp_path: Path) -> None:
+    """The dashboard is restarted under an open page: the socket drops, Dash reconnects it and restarts the page's
+    push, which refreshes at once, so what was folded meanwhile shows without a reload."""
+    client, _ = seeded
+    port = free_port()
+    dashboard = start_dashboard(redis_url_of(client), port, tmp_path / "dash.log")
+    page, _ = open_page(browser, f"http://127.0.0.1:{port}/?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function(LIVE, timeout=10000)
+    dashboard.terminate()
+    assert dashboard.wait(10) == 0
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))  # while nobody serves the page
+    dashboard = start_dashboard(redis_url_of(client), port, tmp_path / "dash.log")
+    try:
+        page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=30000)
+        page.wait_for_function(LIVE, timeout=5000)
+    finally:
+        page.close()
+        dashboard.terminate()
+        dashboard.wait(10)
+
+
+def test_without_a_websocket_the_page_polls_and_says_so(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    """No websocket (a proxy that refuses the upgrade, played by refusing the worker that would open it): the page polls
+    as before, and says so."""
+    client, base = seeded
+    context = browser.new_context()
+    context.route("**/dash-ws-worker*", lambda route: route.abort())
+    page = context.new_page()
+    page.goto(base + "?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function("() => { const g = document.querySelector('#graph .js-plotly-plot'); return g && g.data && g.data.length }")
+    posts: list[float] = []
+    page.on("request", lambda r: posts.append(time.monotonic()) if r.method == "POST" else None)
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
+    page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=5000)  # the next poll brings it
+    page.wait_for_timeout(4500)
+    assert len(posts) >= 2, page.inner_text("#push-status")  # it keeps asking every 2 s
+    assert page.inner_text("#push-status") == "polling every 2 s"
+    context.close()

@@ -234,10 +234,21 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     return app
 
 
+PUSH_STATUS_PATH = "/_wikipulse/push"
+
+
 def register_push(app: dash.Dash, hub: NoticeHub) -> None:
     """One persistent websocket callback per open page (Dash restarts it when the socket reconnects): it stops the
     page's polling, then pokes `pulse` whenever the counts moved, at most every MIN_PUSH_GAP. A page whose socket
-    cannot open never runs it, and keeps polling, as its status line says."""
+    cannot open never runs it, and keeps polling, as its status line says. PUSH_STATUS_PATH tells operators (and the
+    tests) how many pages are being pushed to and whether the process holds its one subscription."""
+
+    async def push_status() -> Any:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"pages": hub.pages, "subscribed": hub.subscribed, "version": hub.version, "redis_up": hub.redis_up})
+
+    app.server.add_api_route(PUSH_STATUS_PATH, push_status, methods=["GET"])
 
     @app.callback(websocket=True, persistent=True)
     async def push_updates() -> None:
