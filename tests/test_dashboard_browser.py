@@ -508,3 +508,21 @@ def test_without_a_websocket_the_page_polls_and_says_so(browser: Browser, seeded
     assert len(posts) >= 2, page.inner_text("#push-status")  # it keeps asking every 2 s
     assert page.inner_text("#push-status") == "polling every 2 s"
     context.close()
+
+
+def test_a_burst_of_notices_is_coalesced_into_a_few_refreshes(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    """A backfill announces batch after batch: a page refreshes at most every MIN_PUSH_GAP (0.25 s), not per notice."""
+    client, base = seeded
+    page, _ = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function(LIVE, timeout=10000)
+    page.wait_for_timeout(1000)
+    posts: list[float] = []
+    page.on("request", lambda r: posts.append(time.monotonic()) if r.method == "POST" else None)
+    started = time.monotonic()
+    for _ in range(100):  # 100 notices in about a second
+        client.publish(keys.NOTICES, orjson.dumps({"folded": 1, "domains": ["fr.wikipedia.org"], "shard": 0}))
+        time.sleep(0.01)
+    page.wait_for_timeout(1500)
+    elapsed = time.monotonic() - started
+    assert 2 <= len(posts) <= elapsed / 0.25 + 2, (len(posts), elapsed)
+    page.close()
