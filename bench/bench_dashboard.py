@@ -132,7 +132,20 @@ def main() -> None:
             "heaviest page now (10 domains, 1 h over 120 d, by type)": concurrent(pool, Selection(DOMAINS, "1h", "120d", "type"), each=1),
         }
         pool.close()
+        pages = {
+            "default page (3 domains, 10 s over 30 min)": Selection(DOMAINS[:3], "10s", "30m", "total"),
+            "ten-domain page (10 s over 1 h, by type)": sel,
+        }
+        pushed = {}  # what one pushed update sends (a whole refresh): the figure, then everything else
+        for name, page in pages.items():
+            out = render(read_snapshot(client, "wiki:events", page), page)
+            pushed[name] = (len(dash_to_json(out[0])), len(dash_to_json(list(out[1:]))))
         client.close()
+    print("\nbytes of one update (a whole refresh)")
+    print("| page | figure | other outputs |")
+    print("|---|---|---|")
+    for name, (figure, rest) in pushed.items():
+        print(f"| {name} | {figure / 1000:.1f} kB | {rest / 1000:.1f} kB |")
     print("\ndashboard refresh: 10 domains x 360 buckets x 5 event types, median of", RUNS)
     print("| variant | median | vs baseline |")
     print("|---|---|---|")
