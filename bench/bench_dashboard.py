@@ -139,7 +139,8 @@ def main() -> None:
         pushed = {}  # what one pushed update sends (a whole refresh): the figure, then everything else
         for name, page in pages.items():
             out = render(read_snapshot(client, "wiki:events", page), page)
-            pushed[name] = (len(dash_to_json(out[0])), len(dash_to_json(list(out[1:]))))
+            figure, rest = dash_to_json(out[0]), dash_to_json(list(out[1:]))  # type: ignore[no-untyped-call]
+            pushed[name] = (len(figure), len(rest))
         client.close()
     print("\nbytes of one update (a whole refresh)")
     print("| page | figure | other outputs |")
