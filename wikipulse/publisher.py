@@ -430,15 +430,12 @@ async def run_publisher(settings: Settings) -> None:
         await check_redis(client, settings)
         publisher = Publisher(settings, client, session, layout)
         stats_task = asyncio.create_task(log_stats(publisher, settings.stats_interval))
-        # Sharded, the publisher's process also routes its stream to the shards' streams (router.py).
-        router = asyncio.create_task(Router(settings, client, layout).run()) if layout.sharded else None
+        # Sharded, the publisher's process also routes its stream to the shards' streams (router.py); if either
+        # fails, the process does (gather), rather than publish on with nothing routed.
+        roles = [publisher.run(), *([Router(settings, client, layout).run()] if layout.sharded else [])]
         try:
-            await publisher.run()
+            await asyncio.gather(*roles)
         finally:
             stats_task.cancel()
-            if router is not None:
-                router.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await router
             await asyncio.shield(publisher.close())
             log_totals(publisher)
