@@ -29,10 +29,9 @@ SyncClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
 
 
-def _cluster_wanted(setting: str, info: dict[str, Any] | None) -> bool:
-    if setting == "auto":
-        return bool(info and info.get("cluster_enabled"))
-    return setting == "on"
+def _cluster_enabled(info: dict[str, Any] | None) -> bool:
+    """What the server's INFO cluster says."""
+    return bool(info and info.get("cluster_enabled"))
 
 
 async def is_cluster(settings: Settings) -> bool:
@@ -42,7 +41,7 @@ async def is_cluster(settings: Settings) -> bool:
     probe = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
     try:
         async with probe:
-            return _cluster_wanted("auto", await probe.info("cluster"))
+            return _cluster_enabled(await probe.info("cluster"))
     except REDIS_ERRORS as exc:
         raise OperatorError(f"Redis at {redact_url(settings.redis_url)} unreachable: {type(exc).__name__}: {exc}") from None
 
@@ -78,7 +77,7 @@ def is_cluster_sync(settings: Settings) -> bool:
         return settings.cluster == "on"
     try:
         with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10) as probe:
-            return _cluster_wanted("auto", probe.info("cluster"))
+            return _cluster_enabled(probe.info("cluster"))
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         return False  # the page starts anyway and says Redis is down; restart it once Redis is there
 

@@ -145,12 +145,6 @@ def rank_key(minute: int) -> str:
     return f"{PREFIX}:{{rank}}:1m:{minute}"
 
 
-def rank_keys(now: int, seconds: int) -> list[str]:
-    """Rank keys covering the last `seconds` up to and including now's minute."""
-    last = now - now % RANK_STEP
-    return [rank_key(m) for m in range(last - seconds + RANK_STEP, last + 1, RANK_STEP)]
-
-
 # ---- Shards (Redis Cluster) ------------------------------------------------------------------------------------------
 # On one Redis the keys are named as above. Sharded (on a cluster, or SHARDS > 1), the work is split into N shards,
 # each one hash tag, so every atomic script keeps all its keys in one slot while the shards spread over the masters:

@@ -185,9 +185,7 @@ class SeriesWriter:
             return None
         return [i if isinstance(i, bytes) else str(i).encode() for i in result]
 
-    async def apply(
-        self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], notice: bytes = b""
-    ) -> list[bytes] | None:
+    async def apply(self, inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], notice: bytes = b"") -> list[bytes] | None:
         """send + receive, with nothing else in flight."""
         await self.send(inc, ids, stats, None, notice)
         return await self.receive()
