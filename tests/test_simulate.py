@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import orjson
+import pytest
 
 from wikipulse.cli import build_parser, make_simulator
 from wikipulse.events import Accepted, Canary, validate
-from wikipulse.simulate import Simulator
+from wikipulse.settings import SettingsError
+from wikipulse.simulate import Simulator, Spike
 
 
 def test_same_seed_same_events() -> None:
@@ -31,3 +34,28 @@ def test_served_events_are_stamped_at_the_serving_rate() -> None:
     assert sim.timestamp(600) - sim.timestamp(0) == 10  # 600 events at 60/s: 10 s of event time
     counted = make_simulator(build_parser().parse_args(["simulate", "--rate", "100", "--count", "1000"]))
     assert abs(counted.timestamp(1000) - time.time()) < 1  # a counted feed ends now
+
+
+def test_an_injected_spike_is_its_wiki_at_twenty_times_its_rate_for_two_minutes() -> None:
+    sim = Simulator(seed=1, start=0, spike=Spike("en.wikipedia.org", at=600))
+    per_minute: Counter[int] = Counter()
+    titles: Counter[str] = Counter()
+    end = sim.index_at(900)
+    for i in range(end):
+        event = sim.event(i)
+        if event["meta"]["domain"] == "en.wikipedia.org":
+            minute = int(sim.timestamp(i) // 60)
+            per_minute[minute] += 1
+            if minute in (10, 11):
+                titles[event["title"]] += 1
+    usual = [per_minute[m] for m in (5, 6, 7, 8, 9, 12, 13, 14)]
+    spiking = [per_minute[10], per_minute[11]]
+    assert all(180 < n < 320 for n in usual)  # 12% of 35 events/s: about 250 a minute
+    assert all(18 * 250 < n < 22 * 250 for n in spiking)
+    assert sum(n for _, n in titles.most_common(5)) > 0.9 * sum(spiking)  # on a few pages
+    assert sim.timestamp(sim.index_at(600)) == 600 and sim.timestamp(sim.index_at(900)) >= 900
+
+
+def test_spike_option_refuses_an_unknown_wiki() -> None:
+    with pytest.raises(SettingsError, match="no wiki"):
+        make_simulator(build_parser().parse_args(["simulate", "--spike", "nowhere.example.org@30"]))

@@ -107,11 +107,17 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def make_simulator(args: argparse.Namespace) -> Simulator:
     """Events stamped at the rate they are served, so event time keeps pace with the clock
     (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
-    from wikipulse.simulate import LIVE_RATE, Simulator
+    from wikipulse.simulate import LIVE_RATE, Simulator, Spike
 
     rate = args.rate if args.rate > 0 else LIVE_RATE
     start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else 3.0)
-    return Simulator(seed=args.seed, start=start, rate=rate)
+    if not getattr(args, "spike", None):
+        return Simulator(seed=args.seed, start=start, rate=rate)
+    domain, _, after = args.spike.partition("@")
+    try:
+        return Simulator(seed=args.seed, start=start, rate=rate, spike=Spike(domain, start + float(after or 60)))
+    except ValueError as exc:  # an unknown wiki or a malformed SECONDS
+        raise SettingsError(f"--spike {args.spike!r}: {exc}") from None
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--start", type=float, default=None, help="unix time of the first event (default: now, or count/rate s ago with --count)"
     )
     simulate.add_argument("--out", help="write --count events as JSON lines to this file instead of serving")
+    simulate.add_argument(
+        "--spike",
+        metavar="DOMAIN[@SECONDS]",
+        help="inject a spike: DOMAIN at 20x its rate for 2 minutes, SECONDS after the first event (default 60)",
+    )
     _add_server_args(simulate)
     simulate.set_defaults(func=cmd_simulate)
 

@@ -83,7 +83,7 @@ class SimulatedSource:
         return orjson.dumps(self.sim.event(offset))
 
     def seek_time(self, ms: int) -> int:
-        return max(0, int((ms / 1000 - self.sim.start) * self.sim.rate))
+        return self.sim.index_at(ms / 1000)
 
 
 def _running_max(values: Sequence[int]) -> Sequence[int]:

@@ -4,15 +4,21 @@ Event `i` depends only on (seed, i, start, rate), so a server can re-deliver any
 offset identically on resume. Proportions (DESIGN.md, measured on the live feed):
 49% categorize / 41% edit / 8% log / 2% new; commons 47%, wikidata 13%, enwiki 12%,
 the rest over a long tail of ~900 wikis; 32% bots; meta.dt lags timestamp ~1.6 s;
-~2% out of order; a canary event about hourly at the live rate.
+~2% out of order; a canary event about hourly at the live rate. Titles are drawn log-uniformly
+(a few hot pages per wiki, a long tail of pages edited once), so trending lists have a head.
+
+A Spike adds a burst on one wiki (e.g. 20x its share of the rate for two minutes, on a few
+titles): the events of the spike window come faster, and the added ones are that wiki's.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,14 +160,30 @@ _TITLE_WORDS = [
 ]
 
 
+HOT_TITLES = 100_000  # titles per (wiki, word), drawn log-uniformly: title 1 is the hottest
+SPIKE_TITLES = 5  # a spike edits this many pages of its wiki
+
+
+@dataclass(frozen=True)
+class Spike:
+    """`domain` at `factor` times its usual rate from time `at` for `seconds`."""
+
+    domain: str
+    at: float
+    seconds: float = 120.0
+    factor: float = 20.0
+
+
 def _tail_domains() -> list[str]:
     domains = [f"{lang}.{project}.org" for project, lang in itertools.product(_PROJECTS, _LANGS)]
     return [d for d in domains if d != "en.wikipedia.org"]
 
 
 class Simulator:
-    def __init__(self, seed: int = 0, start: float = 0.0, rate: float = LIVE_RATE, canary_every: int = 126_000) -> None:
-        self.seed, self.start, self.rate, self.canary_every = seed, start, rate, canary_every
+    def __init__(
+        self, seed: int = 0, start: float = 0.0, rate: float = LIVE_RATE, canary_every: int = 126_000, spike: Spike | None = None
+    ) -> None:
+        self.seed, self.start, self.rate, self.canary_every, self.spike = seed, start, rate, canary_every, spike
         tail = _tail_domains()
         tail_share = 1.0 - sum(w for _, w in _HEAD)
         zipf = [1.0 / (rank + 1) for rank in range(len(tail))]
@@ -169,13 +191,42 @@ class Simulator:
         self._domains = [d for d, _ in _HEAD] + tail
         weights = [w for _, w in _HEAD] + [tail_share * z / total for z in zipf]
         self._cum = list(itertools.accumulate(weights))
+        self._spike_window = (0, 0, 0.0)  # (first index, end index, events/s inside) of the spike's events
+        if spike is not None:
+            share = dict(zip(self._domains, weights, strict=True)).get(spike.domain)
+            if share is None:
+                raise ValueError(f"the simulator has no wiki {spike.domain!r}")
+            first = max(0, math.ceil((spike.at - start) * rate))
+            inside = rate * (1 + (spike.factor - 1) * share)
+            self._spike_window = (first, first + round(spike.seconds * inside), inside)
+
+    def _slot(self, i: int) -> tuple[float, bool]:
+        """Event i's time, and whether it is one the spike added."""
+        first, end, inside = self._spike_window
+        if i < first or first == end:
+            return self.start + i / self.rate, False
+        if i >= end:
+            return self.start + first / self.rate + (end - first) / inside + (i - end) / self.rate, False
+        j = i - first  # the added events are spread evenly among the usual ones
+        added = 1 - self.rate / inside
+        return self.start + first / self.rate + j / inside, math.floor((j + 1) * added) > math.floor(j * added)
 
     def timestamp(self, i: int) -> float:
-        return self.start + i / self.rate
+        return self._slot(i)[0]
+
+    def index_at(self, t: float) -> int:
+        """The first event stamped at or after t (nearly: out-of-order events aside)."""
+        first, end, inside = self._spike_window
+        i = max(0, int((t - self.start) * self.rate))
+        if i <= first or first == end:
+            return i
+        spike_start = self.start + first / self.rate
+        j = math.ceil((t - spike_start) * inside)
+        return first + j if first + j < end else end + max(0, math.ceil((t - self.timestamp(end)) * self.rate))
 
     def event(self, i: int) -> dict[str, Any]:
         rng = random.Random(self.seed * 1_000_000_007 + i)
-        t = self.timestamp(i)
+        t, spiking = self._slot(i)
         if rng.random() < 0.02:  # out of order: stamped a little earlier than its neighbours
             t -= rng.uniform(1, 20)
         ts = int(t)
@@ -186,7 +237,10 @@ class Simulator:
         )
         kind = rng.choices([k for k, _ in _TYPES], [w for _, w in _TYPES])[0]
         bot = rng.random() < 0.32
-        title = f"{rng.choice(_TITLE_WORDS)} {rng.randrange(10**6)}"
+        word, draw = rng.choice(_TITLE_WORDS), rng.randrange(10**6)
+        title = f"{word} {int(HOT_TITLES ** (draw / 10**6))}"
+        if spiking and self.spike is not None:  # an edit war or a bot run: a few pages, edited again and again
+            domain, kind, title = self.spike.domain, "edit", f"{_TITLE_WORDS[0]} spike {draw % SPIKE_TITLES}"
         namespace = 14 if kind == "categorize" else rng.choice((0, 0, 0, 1, 2, 4, 6))
         parts = domain.split(".")  # "canary" has one part
         wiki = parts[0].replace("-", "_") + ("wiki" if "wikipedia" in domain else parts[min(1, len(parts) - 1)])
