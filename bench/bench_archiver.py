@@ -26,7 +26,7 @@ from bench.common import redis_server
 from wikipulse import keys
 from wikipulse.archive import TABLE, Archive, batch_token, connect, daily_counts_sql
 from wikipulse.archiver import Archiver
-from wikipulse.fold import observe, summarize
+from wikipulse.fold import summary_of
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
 
@@ -36,7 +36,7 @@ async def archive_stream(settings: Settings, lines: list[bytes]) -> float:
     async with aioredis.Redis.from_url(settings.redis_url) as client:
         pipe = client.pipeline(transaction=False)
         for line in lines:
-            pipe.xadd(settings.stream, {keys.DATA_FIELD: line, keys.FOLD_FIELD: summarize(observe(orjson.loads(line)))})
+            pipe.xadd(settings.stream, {keys.DATA_FIELD: line, keys.FOLD_FIELD: summary_of(orjson.loads(line))})
         await pipe.execute()
         archiver = Archiver(settings, client)
         await archiver.open_archive()

@@ -29,7 +29,7 @@ import redis.cluster
 from bench.common import report, write_events
 from wikipulse import keys
 from wikipulse.connect import open_client
-from wikipulse.fold import observe, summarize
+from wikipulse.fold import summary_of
 from wikipulse.redis_server import LocalCluster, RedisServer, cluster_binary
 from wikipulse.router import Router
 from wikipulse.settings import Settings
@@ -41,7 +41,7 @@ def load(client: Any, lines: Sequence[bytes], stream: str) -> None:
     for i in range(0, len(lines), 5000):
         pipe = client.pipeline(transaction=False)
         for line in lines[i : i + 5000]:
-            pipe.xadd(stream, {keys.DATA_FIELD: line, keys.FOLD_FIELD: summarize(observe(orjson.loads(line)))})
+            pipe.xadd(stream, {keys.DATA_FIELD: line, keys.FOLD_FIELD: summary_of(orjson.loads(line))})
         pipe.execute()
 
 

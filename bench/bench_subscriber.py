@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from bench.common import redis_server, report, write_events
 from wikipulse import keys
 from wikipulse.events import Accepted, validate
-from wikipulse.fold import fold, observe, summarize
+from wikipulse.fold import fold, summary_of
 from wikipulse.settings import Settings
 from wikipulse.subscriber import Subscriber, tune_gc
 
@@ -52,7 +52,7 @@ async def load(client: aioredis.Redis, lines: list[bytes]) -> None:
     for i in range(0, len(lines), 5000):
         pipe = client.pipeline(transaction=False)
         for line in lines[i : i + 5000]:
-            pipe.xadd("wiki:events", {keys.DATA_FIELD: line, keys.FOLD_FIELD: summarize(observe(orjson.loads(line)))})
+            pipe.xadd("wiki:events", {keys.DATA_FIELD: line, keys.FOLD_FIELD: summary_of(orjson.loads(line))})
         await pipe.execute()
 
 

@@ -26,7 +26,7 @@ from tests.helpers import (
 )
 from wikipulse import keys
 from wikipulse.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
-from wikipulse.fold import observe, summarize
+from wikipulse.fold import summary_of
 from wikipulse.publisher import Publisher, parse_retry_after
 from wikipulse.redis_server import RedisServer
 from wikipulse.retry import backoff_delay
@@ -56,7 +56,7 @@ async def test_every_event_reaches_stream_and_channel_once(redis_client: aioredi
     entries = await redis_client.xrange("wiki:events")
     assert_same([e[b"data"] for _, e in entries], raw)
     # beside each event, in step with it, its fold summary (what it means is tested in test_fold)
-    assert_same([e[b"fold"].decode() for _, e in entries], [summarize(observe(orjson.loads(line))) for line in raw])
+    assert_same([e[b"fold"].decode() for _, e in entries], [summary_of(orjson.loads(line)) for line in raw])
     stats = await redis_client.hgetall(keys.PUBLISHER_STATS)
     assert int(stats[b"published"]) == 9996 and int(stats[b"canaries"]) == 4
     assert (await redis_client.get(keys.POSITION)).decode() == event_id(9999).decode()

@@ -29,6 +29,7 @@ def test_nothing_lost_nothing_doubled(scenario: Scenario, tmp_path: Path) -> Non
     assert (result.lost, result.duplicated) == (0, 0), result
     assert result.in_stream == result.sent == result.counted + result.trimmed_unread
     assert result.exact, "some key differs from the reference fold"
+    assert result.trending_exact, "some trending or new-pages key differs from its reference"
     if scenario.malformed_every:
         assert result.rejected == scenario.events // scenario.malformed_every
     if scenario.subscriber_late:

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_fold import as_reference, reference_fold
 from wikipulse import keys, query
-from wikipulse.fold import observe, summarize
+from wikipulse.fold import summary_of
 from wikipulse.settings import Settings
 from wikipulse.subscriber import Subscriber
 
@@ -37,7 +37,7 @@ async def load_stream(client: aioredis.Redis, lines: list[bytes] | tuple[bytes, 
     for line in lines:
         fields: dict[str, bytes | str] = {"data": line}
         if with_fold and b'"canary"' not in line:  # the publisher drops canaries
-            fields["fold"] = summarize(observe(orjson.loads(line)))
+            fields["fold"] = summary_of(orjson.loads(line))
         pipe.xadd("wiki:events", fields)
     await pipe.execute()
 

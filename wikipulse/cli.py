@@ -172,6 +172,22 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import trending
+
+    result = asyncio.run(trending(settings, args.domain, args.minutes, args.limit, args.humans, args.namespace))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.query import new_pages
+
+    result = asyncio.run(new_pages(settings, args.domain, args.limit, args.humans, args.namespace))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
@@ -237,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     counts.add_argument("--since", help="start: unix seconds or ISO date (default: one hour of buckets back)")
     counts.add_argument("--until", help="end: unix seconds or ISO date (default now)")
     counts.add_argument("--by", choices=("type", "bot"), help="break down by event type or bot/human")
+
+    redis_only = ("redis_url", "log_level")
+    trend = command("trending", cmd_trending, "print the most-edited pages now as JSON", redis_only)
+    trend.add_argument("--domain", help="one wiki, e.g. en.wikipedia.org (default: every wiki)")
+    trend.add_argument("--minutes", type=int, default=5, help="over the last 5 or 60 minutes (default 5)")
+    trend.add_argument("--limit", type=int, default=10, help="how many pages (default 10)")
+    trend.add_argument("--humans", action="store_true", help="edits by humans only (bots left out)")
+    trend.add_argument("--namespace", help="namespaces, e.g. 0 or 0,1 (default: all)")
+    new = command("new-pages", cmd_new_pages, "print the newest page creations as JSON, newest first", redis_only)
+    new.add_argument("--domain", help="one wiki (default: every wiki)")
+    new.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    new.add_argument("--humans", action="store_true", help="created by humans only")
+    new.add_argument("--namespace", default="0", help="namespaces, e.g. 0,2, or all (default 0: articles)")
 
     command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
 

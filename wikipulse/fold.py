@@ -4,11 +4,13 @@ Data shapes:
   Observation      (domain, event time or None, type, is_bot)     what one event contributes
   fold summary     b"<domain> <time or -> <type> <bot|human>"     an Observation as the publisher
                    stores it beside each stream entry (keys.FOLD_FIELD), so the subscriber need
-                   not parse the event's JSON again (about 10 µs an event here)
+                   not parse the event's JSON again (about 10 µs an event here); edits and
+                   creations add "\t" and their page (pages.describe)
   FoldKey          (domain, base bucket start, type, is_bot)     one per distinct event class
   Increments.hashes    {redis key: {hash field: n}}               what HINCRBY will add
   Increments.zsets     {rank key: {domain: n}}                    ZINCRBY for the domain ranking
   Increments.expire_at {redis key: unix s}                        EXPIREAT for each touched key
+  Increments.pages     trending.TrendIncrements                   the batch's trending and new pages
 
 Events are bucketed by their own time (`timestamp`, else `meta.dt`), so replays and
 backfills land where they belong. Events are first counted per FoldKey at the finest
@@ -26,6 +28,8 @@ from typing import Any
 
 from wikipulse import keys
 from wikipulse.events import CANARY_DOMAIN, event_time, is_valid_domain
+from wikipulse.pages import Page, describe, page_of
+from wikipulse.trending import TrendIncrements
 
 FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still count
 
@@ -41,6 +45,7 @@ class Increments:
     hashes: dict[str, dict[str, int]] = field(default_factory=dict)
     zsets: dict[str, dict[str, int]] = field(default_factory=dict)
     expire_at: dict[str, int] = field(default_factory=dict)
+    pages: TrendIncrements = field(default_factory=TrendIncrements)
     folded: int = 0
     late: int = 0
     future: int = 0
@@ -68,9 +73,15 @@ def observe(event: dict[str, Any]) -> Observation:
     return event["meta"]["domain"], event_time(event), kind, bot
 
 
-def summarize(obs: Observation) -> str:
+def summarize(obs: Observation, page: Page | None = None) -> str:
     domain, t, kind, bot = obs
-    return f"{domain} {'-' if t is None else t} {kind} {'bot' if bot else 'human'}"
+    head = f"{domain} {'-' if t is None else t} {kind} {'bot' if bot else 'human'}"
+    return head if page is None else f"{head}\t{describe(page)}"
+
+
+def summary_of(event: dict[str, Any]) -> str:
+    """What the publisher stores beside a validated event (keys.FOLD_FIELD)."""
+    return summarize(observe(event), page_of(event))
 
 
 @lru_cache(maxsize=65536)
@@ -80,8 +91,8 @@ def _domain(raw: bytes) -> str | None:
 
 
 def parse_summary(raw: bytes) -> Observation | None:
-    """The inverse of summarize; None for anything it did not write (the caller then reads the JSON)."""
-    parts = raw.split(b" ")
+    """The inverse of summarize, its page aside; None for anything it did not write (the caller then reads the JSON)."""
+    parts = raw.split(b"\t", 1)[0].split(b" ")
     if len(parts) != 4:
         return None
     domain, kind, bot = _domain(parts[0]), _TYPES.get(parts[2]), _BOT.get(parts[3])

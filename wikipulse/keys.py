@@ -66,6 +66,33 @@ def consumer_lease(group: str, consumer: str) -> str:
 NOTICES = f"{PREFIX}:notices"
 NOTICE_DOMAINS = 50
 
+# Trending pages (trending.py), folded in the same script as the counts. Per domain and minute (event time), in
+# the domain's shard: `all` and `human`, zsets "<namespace>\t<title>" -> edits (everyone, humans only); `bytes`,
+# a hash of the same members -> bytes changed (a member + "\th": by humans; "\trest": edits of pages past the
+# cap); `editors`, a zset of "<namespace>\t<title>\t<b|h><user>" at score 0, read by prefix (ZRANGEBYLEX).
+# Per shard and minute, under the pseudo-domain ALL_DOMAINS: `all` and `human` zsets "<domain>\t<ns>\t<title>".
+# A minute's zset admits its first TREND_CAP pages (TREND_GLOBAL_CAP for the shard's); the edits of others are
+# counted in `rest`. First come, not the top N: which pages are admitted then depends only on the order of the
+# stream, so a replay folds the same lists (exactly-once), and a hot page is almost always among the first.
+TREND_PARTS = ("all", "human", "bytes", "editors")
+TREND_CAP = 1000
+TREND_GLOBAL_CAP = 3000
+TREND_RETENTION = 3600 + 60  # an hour of minutes, and the current one
+TREND_WINDOWS = (5, 60)  # minutes the lists are asked over
+NEW_PAGES_KEEP = 500  # page creations kept per shard (every namespace; readers filter)
+
+# Spikes (spikes.py): each alert goes to the capped stream ALERTS and is PUBLISHed on ALERTS_CHANNEL, as JSON
+# {"domain", "minute", "rate", "baseline", "deviation", "top": [[title, edits], ...]}. The stream and the
+# per-(domain, minute) markers that keep an alert from being raised twice share one hash tag.
+ALERTS = f"{PREFIX}:{{alerts}}:stream"
+ALERTS_CHANNEL = f"{PREFIX}:alerts"
+ALERTS_KEEP = 1000
+
+
+def alert_marker(domain: str, minute: int) -> str:
+    return f"{PREFIX}:{{alerts}}:raised:{domain}:{minute}"
+
+
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
 # (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
 # already; entries that other writers add without it are folded from their JSON.
@@ -209,6 +236,22 @@ class Shard:
     def rank_keys(self, now: int, seconds: int) -> list[str]:
         last = now - now % RANK_STEP
         return [self.rank_key(m) for m in range(last - seconds + RANK_STEP, last + 1, RANK_STEP)]
+
+    def trend_key(self, part: str, domain: str, minute: int) -> str:
+        """One of a domain's (or, for ALL_DOMAINS, the shard's) trending keys of one minute (TREND_PARTS)."""
+        if self.tag is None:
+            return f"{PREFIX}:trend:{{{domain}}}:{part}:{minute}"
+        return self._key(f"trend:{domain}:{part}:{minute}")
+
+    def trend_keys(self, part: str, domain: str, now: int, minutes: int) -> list[str]:
+        """The trend keys of the last `minutes` minutes, the current one included, oldest first."""
+        last = now - now % RANK_STEP
+        return [self.trend_key(part, domain, last - k * RANK_STEP) for k in reversed(range(minutes))]
+
+    @property
+    def new_pages(self) -> str:
+        """The shard's newest page creations (NEW_PAGES_KEEP), newest first."""
+        return f"{PREFIX}:new" if self.tag is None else self._key("new")
 
     @property
     def stats(self) -> str:

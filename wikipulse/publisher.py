@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.connect import Client, open_client
 from wikipulse.events import Accepted, Canary, Reject, Rejected, validate
-from wikipulse.fold import observe, summarize
+from wikipulse.fold import summary_of
 from wikipulse.ingest import Batch, BatchWriter, RedisDown
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
@@ -158,7 +158,7 @@ class Publisher:
                     return
                 self.dedup.add(meta_id)
             batch.frames.append(sse.data)
-            batch.folds.append(summarize(observe(verdict.event)))
+            batch.folds.append(summary_of(verdict.event))
             batch.ids.append(meta_id or "")
             meta = verdict.event["meta"]
             batch.last_dt = meta.get("dt") if isinstance(meta.get("dt"), str) else batch.last_dt

@@ -1,4 +1,4 @@
-"""Shell queries: `python -m wikipulse counts` and `python -m wikipulse stats`."""
+"""Shell queries: `python -m wikipulse counts`, `stats`, `trending`, `new-pages`, `sql` and `history`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,58 @@ async def stats(settings: Settings) -> dict[str, Any]:
         if settings.group not in groups:
             raise OperatorError(f"no consumer group {settings.group!r} on {folded!r} (there are: {sorted(groups) or 'none'})")
         return await read_status(client, layout, settings.group)
+
+
+MAX_LIMIT = 1000
+
+
+def _domains(domain: str | None) -> list[str] | None:
+    if domain is None or domain == keys.ALL_DOMAINS:
+        return None
+    if not is_valid_domain(domain):
+        raise SettingsError(f"not a domain: {domain!r}")
+    return [domain]
+
+
+def parse_namespaces(text: str | None) -> list[int] | None:
+    """ "0,1" -> [0, 1]; "all" or None -> None (every namespace)."""
+    if text is None or text == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SettingsError(f"not namespaces: {text!r} (numbers such as 0 or 0,1,4, or all)") from None
+
+
+async def trending(
+    settings: Settings, domain: str | None, minutes: int, limit: int, humans: bool, namespaces: str | None = None
+) -> dict[str, Any]:
+    from wikipulse.trending import links, read_trending
+
+    if minutes not in keys.TREND_WINDOWS:
+        raise SettingsError(f"--minutes {minutes}: trending is kept for {' or '.join(map(str, keys.TREND_WINDOWS))} minutes")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise SettingsError(f"--limit {limit}: from 1 to {MAX_LIMIT}")
+    domains, wanted = _domains(domain), parse_namespaces(namespaces)
+    now = int(time.time())
+    client, layout = await open_client(settings)
+    async with client:
+        rows = await read_trending(client, layout, now, minutes, limit, domains, humans, wanted)
+    return {
+        "domain": domain or keys.ALL_DOMAINS, "minutes": minutes, "humans": humans, "namespaces": wanted, "at": now,
+        "pages": [{**row.as_json(), **links(row.domain, row.title)} for row in rows],
+    }  # fmt: skip
+
+
+async def new_pages(settings: Settings, domain: str | None, limit: int, humans: bool, namespaces: str | None = "0") -> list[dict[str, Any]]:
+    from wikipulse.trending import links, read_new_pages
+
+    if not 1 <= limit <= keys.NEW_PAGES_KEEP:
+        raise SettingsError(f"--limit {limit}: from 1 to {keys.NEW_PAGES_KEEP}")
+    client, layout = await open_client(settings)
+    async with client:
+        items = await read_new_pages(client, layout, limit, _domains(domain), parse_namespaces(namespaces), humans)
+    return [{**item, **links(item["domain"], item["title"], item["revision"])} for item in items]
 
 
 # ---- the archive (ClickHouse) ------------------------------------------------------------------

@@ -26,12 +26,13 @@ from wikipulse.connect import Client, pack, raw_connection
 from wikipulse.fold import Increments
 from wikipulse.lease import FENCE_LUA
 from wikipulse.retry import drop
+from wikipulse.trending import TREND_LUA
 
 # KEYS: the stream, the stats hash, the claims counter, the consumer name's lease, then every series hash and ranking
 # zset the batch touches (declared, as Redis asks of scripts: on a cluster they all share the shard's slot). ARGV:
 # group, consumer, the claims count seen before the entries were read ('' if unknown), then one JSON payload
 #   {"ids": [...], "stats": {name: n}, "h": [key no., expire_at, k, field1, n1, ..., fieldk, nk, key no., ...],
-#    "z": [key no., expire_at, k, member1, n1, ...]}
+#    "z": [key no., expire_at, k, member1, n1, ...], "t", "g", "n": the trending sections (trending.TREND_LUA)}
 # where a key no. is the key's index in KEYS. One JSON string instead of thousands of ARGV items: packing each
 # item costs the client far more than cjson.decode costs Redis. Flat arrays, because every nested object costs
 # cjson a Lua table. Then the lease token ('' for none: pub/sub mode) and its ttl ms: a process whose consumer
@@ -85,6 +86,9 @@ while i <= #z do
   redis.call('EXPIREAT', key, z[i + 1])
   i = last + 1
 end
+"""
+    + TREND_LUA
+    + """
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
 return true
 """
@@ -97,16 +101,21 @@ _NOT_IN_IDS = re.compile(rb'[^0-9",-]')
 FIXED_KEYS = 4  # the stream, stats, claims and lease come first in KEYS
 
 
-def script_payload(inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int]) -> tuple[list[str], bytes]:
+def script_payload(
+    inc: Increments, ids: Sequence[bytes | str], stats: Mapping[str, int], shard: keys.Shard = keys.UNSHARDED
+) -> tuple[list[str], bytes]:
     """The keys APPLY_SCRIPT declares after its fixed ones, and its JSON payload (pure, so it can be tested with
     plain values)."""
     declared = [*inc.hashes, *inc.zsets]
     number = {key: FIXED_KEYS + 1 + i for i, key in enumerate(declared)}
+    first_page_key = FIXED_KEYS + 1 + len(declared)
+    declared += inc.pages.declared(shard)
     payload = orjson.dumps({
         "ids": _json_ids(ids),
         "stats": {k: v for k, v in stats.items() if v},
         "h": _flat(inc.hashes, inc.expire_at, number),
         "z": _flat(inc.zsets, inc.expire_at, number),
+        **inc.pages.payload(first_page_key),
     })  # fmt: skip
     return declared, payload
 
@@ -149,6 +158,7 @@ class SeriesWriter:
         self._connection = raw_connection(client, stream)  # on a cluster, the node of the shard's slot
         self._stream, self._group, self._consumer = stream, group, consumer
         self._fixed_keys = (stream, shard.stats, shard.claims, shard.consumer_lease(group, consumer))
+        self._shard = shard
         self._lease = (lease_token, lease_ttl_ms)
         self._notices = notices  # the channel each applied batch is announced on ('' for none)
 
@@ -157,7 +167,7 @@ class SeriesWriter:
     ) -> None:
         """`claims`: keys.CLAIMS as read before the entries were (None: unknown, check every entry). `notice`: what
         the batch's PUBLISH on the notice channel says once it is applied."""
-        declared, payload = script_payload(inc, ids, stats)
+        declared, payload = script_payload(inc, ids, stats, self._shard)
         seen = b"" if claims is None else claims
         token, ttl_ms = self._lease
         command: tuple[bytes | str | int, ...] = (

@@ -28,11 +28,13 @@ from wikipulse.domains import DomainGate
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
 from wikipulse.lease import Lease, LeaseLost, fenced_error
+from wikipulse.pages import PageEdit, page_of, parse_page
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter, notice
 from wikipulse.settings import OperatorError, Settings
 from wikipulse.streams import Entry, StreamReader
+from wikipulse.trending import fold_pages
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,11 @@ def default_consumers() -> Iterator[str]:
         yield f"{host}-{n}"
 
 
-def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
-    """Validate raw JSON events: what the accepted ones contribute; everything else is counted."""
+def observe_payloads(
+    payloads: Iterable[bytes | None], max_bytes: int, counters: Counter[str], pages: list[PageEdit] | None = None
+) -> Counter[Observation]:
+    """Validate raw JSON events: what the accepted ones contribute (their page edits appended to `pages`, in
+    order); everything else is counted."""
     observations: Counter[Observation] = Counter()
     for data in payloads:
         if data is None:
@@ -63,7 +68,11 @@ def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters:
             continue
         verdict = validate(data, max_bytes)
         if isinstance(verdict, Accepted):
-            observations[observe(verdict.event)] += 1
+            obs = observe(verdict.event)
+            observations[obs] += 1
+            page = page_of(verdict.event)
+            if page is not None and pages is not None and obs[1] is not None:
+                pages.append(PageEdit(obs[0], obs[1], obs[2], obs[3], page))
         elif isinstance(verdict, Canary):
             counters["canaries"] += 1
         else:
@@ -71,36 +80,45 @@ def observe_payloads(payloads: Iterable[bytes | None], max_bytes: int, counters:
     return observations
 
 
-def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) -> Counter[Observation]:
+def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[str], pages: list[PageEdit]) -> Counter[Observation]:
     """What stream entries contribute: from their fold summary where the publisher wrote one (equal
-    summaries are counted first and parsed once), else from their JSON."""
-    # The publisher's layout first, in one pass (most entries); anything else entry by entry.
-    summaries = [f[3] for _, f in entries if f is not None and len(f) == 4 and f[2] == _FOLD]
+    summaries are counted first and parsed once), else from their JSON. Page edits are appended to `pages`
+    in stream order."""
+    heads: Counter[bytes] = Counter()
     payloads: list[bytes | None] = []
-    if len(summaries) < len(entries):
-        for _, fields in entries:
-            if fields is None:
-                payloads.append(None)
-            elif not (len(fields) == 4 and fields[2] == _FOLD):
-                named = dict(zip(fields[::2], fields[1::2], strict=False))
-                if _FOLD in named:
-                    summaries.append(named[_FOLD])
-                else:
-                    payloads.append(named.get(_DATA, b""))  # no `data` field: b"", rejected as not JSON
+    for _, fields in entries:
+        if fields is not None and len(fields) == 4 and fields[2] == _FOLD:  # the publisher's layout: most entries
+            summary = fields[3]
+        elif fields is None:
+            payloads.append(None)
+            continue
+        else:
+            named = dict(zip(fields[::2], fields[1::2], strict=False))
+            if _FOLD not in named:
+                payloads.append(named.get(_DATA, b""))  # no `data` field: b"", rejected as not JSON
+                continue
+            summary = named[_FOLD]
+        head, tab, described = summary.partition(b"\t")
+        heads[head] += 1
+        if tab:
+            obs = parse_summary(head)
+            page = parse_page(described)
+            if obs is not None and page is not None and obs[1] is not None:
+                pages.append(PageEdit(obs[0], obs[1], obs[2], obs[3], page))
     observations: Counter[Observation] = Counter()
     unreadable: set[bytes] = set()
-    for summary, n in Counter(summaries).items():
-        obs = parse_summary(summary)
+    for head, n in heads.items():
+        obs = parse_summary(head)
         if obs is None:
-            unreadable.add(summary)
+            unreadable.add(head)
         else:
             observations[obs] += n
     if unreadable:  # not written by our publisher: fall back to the JSON of those entries
         for _, fields in entries:
             named = dict(zip(fields[::2], fields[1::2], strict=False)) if fields is not None else {}
-            if named.get(_FOLD) in unreadable:
+            if named.get(_FOLD, b"").partition(b"\t")[0] in unreadable:
                 payloads.append(named.get(_DATA, b""))
-    observations.update(observe_payloads(payloads, max_bytes, counters))
+    observations.update(observe_payloads(payloads, max_bytes, counters, pages))
     return observations
 
 
@@ -181,15 +199,17 @@ class Subscriber:
     async def prepare(self, ids: list[bytes], source: Sequence[Entry] | Sequence[bytes | None], claims: bytes | None = None) -> Batch:
         """Fold stream entries (ids given) or pub/sub payloads (no ids) into one write."""
         counters: Counter[str] = Counter()
+        edits: list[PageEdit] = []
         if ids:
-            observations = observe_entries(cast(Sequence[Entry], source), self.settings.max_event_bytes, counters)
+            observations = observe_entries(cast(Sequence[Entry], source), self.settings.max_event_bytes, counters, edits)
         else:
-            observations = observe_payloads(cast(Sequence[bytes | None], source), self.settings.max_event_bytes, counters)
+            observations = observe_payloads(cast(Sequence[bytes | None], source), self.settings.max_event_bytes, counters, edits)
         now = time.time()
         inc = Increments()
         classes = tally(observations.items(), now, self.retention, inc)
         classes, counters["overflow"] = await self.gate.route(classes)
         expand(classes, now, self.retention, inc, self.shard)
+        inc.pages = fold_pages(edits, now, {domain for domain, _, _, _ in classes})
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
         moved = notice(inc.folded, (domain for domain, _, _, _ in classes), self.shard.index) if inc.folded else b""
         return Batch(ids, inc, counters, source, claims, moved)

@@ -1,0 +1,170 @@
+"""Trending pages and new pages, folded by a real subscriber into a real Redis, against independent references."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.test_subscriber import load_stream, run_subscriber
+from tests.trending_reference import reference_trending, stored_trending
+from wikipulse import keys
+from wikipulse.settings import Settings
+from wikipulse.simulate import Simulator
+from wikipulse.trending import read_new_pages, read_trending
+
+NOW = int(time.time())
+
+
+def simulated(n: int, seconds: float, seed: int = 5) -> list[dict[str, Any]]:
+    """n simulated events over the last `seconds` (canaries left out: the publisher drops them)."""
+    sim = Simulator(seed=seed, start=NOW - seconds, rate=n / seconds, canary_every=0)
+    return [sim.event(i) for i in range(n)]
+
+
+def lines(events: list[dict[str, Any]]) -> list[bytes]:
+    return [orjson.dumps(e) for e in events]
+
+
+def expected_top(
+    events: list[dict[str, Any]], now: int, minutes: int, limit: int, domain: str | None, humans: bool, namespaces: list[int] | None
+) -> list[dict[str, Any]]:
+    """The most-edited pages, worked out from the events themselves (no trimming binds at these volumes)."""
+    first = now - now % 60 - (minutes - 1) * 60
+    edits: Counter[tuple[str, int, str]] = Counter()
+    editors: dict[tuple[str, int, str], set[str]] = {}
+    changed: Counter[tuple[str, int, str]] = Counter()
+    for e in events:
+        page = (e["meta"]["domain"], e["namespace"], e["title"])
+        if (
+            e["type"] in ("edit", "new")
+            and e["timestamp"] >= first
+            and (domain is None or page[0] == domain)
+            and (not humans or not e["bot"])
+            and (namespaces is None or page[1] in namespaces)
+        ):
+            edits[page] += 1
+            editors.setdefault(page, set()).add(e["user"])
+            changed[page] += e["length"]["new"] - (e["length"]["old"] or 0)
+    ranked = sorted(edits, key=lambda p: (-edits[p], p[0], f"{p[1]}\t{p[2]}"))[:limit]
+    return [
+        {"domain": d, "namespace": ns, "title": t, "edits": edits[(d, ns, t)], "editors": len(editors[(d, ns, t)]),
+         "bytes_changed": changed[(d, ns, t)]}
+        for d, ns, t in ranked
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("with_fold", [True, False], ids=["publisher's entries", "json only"])
+async def test_lists_and_keys_equal_the_reference(redis_client: aioredis.Redis, settings: Settings, with_fold: bool) -> None:
+    events = simulated(12_000, 900)
+    await load_stream(redis_client, lines(events), with_fold)
+    await run_subscriber(settings, redis_client, len(events))
+    layout = keys.Layout("wiki:events")
+    assert stored_trending(await _sync(redis_client)) == reference_trending(events, layout)
+    queries: list[tuple[int, str | None, bool, list[int] | None]] = [
+        (5, None, False, None), (60, None, False, None), (60, None, True, None), (5, "commons.wikimedia.org", False, None),
+        (60, "en.wikipedia.org", True, [0]), (60, None, False, [0, 4]),
+    ]  # fmt: skip
+    for minutes, domain, humans, namespaces in queries:
+        got = await read_trending(redis_client, layout, NOW, minutes, 15, None if domain is None else [domain], humans, namespaces)
+        expected = expected_top(events, NOW, minutes, 15, domain, humans, namespaces)
+        assert [row.as_json() for row in got] == expected, (minutes, domain, humans, namespaces)
+        assert expected[0]["edits"] > 1, "the list has no head: the test cannot tell a ranking from any order"
+    new = await read_new_pages(redis_client, layout, 50)
+    expected_new = [e for e in events if e["type"] == "new" and e["namespace"] == 0][::-1]
+    assert [(n["domain"], n["title"], n["revision"]) for n in new] == [
+        (e["meta"]["domain"], e["title"], e["revision"]["new"]) for e in sorted(expected_new, key=lambda e: -e["timestamp"])[:50]
+    ]
+
+
+async def _sync(client: aioredis.Redis) -> Any:
+    """A blocking client on the same Redis, for the shared reference reader."""
+    import redis
+
+    kwargs = client.connection_pool.connection_kwargs
+    return redis.Redis(host=kwargs.get("host", "127.0.0.1"), port=kwargs.get("port", 6379), db=kwargs.get("db", 0))
+
+
+HOSTILE = [
+    "Tab\there", "New\nline", "<script>alert(1)</script>", "{s0}:braces", "*?[glob]", "\u202eRTL override", "emoji 🧨🔥",
+    "a" * 1000, "wp:ts:{en.wikipedia.org}:1m:0", "\x00nul", "\\\\backslash\\", "'quotes\" & <b>",
+]  # fmt: skip
+
+
+async def test_hostile_titles_stay_members_and_read_back(redis_client: aioredis.Redis, settings: Settings) -> None:
+    base = simulated(1, 30)[0]
+    events = []
+    for i, title in enumerate(HOSTILE):
+        e = copy.deepcopy(base)
+        e["meta"]["id"] = f"hostile-{i}"
+        e.update(type="edit", title=title, user=f"U\t{title[:10]}", namespace=0, timestamp=NOW - 10, bot=False)
+        e["length"], e["revision"] = {"old": 10, "new": 20 + i}, {"old": 1, "new": 2}
+        events.append(e)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(settings, redis_client, len(events))
+    schema = re.compile(
+        r"^wp:(trend:\{[a-z0-9.-]+\}:(all|human|bytes|editors):\d+|trend:\{_all\}:(all|human):\d+|new|ts:.*|\{rank\}:1m:\d+|domains|subscriber:.*)$"
+    )
+    assert all(schema.match(k.decode()) for k in await redis_client.keys("wp:*")), await redis_client.keys("wp:*")
+    got = await read_trending(redis_client, keys.Layout("wiki:events"), NOW, 5, 50)
+    cleaned = {re.sub(r"[\x00-\x1f]", "\ufffd", t)[:300] for t in HOSTILE}
+    assert {row.title for row in got} == cleaned
+    assert all(row.editors == 1 and row.edits == 1 for row in got)
+
+
+async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aioredis.Redis, settings: Settings) -> None:
+    base = simulated(1, 30)[0]
+    events = []
+    for i in range(keys.TREND_CAP + 200):
+        e = copy.deepcopy(base)
+        e["meta"].update(id=f"cap-{i}", domain="de.wikipedia.org")
+        e.update(type="edit", title=f"Page {i}", namespace=0, timestamp=NOW - NOW % 60, bot=True)
+        e["length"] = {"old": 1, "new": 2}
+        events.append(e)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(settings, redis_client, len(events))
+    minute = NOW - NOW % 60
+    admitted = await redis_client.zrange(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute), 0, -1)
+    assert sorted(m.decode() for m in admitted) == sorted(f"0\tPage {i}" for i in range(keys.TREND_CAP))
+    assert await redis_client.hget(keys.UNSHARDED.trend_key("bytes", "de.wikipedia.org", minute), "\trest") == b"200"
+    assert await redis_client.ttl(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute)) > 3000  # an hour of minutes, from its minute
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--minutes", "7"], "kept for 5 or 60 minutes"),
+        (["--domain", "not a domain"], "not a domain"),
+        (["--limit", "0"], "from 1 to"),
+        (["--namespace", "main"], "not namespaces"),
+    ],
+)
+def test_trending_refuses_what_it_cannot_answer(settings: Settings, args: list[str], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "wikipulse", "trending", "--redis-url", settings.redis_url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+async def test_trending_cli_prints_json(redis_client: aioredis.Redis, settings: Settings) -> None:
+    events = simulated(3_000, 200)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(settings, redis_client, len(events))
+    command = [sys.executable, "-m", "wikipulse", "trending", "--redis-url", settings.redis_url, "--minutes", "60", "--limit", "3"]
+    run = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = orjson.loads(run.stdout)
+    assert [p["title"] for p in out["pages"]] == [p["title"] for p in expected_top(events, int(time.time()), 60, 3, None, False, None)]
+    assert out["pages"][0]["history"].startswith(f"https://{out['pages'][0]['domain']}/w/index.php?title=")

@@ -1,0 +1,96 @@
+"""An independent reference of the trending and new-pages keys (keys.py, TREND_*), one event at a time in stream
+order, and a reader of what Redis holds in the same shape; shared by tests and bench/scenarios.py."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import redis
+
+from wikipulse import keys
+
+Contents = dict[str, Any]  # key -> {member: score} | {field: n} | set of editor members | [new page, newest first]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _admit(zset: dict[str, int], member: str, cap: int) -> bool:
+    return member in zset or len(zset) < cap
+
+
+def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) -> Contents:
+    out: Contents = {}
+    for e in events:
+        domain = e["meta"]["domain"]
+        if domain == "canary" or e["type"] not in ("edit", "new"):
+            continue
+        shard = layout.shard_of(domain)
+        minute = e["timestamp"] // 60 * 60
+        title = _CONTROL.sub("\ufffd", e["title"])[:300]
+        user = _CONTROL.sub("\ufffd", e["user"])[:100]
+        name = f"{e['namespace']}\t{title}"
+        length = e.get("length") or {}
+        changed = length["new"] - (length.get("old") or 0) if length.get("new") is not None else 0
+        human = not e["bot"]
+
+        def key(part: str, where: str = domain) -> str:
+            return shard.trend_key(part, where, minute)  # noqa: B023 (used at once)
+
+        edits, byte_sums = out.setdefault(key("all"), {}), out.setdefault(key("bytes"), {})
+        if _admit(edits, name, keys.TREND_CAP):
+            edits[name] = edits.get(name, 0) + 1
+            byte_sums[name] = byte_sums.get(name, 0) + changed
+            out.setdefault(key("editors"), set()).add(f"{name}\t{'h' if human else 'b'}{user}")
+            if human:
+                humans = out.setdefault(key("human"), {})
+                humans[name] = humans.get(name, 0) + 1
+                byte_sums[name + "\th"] = byte_sums.get(name + "\th", 0) + changed
+        else:
+            byte_sums["\trest"] = byte_sums.get("\trest", 0) + 1
+        everywhere = out.setdefault(key("all", keys.ALL_DOMAINS), {})
+        if _admit(everywhere, f"{domain}\t{name}", keys.TREND_GLOBAL_CAP):
+            everywhere[f"{domain}\t{name}"] = everywhere.get(f"{domain}\t{name}", 0) + 1
+            if human:
+                humans = out.setdefault(key("human", keys.ALL_DOMAINS), {})
+                humans[f"{domain}\t{name}"] = humans.get(f"{domain}\t{name}", 0) + 1
+        if e["type"] == "new":
+            item = {
+                "domain": domain, "time": e["timestamp"], "namespace": e["namespace"], "title": title, "user": user,
+                "bot": e["bot"], "bytes": length.get("new"), "revision": (e.get("revision") or {}).get("new"),
+            }  # fmt: skip
+            out[shard.new_pages] = [item, *out.get(shard.new_pages, [])][: keys.NEW_PAGES_KEEP]
+    return _without_zeros(out)
+
+
+def _without_zeros(contents: Contents) -> Contents:
+    """Absent and 0 read the same; a batch that adds +5 and -5 bytes writes no field at all."""
+    out: Contents = {}
+    for key, value in contents.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v}
+        if value:
+            out[key] = value
+    return out
+
+
+def _s(raw: bytes) -> str:
+    return raw.decode()
+
+
+def stored_trending(client: redis.Redis[bytes] | Any) -> Contents:
+    """Every trending and new-pages key Redis holds, in reference_trending's shape."""
+    out: Contents = {}
+    for raw in client.scan_iter(match=f"{keys.PREFIX}:*", count=1000):
+        key = _s(raw)
+        part = key.split(":")[-2] if ":trend:" in key else None
+        if part in ("all", "human"):
+            out[key] = {_s(m): int(score) for m, score in client.zrange(key, 0, -1, withscores=True)}
+        elif part == "bytes":
+            out[key] = {_s(f): int(v) for f, v in client.hgetall(key).items()}
+        elif part == "editors":
+            out[key] = {_s(m) for m in client.zrange(key, 0, -1)}
+        elif key.endswith(":new"):
+            out[key] = [orjson.loads(item) for item in client.lrange(key, 0, -1)]
+    return _without_zeros(out)
