@@ -33,6 +33,7 @@ from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter, notice
 from wikipulse.settings import OperatorError, Settings
+from wikipulse.spikes import CHECK_EVERY, SpikeWatch
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trending import fold_pages
 
@@ -154,6 +155,7 @@ class Subscriber:
         self.use_name(settings.consumer or next(default_consumers()))
         self.backoff = Backoff(settings.backoff_cap)
         self.inflight: collections.deque[Batch] = collections.deque()  # sent to the writer, unanswered
+        self.caught_up = settings.source == "pubsub"  # the last read found no backlog (pub/sub has none)
         self.gate = DomainGate(client, settings.max_domains)
         self.totals: Counter[str] = Counter()
         self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
@@ -341,6 +343,7 @@ class Subscriber:
                         if cursor != ">":
                             cursor = ">"  # our own pending entries are done: new ones from now on
                         await self.settle(0)
+                        self.caught_up = cursor == ">"
                         continue
                 if cursor != ">":
                     cursor = entries[-1][0].decode()
@@ -350,6 +353,7 @@ class Subscriber:
                 # Redis sends no reply while it runs a script.
                 entries, claims = await self.reader.receive()
                 claims = claims or b"0"
+                self.caught_up = cursor == ">" and len(entries) < self.batch_size
                 await self.settle(WRITES_IN_FLIGHT - 1)
                 await self.send(batch)
         finally:
@@ -437,6 +441,19 @@ async def log_stats(subscriber: Subscriber, interval: float) -> None:
         )
 
 
+async def watch_spikes(client: Client, subscriber: Subscriber) -> None:
+    """The spike watch of the subscriber's shard, judging only while the subscriber is caught up (a minute read
+    while a backlog is still being folded would look quiet)."""
+    watch = SpikeWatch(client, subscriber.shard)
+    while True:
+        if subscriber.caught_up:
+            try:
+                await watch.check(time.time())
+            except REDIS_ERRORS as exc:
+                logger.warning("spike check failed, trying again: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(CHECK_EVERY)
+
+
 def tune_gc() -> None:
     """A batch is thousands of small lists (the reply's entries); with the default thresholds the
     cyclic GC runs dozens of times a batch and finds no cycles. Collecting far less often makes the
@@ -463,6 +480,7 @@ async def run_subscriber(settings: Settings) -> None:
                 subscriber.shard.stream if settings.source == "stream" else f"channel {settings.channel}",
             )
         stats_tasks = [asyncio.create_task(log_stats(subscriber, settings.stats_interval)) for subscriber in subscribers]
+        stats_tasks += [asyncio.create_task(watch_spikes(client, subscriber)) for subscriber in subscribers]
         try:
             await asyncio.gather(*(sub.run_stream() if settings.source == "stream" else sub.run_pubsub() for sub in subscribers))
         finally:
