@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Redis memory of the time series: 3 million events spread over 24 h of event time across ~900 domains.
+"""Redis memory of the time series (and the trending keys): 3 million events over 24 h across ~900 domains.
 
 `pipenv run python -m bench.bench_memory [--events N]`: simulated events (the live feed's domain, type
 and bot mix, 907 domains) stamped over the last 24 hours are folded through the subscriber's own
@@ -29,16 +29,20 @@ from wikipulse.fold import fold
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
+from wikipulse.trending import TrendIncrements
 
 BATCH = 5000
 
 
+FOLDED = ("timestamp", "type", "bot", "namespace", "title", "user", "length", "revision")
+
+
 def slim(event: dict[str, Any]) -> dict[str, Any]:
     """What the fold reads of an event (keeps the generator's memory small)."""
-    return {"meta": {"domain": event["meta"]["domain"]}, "timestamp": event["timestamp"], "type": event["type"], "bot": event["bot"]}
+    return {"meta": {"domain": event["meta"]["domain"]}, **{k: event[k] for k in FOLDED if k in event}}
 
 
-async def fold_all(url: str, n: int, now: float) -> tuple[int, int, Counter[str]]:
+async def fold_all(url: str, n: int, now: float, trending: bool = True) -> tuple[int, int, Counter[str]]:
     retention = Settings.from_args(environ={}).retention_seconds()
     sim = Simulator(seed=7, start=now - 86_400, rate=n / 86_400, canary_every=0)
     async with aioredis.Redis.from_url(url) as client:
@@ -50,6 +54,8 @@ async def fold_all(url: str, n: int, now: float) -> tuple[int, int, Counter[str]
             events = [slim(sim.event(i)) for i in range(start, min(start + BATCH, n))]
             domains.update(e["meta"]["domain"] for e in events)
             inc = fold(events, now, retention)
+            if not trending:
+                inc.pages = TrendIncrements()
             await writer.apply(inc, [], {"folded": inc.folded})
         await writer.close()
         used = int((await client.info("memory"))["used_memory"])
@@ -73,13 +79,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=3_000_000)
     args = parser.parse_args()
     rows = []
-    for name, layout in (
-        ("wide windows: 1 h / 1 day / 30 days per hash", wide_windows),
-        ("wikipulse: 2 min / 15 min / 12 h per hash", contextlib.nullcontext),
+    for name, layout, trending in (
+        ("wide windows: 1 h / 1 day / 30 days per hash, no trending", wide_windows, False),
+        ("wikipulse: 2 min / 15 min / 12 h per hash, no trending", contextlib.nullcontext, False),
+        ("wikipulse, with trending pages and new pages (the default)", contextlib.nullcontext, True),
     ):
         started = time.perf_counter()
         with redis_server() as server, layout():
-            used, domains, _ = asyncio.run(fold_all(server.url, args.events, time.time()))
+            used, domains, _ = asyncio.run(fold_all(server.url, args.events, time.time(), trending))
         rows.append((name, used))
         print(f"{name}: {used / 1e6:.1f} MB above an empty server ({domains} domains; {time.perf_counter() - started:.0f} s)")
     print(f"\n{args.events:,} events over 24 h of event time, Redis used_memory after the fold")

@@ -526,3 +526,49 @@ def test_a_burst_of_notices_is_coalesced_into_a_few_refreshes(browser: Browser, 
     elapsed = time.monotonic() - started
     assert 2 <= len(posts) <= elapsed / 0.25 + 2, (len(posts), elapsed)
     page.close()
+
+
+def page_events(domain: str, t: float, titles: list[tuple[str, bool]], kind: str = "edit") -> list[dict[str, Any]]:
+    """Edits of the given (title, by a bot) with what the trending lists read."""
+    return [
+        {"meta": {"domain": domain, "id": f"{domain}-{title}-{i}"}, "timestamp": int(t), "type": kind, "bot": bot, "namespace": 0,
+         "title": title, "user": f"{'Bot' if bot else 'User'}{i}", "length": {"old": 100, "new": 150}, "revision": {"new": 1000 + i}}
+        for i, (title, bot) in enumerate(titles)
+    ]  # fmt: skip
+
+
+HOSTILE_TITLE = "<img src=x onerror=window.pwned=1> & <script>window.pwned=2</script>"
+
+
+def test_trending_new_pages_and_spikes_follow_the_picked_wikis_and_filters(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    now = time.time()
+    minute = int(now) // 60 * 60
+    fold_into(redis_url_of(client), page_events("en.wikipedia.org", now - 5, [(HOSTILE_TITLE, False)] * 3 + [("Bot target", True)] * 5)
+              + page_events("en.wikipedia.org", now - 5, [("Fresh article", False)], "new")
+              + page_events("de.wikipedia.org", now - 5, [("Anderswo", False)] * 9))  # fmt: skip
+    alert = {"domain": "en.wikipedia.org", "minute": minute, "rate": 900, "baseline": 40.0, "deviation": 5.0, "top": [["Bot target", 5]]}
+    client.xadd(keys.ALERTS, {"alert": orjson.dumps(alert)})
+    page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s&window=30m")
+    trending = "() => document.querySelector('#trending').innerText"
+    page.wait_for_function(f"() => ({trending})().includes('Bot target')", timeout=10000)
+    rows = page.locator("#trending tr").all_inner_texts()
+    assert rows[1].startswith("Bot target") and rows[2].startswith(HOSTILE_TITLE), rows  # 5 edits, then 3; not de's 9
+    assert "Anderswo" not in page.locator("#trending").inner_text()
+    assert page.evaluate("() => window.pwned") is None and page.locator("#trending img, #trending script").count() == 0
+    href = page.locator("#trending a.trend-title").nth(1).get_attribute("href") or ""
+    assert href.startswith("https://en.wikipedia.org/w/index.php?title=%3Cimg") and "action=history" in href
+    assert "Fresh article" in page.locator("#new-pages").inner_text()
+    assert "en.wikipedia.org: 900/min" in page.locator("#alerts").inner_text()
+    page.wait_for_function("() => document.querySelector('#graph').innerText.includes('spike · en.wikipedia.org')", timeout=10000)
+    # Humans only: the bot's page leaves the list; the filter is in the URL and survives a reload.
+    page.locator("#who label", has_text="humans").click()
+    page.wait_for_function("() => location.search.includes('who=humans')", timeout=10000)
+    page.wait_for_function(f"() => !({trending})().includes('Bot target')", timeout=10000)
+    page.reload()
+    page.wait_for_function(f"() => ({trending})().includes('onerror')", timeout=15000)
+    assert "Bot target" not in page.locator("#trending").inner_text()
+    assert page.locator("#who input[value=humans]").is_checked()
+    assert page.evaluate("() => document.querySelector('#graph .js-plotly-plot').data.map(t => t.name)") == ["en.wikipedia.org · human"]
+    assert errors == []
+    page.close()

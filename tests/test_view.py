@@ -7,6 +7,8 @@ import pytest
 
 from wikipulse import keys
 from wikipulse.dashboard import render
+from wikipulse.lists_view import ListFilter, alert_marks, clean_filter, trending_rows
+from wikipulse.trending import Trend, links
 from wikipulse.view import (
     Selection,
     SelectionError,
@@ -24,6 +26,7 @@ from wikipulse.view import (
     ticker_rows,
     to_frame,
     ui_revision,
+    utc_iso,
     zoomed_ranges,
 )
 
@@ -92,7 +95,7 @@ def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_buc
     assert list(edit.y) == [None, 4, 0, 1]
     assert edit.x[0] == "2023-11-14T22:12:50"  # BUCKETS[0] as a naive UTC timestamp
     assert fig.layout.shapes[0].x0 == edit.x[-2] and fig.layout.annotations[0].text == "filling"
-    assert fig.layout.uirevision == "a.org|10s|30m|type"
+    assert fig.layout.uirevision == "a.org|10s|30m|type|all"
 
 
 def test_buckets_within_the_ingest_lag_are_marked_filling() -> None:
@@ -153,3 +156,36 @@ def test_entries_trimmed_unread_are_said_on_the_page() -> None:
     assert "8,996 events were trimmed from the stream before consumer group 'wikipulse' read them" in rendered[7]
     assert rendered[8] == {"display": "block"}
     assert render(Snapshot(now=now, buckets=[], series={}, publisher={"last_publish_at": now}), sel)[8] == {"display": "none"}
+
+
+def test_who_shows_the_total_of_humans_or_bots_only() -> None:
+    assert clean_selection(["a.org"], "10s", None, "total", "humans").dims == ("human",)
+    assert clean_selection(["a.org"], "10s", None, "total", "bots").dims == ("bot",)
+    assert clean_selection(["a.org"], "10s", None, "type", "humans").dims == keys.EVENT_TYPES  # no type x bot split stored
+    assert clean_selection(["a.org"], "10s", None, "total", "<script>").who == "all"
+
+
+def test_the_url_keeps_the_filters() -> None:
+    sel = clean_selection(["a.org"], "1m", "6h", "total", "humans")
+    query = query_from_selection(sel, "0", 60)
+    wanted = selection_from_query(query)
+    assert (wanted["who"], wanted["ns"], wanted["trend"]) == ("humans", "0", 60)
+    lists = clean_filter(wanted["who"], wanted["ns"], wanted["trend"])
+    assert (lists.humans, lists.namespaces, lists.minutes) == (True, [0], 60)
+    assert clean_filter("x", "javascript:", 7) == ListFilter()  # anything else: the defaults
+
+
+def test_alerts_are_marked_for_the_picked_wikis_within_the_range() -> None:
+    sel = clean_selection(["a.org"], "1m", "6h", "total")
+    alerts = [{"domain": "a.org", "minute": 600}, {"domain": "b.org", "minute": 600}, {"domain": "a.org", "minute": 6000}]
+    shapes, notes = alert_marks(alerts, sel, 0, 3600)
+    assert [s["x0"] for s in shapes] == [utc_iso(600)] and notes[0]["text"] == "spike · a.org"
+
+
+def test_list_links_quote_what_the_feed_sends() -> None:
+    hostile = 'x" onmouseover="alert(1)&a=<b>'
+    url = links("en.wikipedia.org", hostile, 5)
+    assert url["history"].startswith("https://en.wikipedia.org/w/index.php?title=x%22_onmouseover%3D%22alert%281%29%26a%3D%3Cb%3E&")
+    assert url["diff"] == "https://en.wikipedia.org/w/index.php?diff=5"
+    row = trending_rows([Trend("en.wikipedia.org", 0, hostile, 3, 2, -5)], "all")[1]
+    assert row.children[0].children.children == hostile  # a text child: React escapes it

@@ -24,7 +24,7 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
     out: Contents = {}
     for e in events:
         domain = e["meta"]["domain"]
-        if domain == "canary" or e["type"] not in ("edit", "new"):
+        if domain == "canary" or e["type"] not in ("edit", "new") or not e.get("title"):
             continue
         shard = layout.shard_of(domain)
         minute = e["timestamp"] // 60 * 60

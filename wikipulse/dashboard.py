@@ -22,10 +22,12 @@ from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
+from wikipulse.lists_view import LIST_SIZE, NAMESPACES, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
+from wikipulse.trending import TrendingQuery, queue_new_pages, take_new_pages
 from wikipulse.trimming import TRIMMED_UNREAD
 from wikipulse.view import (
     BREAKDOWNS,
@@ -49,6 +51,8 @@ from wikipulse.view import (
 logger = logging.getLogger(__name__)
 
 REFRESH_MS = 2000
+LISTS_MS = 5000
+ALERTS_SHOWN = 50
 TICKER_SIZE = 12
 TOP_SIZE = 10
 
@@ -74,6 +78,7 @@ def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | 
     queue_ranking(pipe, layout, t, 300)
     pipe.hgetall(layout.publisher.stats)
     pipe.xrevrange(stream, count=TICKER_SIZE)
+    pipe.xrevrange(keys.ALERTS, count=ALERTS_SHOWN)
     routed = [shard.router_stats for shard in layout.all_shards] if layout.sharded else []
     for key in routed:  # what the shard streams lost to trimming before the subscribers read it
         pipe.hgetall(key)
@@ -83,7 +88,7 @@ def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | 
     *picked, totals, recent, hour = decoded
     ranked_hour, n = merge_ranking(layout, replies[at:])
     ranked_5min, m = merge_ranking(layout, replies[at + n :])
-    publisher_raw, latest, *routers = replies[at + n + m :]
+    publisher_raw, latest, alerts, *routers = replies[at + n + m :]
     publisher = decode_hash(publisher_raw)
     for router in routers:
         for name, value in decode_hash(router).items():
@@ -99,6 +104,7 @@ def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | 
         recent_10s=recent[""],
         last_hour_1m=hour[""],
         latest=[_parse(fields.get(b"data", b"")) for _, fields in latest],
+        alerts=[_parse(fields.get(b"alert", b"")) for _, fields in alerts],
     )
 
 
@@ -127,6 +133,8 @@ def serve_layout() -> html.Div:
             dcc.Store(id="zoom", data=None),
             dcc.Interval(id="tick", interval=REFRESH_MS),  # polling: only until push takes over (push.py)
             dcc.Store(id="pulse", data=0),  # poked by the server when the counts moved
+            dcc.Interval(id="lists-tick", interval=LISTS_MS),  # the lists' polling: only until push takes over
+            dcc.Store(id="lists-pulse", data=0),  # poked by the server, at most every LISTS_MS, when the data moved
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
             html.H1(
@@ -152,6 +160,25 @@ def serve_layout() -> html.Div:
                 ],
                 className="controls",
             ),
+            html.Div(
+                [
+                    html.Span("who:"),
+                    dcc.RadioItems(id="who", options=[{"label": v, "value": k} for k, v in WHO_LABELS.items()], value="all", inline=True),
+                    html.Span("lists in:"),
+                    dcc.Dropdown(
+                        id="ns",
+                        options=[{"label": v, "value": k} for k, v in NAMESPACES.items()],
+                        value="all",
+                        clearable=False,
+                        style={"width": "170px"},
+                    ),
+                    html.Span("trending over:"),
+                    dcc.RadioItems(
+                        id="trend", options=[{"label": f"{m} min", "value": m} for m in keys.TREND_WINDOWS], value=5, inline=True
+                    ),
+                ],
+                className="filters",
+            ),
             html.Div(id="selection-error", className="error"),
             dcc.Graph(id="graph", config={"displaylogo": False}),
             html.Div(
@@ -161,6 +188,14 @@ def serve_layout() -> html.Div:
                     html.Div([html.H3("Latest changes"), html.Table(id="ticker")], className="ticker"),
                 ],
                 className="bottom",
+            ),
+            html.Div(
+                [
+                    html.Div([html.H3("Trending pages · picked wikis"), html.Table(id="trending")], className="ticker"),
+                    html.Div([html.H3("New pages"), html.Table(id="new-pages")], className="ticker"),
+                    html.Div([html.H3("Spikes"), html.Ul(id="alerts")], className="alerts"),
+                ],
+                className="lists",
             ),
         ],
         className="page",
@@ -182,6 +217,10 @@ h1 .push { font-size: 12px; font-weight: normal; color: #888; margin-left: 12px;
 .top button { display: block; width: 100%; text-align: left; margin: 2px 0; border: 0; background: white; padding: 4px 8px; }
 .top button { cursor: pointer; }
 .ticker table, .ticker td { font-size: 13px; } .ticker td { padding: 2px 6px; }
+.filters { display: flex; gap: 10px; align-items: center; margin: 0 0 8px; font-size: 14px; }
+.lists { display: grid; grid-template-columns: 2fr 2fr 1fr; gap: 16px; margin-top: 12px; }
+.lists th { text-align: left; font-size: 12px; color: #666; }
+.alerts ul { padding-left: 16px; } .alerts li { font-size: 13px; margin: 4px 0; } .alerts .alert strong { color: #b00020; }
 """
 
 
@@ -196,32 +235,52 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
 
     register_selection_callbacks(app, client, layout)
     register_push(app, NoticeHub(settings.redis_url))
+    register_lists(app, client, layout)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
     def window_options(resolution: Any) -> list[str]:
         return window_choices(resolution)
 
     @app.callback(
-        Output("graph", "figure"), Output("domains", "options"), Output("h-eps", "children"), Output("h-hour", "children"),
-        Output("h-active", "children"), Output("h-lag", "children"), Output("h-publisher", "children"),
-        Output("stale-banner", "children"), Output("stale-banner", "style"), Output("top-5min", "children"),
-        Output("top-hour", "children"), Output("ticker", "children"), Output("selection-error", "children"),
-        Input("tick", "n_intervals"), Input("pulse", "data"), Input("domains", "value"), Input("resolution", "value"),
-        Input("window", "value"), Input("breakdown", "value"), State("zoom", "data"),
-    )  # fmt: skip
-    def refresh(_n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, zoom: Any) -> tuple[Any, ...]:
+        Output("graph", "figure"),
+        Output("domains", "options"),
+        Output("h-eps", "children"),
+        Output("h-hour", "children"),
+        Output("h-active", "children"),
+        Output("h-lag", "children"),
+        Output("h-publisher", "children"),
+        Output("stale-banner", "children"),
+        Output("stale-banner", "style"),
+        Output("top-5min", "children"),
+        Output("top-hour", "children"),
+        Output("ticker", "children"),
+        Output("selection-error", "children"),
+        Input("tick", "n_intervals"),
+        Input("pulse", "data"),
+        Input("domains", "value"),
+        Input("resolution", "value"),
+        Input("window", "value"),
+        Input("breakdown", "value"),
+        Input("who", "value"),
+        State("zoom", "data"),
+    )
+    def refresh(_n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, zoom: Any) -> tuple[Any, ...]:
         try:
-            sel = clean_selection(domains, resolution, window, breakdown)
+            sel = clean_selection(domains, resolution, window, breakdown, who)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}")
         return render(read_snapshot(client, settings.stream, sel, layout=layout), sel, zoom)
 
     @app.callback(
-        Output("download", "data"), Input("export", "n_clicks"),
-        State("domains", "value"), State("resolution", "value"), State("window", "value"), State("breakdown", "value"),
+        Output("download", "data"),
+        Input("export", "n_clicks"),
+        State("domains", "value"),
+        State("resolution", "value"),
+        State("window", "value"),
+        State("breakdown", "value"),
         prevent_initial_call=True,
-    )  # fmt: skip
+    )
     def export(_clicks: Any, domains: Any, resolution: Any, window: Any, breakdown: Any) -> Any:
         try:
             sel = clean_selection(domains, resolution, window, breakdown)
@@ -259,27 +318,83 @@ def register_push(app: dash.Dash, hub: NoticeHub) -> None:
 
         try:
             dash.set_props("tick", {"disabled": True})
+            dash.set_props("lists-tick", {"disabled": True})
             seen: tuple[int, bool] | None = None
+            lists_at, lists_seen = 0.0, -1  # the lists follow at most every LISTS_MS: they cost more than the counts
             while not ws.is_shutdown:
                 if hub.state != seen:
                     seen = hub.state
                     dash.set_props("pulse", {"data": seen[0]})
                     dash.set_props("push-status", {"children": "live" if seen[1] else "Redis unavailable: reconnecting…"})
                     await asyncio.sleep(MIN_PUSH_GAP)  # coalesce a burst of notices into one refresh
+                if seen[0] != lists_seen and time.monotonic() - lists_at >= LISTS_MS / 1000:
+                    lists_at, lists_seen = time.monotonic(), seen[0]
+                    dash.set_props("lists-pulse", {"data": lists_seen})
                 await hub.changed(seen, timeout=1.0)
         finally:
             hub.page_closed()
+
+
+def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
+    """Trending pages of the picked wikis, new pages and spike alerts: pushed at most every LISTS_MS while the data
+    moves (polled at that beat without push), and at once on a change of the picked wikis or the filters."""
+
+    @app.callback(
+        Output("trending", "children"),
+        Output("new-pages", "children"),
+        Output("alerts", "children"),
+        Input("lists-tick", "n_intervals"),
+        Input("domains", "value"),
+        Input("who", "value"),
+        Input("ns", "value"),
+        Input("trend", "value"),
+    )
+    def refresh_lists(_n: Any, domains: Any, who: Any, ns: Any, trend: Any) -> tuple[Any, ...]:
+        try:
+            picked = clean_selection(domains, "10s", None, "total").domains
+        except SelectionError:
+            raise PreventUpdate from None
+        lists = clean_filter(who, ns, trend)
+        query = TrendingQuery(layout, int(time.time()), lists.minutes, LIST_SIZE, picked or None, lists.humans, lists.namespaces)
+        pipe = client.pipeline(transaction=False)
+        query.queue_rank(pipe)
+        queue_new_pages(pipe, layout)
+        pipe.xrevrange(keys.ALERTS, count=ALERTS_SHOWN)
+        replies = pipe.execute()
+        n = len(layout.all_shards)
+        ranked, new, alerts = replies[: -n - 1], replies[-n - 1 : -1], replies[-1]
+        query.take_rank(ranked)
+        rows = []
+        if query.top and lists.who != "bots":
+            pipe = client.pipeline(transaction=False)
+            query.queue_details(pipe)
+            rows = query.take_details(pipe.execute())
+        items = take_new_pages(new, LIST_SIZE, picked or None, lists.namespaces, lists.humans, lists.who == "bots")
+        return (
+            trending_rows(rows, lists.who),
+            new_page_rows(items),
+            alert_rows([_parse(fields.get(b"alert", b"")) for _, fields in alerts][:LIST_SIZE]),
+        )
 
 
 def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
     """The selection lives in the URL: read once per page load, then kept in step with the controls."""
 
     @app.callback(
-        Output("domains", "value"), Output("resolution", "value"), Output("window", "value"), Output("breakdown", "value"),
-        Output("initialized", "data"), Output("domains", "options", allow_duplicate=True),
-        Input("url", "pathname"), State("url", "search"), State("initialized", "data"),
+        Output("domains", "value"),
+        Output("resolution", "value"),
+        Output("window", "value"),
+        Output("breakdown", "value"),
+        Output("who", "value"),
+        Output("ns", "value"),
+        Output("trend", "value"),
+        Output("initialized", "data"),
+        Output("domains", "options", allow_duplicate=True),
+        Input("url", "pathname"),
+        State("url", "search"),
+        State("initialized", "data"),
         prevent_initial_call="initial_duplicate",
-    )  # fmt: skip
+    )
     def selection_from_url(_path: Any, search: Any, initialized: Any) -> tuple[Any, ...]:
         """Once per page load: the URL's selection (a reload or a shared link), else the most active domains.
         Triggered by the path, not the query it reads: selection_to_url writes the query, and that cycle stalls
@@ -290,24 +405,36 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
         ranked = ranked_desc(_ranked(client, layout))
         try:
             sel = clean_selection(wanted["domains"] or default_domains(ranked), wanted["resolution"] or "10s",
-                                  wanted["window"], wanted["breakdown"] or "total")  # fmt: skip
+                                  wanted["window"], wanted["breakdown"] or "total", wanted["who"])  # fmt: skip
         except SelectionError as exc:
             logger.warning("refused a selection from the URL: %s", exc)
             sel = clean_selection(default_domains(ranked), "10s", None, "total")
+        lists = clean_filter(sel.who, wanted["ns"], wanted["trend"])
         # The picker drops values missing from its options: send both together.
-        return list(sel.domains), sel.resolution, sel.window, sel.breakdown, True, domain_options(ranked, sel)
+        return (list(sel.domains), sel.resolution, sel.window, sel.breakdown, sel.who, lists.namespace, lists.minutes, True,
+                domain_options(ranked, sel))  # fmt: skip
 
     @app.callback(
         Output("url", "search"),
-        Input("domains", "value"), Input("resolution", "value"), Input("window", "value"), Input("breakdown", "value"),
-        State("initialized", "data"), State("url", "search"),
-    )  # fmt: skip
-    def selection_to_url(domains: Any, resolution: Any, window: Any, breakdown: Any, initialized: Any, search: Any) -> Any:
+        Input("domains", "value"),
+        Input("resolution", "value"),
+        Input("window", "value"),
+        Input("breakdown", "value"),
+        Input("who", "value"),
+        Input("ns", "value"),
+        Input("trend", "value"),
+        State("initialized", "data"),
+        State("url", "search"),
+    )
+    def selection_to_url(
+        domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, ns: Any, trend: Any, initialized: Any, search: Any
+    ) -> Any:
         """The URL follows the controls, so a reload shows the same page."""
         if not initialized:
             raise PreventUpdate
         try:
-            query = query_from_selection(clean_selection(domains, resolution, window, breakdown))
+            lists = clean_filter(who, ns, trend)
+            query = query_from_selection(clean_selection(domains, resolution, window, breakdown, who), lists.namespace, lists.minutes)
         except SelectionError:
             raise PreventUpdate from None
         return dash.no_update if query == search else query
@@ -326,9 +453,12 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
             }
             return next;
         }""",
-        Output("zoom", "data"), Input("graph", "relayoutData"), State("graph", "figure"), State("zoom", "data"),
+        Output("zoom", "data"),
+        Input("graph", "relayoutData"),
+        State("graph", "figure"),
+        State("zoom", "data"),
         prevent_initial_call=True,
-    )  # fmt: skip
+    )
 
     # In the browser, not on the server: the top lists are re-rendered every refresh, and new buttons fire this
     # callback again; a server round trip in flight would be superseded by that call and the click lost.
@@ -341,9 +471,10 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
             return picked.includes(domain) ? dash_clientside.no_update : [...picked, domain];
         }""",
         Output("domains", "value", allow_duplicate=True),
-        Input({"type": "top", "domain": ALL}, "n_clicks"), State("domains", "value"),
+        Input({"type": "top", "domain": ALL}, "n_clicks"),
+        State("domains", "value"),
         prevent_initial_call=True,
-    )  # fmt: skip
+    )
 
 
 def _ranked(client: SyncClient, layout: keys.Layout) -> list[tuple[str, float]]:
@@ -361,10 +492,26 @@ def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
     banner = " ".join(filter(None, (banner, trimmed_notice(snap))))
     banner_style = {"display": "block"} if banner else {"display": "none"}
+    figure = make_figure(snap, sel, zoom)
+    if snap.buckets:
+        shapes, notes = alert_marks(snap.alerts, sel, snap.buckets[0], snap.buckets[-1] + sel.res.step)
+        figure["layout"]["shapes"] += shapes
+        figure["layout"]["annotations"] += notes
     return (
-        make_figure(snap, sel, zoom), options, head["eps"], head["hour"], head["active"], head["lag"], head["publisher"],
-        banner, banner_style, top_list(ranked_desc(snap.ranked_5min)), top_list(hour), ticker(snap), "",
-    )  # fmt: skip
+        figure,
+        options,
+        head["eps"],
+        head["hour"],
+        head["active"],
+        head["lag"],
+        head["publisher"],
+        banner,
+        banner_style,
+        top_list(ranked_desc(snap.ranked_5min)),
+        top_list(hour),
+        ticker(snap),
+        "",
+    )
 
 
 def domain_options(ranked: list[tuple[str, float]], sel: Selection) -> list[dict[str, str]]:

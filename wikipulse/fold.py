@@ -28,8 +28,8 @@ from typing import Any
 
 from wikipulse import keys
 from wikipulse.events import CANARY_DOMAIN, event_time, is_valid_domain
-from wikipulse.pages import Page, describe, page_of
-from wikipulse.trending import TrendIncrements
+from wikipulse.pages import Page, PageEdit, describe, page_of
+from wikipulse.trending import TrendIncrements, fold_pages
 
 FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still count
 
@@ -128,8 +128,13 @@ def tally(observations: Iterable[tuple[Observation, int]], now: float, retention
 
 
 def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, int]) -> Increments:
+    """The counts and the trending work of validated events, on one Redis's keys, as the subscriber folds them."""
     out = Increments()
-    expand(tally(((observe(e), 1) for e in events), now, retention, out), now, retention, out)
+    observed = [(observe(e), page_of(e)) for e in events]
+    classes = tally(((obs, 1) for obs, _ in observed), now, retention, out)
+    expand(classes, now, retention, out)
+    edits = (PageEdit(d, t, kind, bot, page) for (d, t, kind, bot), page in observed if page is not None and t is not None)
+    out.pages = fold_pages(edits, now, {domain for domain, _, _, _ in classes})
     return out
 
 

@@ -51,8 +51,8 @@ def _dict(value: object) -> Mapping[str, Any]:
 
 
 def page_of(event: Mapping[str, Any]) -> Page | None:
-    """The page of a validated edit or creation; None for the other types."""
-    if event.get("type") not in PAGE_TYPES:
+    """The page of a validated edit or creation; None for the other types, and for an event with no title."""
+    if event.get("type") not in PAGE_TYPES or not isinstance(event.get("title"), str) or not event["title"]:
         return None
     length, revision = _dict(event.get("length")), _dict(event.get("revision"))
     new, old = _int(length.get("new")), _int(length.get("old"))

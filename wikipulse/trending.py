@@ -195,6 +195,80 @@ def rank(scored: Iterable[tuple[str, str, float]], limit: int, namespaces: Seque
     return kept[:limit]
 
 
+@dataclass
+class TrendingQuery:
+    """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
+    every domain when None; by humans only if `humans`; in `namespaces` only, unless None.
+
+    Two pipelined round trips, on any client (the page's is synchronous, the CLI's asynchronous): queue_rank /
+    take_rank, then queue_details / take_details for the top pages only."""
+
+    layout: keys.Layout
+    now: int
+    minutes: int
+    limit: int
+    domains: Sequence[str] | None = None
+    humans: bool = False
+    namespaces: Sequence[int] | None = None
+    top: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def queue_rank(self, pipe: Any) -> None:
+        part = "human" if self.humans else "all"
+        if self.domains is None:
+            for shard in self.layout.all_shards:
+                pipe.zunion(shard.trend_keys(part, keys.ALL_DOMAINS, self.now, self.minutes), withscores=True)
+        else:
+            for domain in self.domains:
+                pipe.zunion(self.layout.shard_of(domain).trend_keys(part, domain, self.now, self.minutes), withscores=True)
+
+    def take_rank(self, replies: Sequence[Any]) -> None:
+        scored: list[tuple[str, str, float]] = []
+        if self.domains is None:
+            for reply in replies:
+                for name, score in reply:
+                    domain, _, rest = _text(name).partition("\t")
+                    scored.append((domain, rest, score))
+        else:
+            for domain, reply in zip(self.domains, replies, strict=True):
+                scored += [(domain, _text(name), score) for name, score in reply]
+        self.top = rank(scored, self.limit, self.namespaces)
+
+    def _by_domain(self) -> dict[str, list[str]]:
+        by_domain: dict[str, list[str]] = {}
+        for domain, name, _ in self.top:
+            by_domain.setdefault(domain, []).append(name)
+        return by_domain
+
+    def queue_details(self, pipe: Any) -> None:
+        """Bytes changed (HMGET) and editors (ZRANGEBYLEX by prefix) of the top pages over the same minutes."""
+        suffix = "\th" if self.humans else ""
+        for domain, names in self._by_domain().items():
+            shard = self.layout.shard_of(domain)
+            for key in shard.trend_keys("bytes", domain, self.now, self.minutes):
+                pipe.hmget(key, [n + suffix for n in names])
+            for key in shard.trend_keys("editors", domain, self.now, self.minutes):
+                for name in names:
+                    pipe.zrangebylex(key, f"[{name}\t", f"({name}\n")  # the members that start with name + tab
+
+    def take_details(self, replies: Sequence[Any]) -> list[Trend]:
+        answers = iter(replies)
+        changed: Counter[tuple[str, str]] = Counter()
+        editors: dict[tuple[str, str], set[str]] = {}
+        for domain, names in self._by_domain().items():
+            for _ in range(self.minutes):
+                for name, value in zip(names, next(answers), strict=True):
+                    changed[(domain, name)] += int(value or 0)
+            for _ in range(self.minutes):
+                for name in names:
+                    editors.setdefault((domain, name), set()).update(_editors(next(answers), self.humans))
+        return [
+            Trend(
+                domain, int(name.partition("\t")[0]), name.partition("\t")[2], edits, len(editors[(domain, name)]), changed[(domain, name)]
+            )
+            for domain, name, edits in self.top
+        ]
+
+
 async def read_trending(
     client: Any,
     layout: keys.Layout,
@@ -205,62 +279,28 @@ async def read_trending(
     humans: bool = False,
     namespaces: Sequence[int] | None = None,
 ) -> list[Trend]:
-    """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
-    every domain when None; by humans only if `humans`; in `namespaces` only, unless None."""
-    part = "human" if humans else "all"
+    """TrendingQuery on an asynchronous client."""
+    query = TrendingQuery(layout, now, minutes, limit, domains, humans, namespaces)
     pipe = client.pipeline(transaction=False)
-    if domains is None:
-        for shard in layout.all_shards:
-            pipe.zunion(shard.trend_keys(part, keys.ALL_DOMAINS, now, minutes), withscores=True)
-    else:
-        for domain in domains:
-            pipe.zunion(layout.shard_of(domain).trend_keys(part, domain, now, minutes), withscores=True)
-    replies = await pipe.execute()
-    scored: list[tuple[str, str, float]] = []
-    if domains is None:
-        for reply in replies:
-            for name, score in reply:
-                domain, _, rest = _text(name).partition("\t")
-                scored.append((domain, rest, score))
-    else:
-        for domain, reply in zip(domains, replies, strict=True):
-            scored += [(domain, _text(name), score) for name, score in reply]
-    top = rank(scored, limit, namespaces)
-    if not top:
+    query.queue_rank(pipe)
+    query.take_rank(await pipe.execute())
+    if not query.top:
         return []
-    return await _details(client, layout, now, minutes, top, humans)
-
-
-async def _details(
-    client: Any, layout: keys.Layout, now: int, minutes: int, top: Sequence[tuple[str, str, int]], humans: bool
-) -> list[Trend]:
-    """Bytes changed and distinct editors of the top pages over the same minutes."""
-    by_domain: dict[str, list[str]] = {}
-    for domain, name, _ in top:
-        by_domain.setdefault(domain, []).append(name)
     pipe = client.pipeline(transaction=False)
-    suffix = "\th" if humans else ""
-    for domain, names in by_domain.items():
-        shard = layout.shard_of(domain)
-        for key in shard.trend_keys("bytes", domain, now, minutes):
-            pipe.hmget(key, [n + suffix for n in names])
-        for key in shard.trend_keys("editors", domain, now, minutes):
-            for name in names:
-                pipe.zrangebylex(key, f"[{name}\t", f"({name}\n")  # the members that start with name + tab
-    replies = iter(await pipe.execute())
-    changed: Counter[tuple[str, str]] = Counter()
-    editors: dict[tuple[str, str], set[str]] = {}
-    for domain, names in by_domain.items():
-        for _ in range(minutes):
-            for name, value in zip(names, next(replies), strict=True):
-                changed[(domain, name)] += int(value or 0)
-        for _ in range(minutes):
-            for name in names:
-                editors.setdefault((domain, name), set()).update(_editors(next(replies), humans))
-    return [
-        Trend(domain, int(name.partition("\t")[0]), name.partition("\t")[2], edits, len(editors[(domain, name)]), changed[(domain, name)])
-        for domain, name, edits in top
-    ]
+    query.queue_details(pipe)
+    return query.take_details(await pipe.execute())
+
+
+def read_trending_sync(client: Any, query: TrendingQuery) -> list[Trend]:
+    """TrendingQuery on a synchronous client (the page's)."""
+    pipe = client.pipeline(transaction=False)
+    query.queue_rank(pipe)
+    query.take_rank(pipe.execute())
+    if not query.top:
+        return []
+    pipe = client.pipeline(transaction=False)
+    query.queue_details(pipe)
+    return query.take_details(pipe.execute())
 
 
 def _editors(members: Iterable[bytes | str], humans: bool) -> Iterator[str]:
@@ -271,6 +311,32 @@ def _editors(members: Iterable[bytes | str], humans: bool) -> Iterator[str]:
             yield who[1:]
 
 
+def queue_new_pages(pipe: Any, layout: keys.Layout) -> None:
+    for shard in layout.all_shards:
+        pipe.lrange(shard.new_pages, 0, -1)
+
+
+def take_new_pages(
+    replies: Sequence[Any], limit: int, domains: Sequence[str] | None, namespaces: Sequence[int] | None, humans: bool, bots: bool = False
+) -> list[dict[str, Any]]:
+    """The newest page creations that pass the filters (by humans only, or by bots only), newest first, from every
+    shard's list."""
+    wanted = None if domains is None else set(domains)
+    items = []
+    for reply in replies:
+        for raw in reply:
+            item = orjson.loads(raw)
+            if (
+                (wanted is None or item["domain"] in wanted)
+                and (namespaces is None or item["namespace"] in namespaces)
+                and not (humans and item["bot"])
+                and not (bots and not item["bot"])
+            ):
+                items.append(item)
+    items.sort(key=lambda item: -item["time"])
+    return items[:limit]
+
+
 async def read_new_pages(
     client: Any,
     layout: keys.Layout,
@@ -279,23 +345,10 @@ async def read_new_pages(
     namespaces: Sequence[int] | None = (0,),
     humans: bool = False,
 ) -> list[dict[str, Any]]:
-    """The newest page creations (namespace 0 by default), newest first, from every shard's list."""
+    """The newest page creations (namespace 0 by default), newest first."""
     pipe = client.pipeline(transaction=False)
-    for shard in layout.all_shards:
-        pipe.lrange(shard.new_pages, 0, -1)
-    wanted = None if domains is None else set(domains)
-    items = []
-    for reply in await pipe.execute():
-        for raw in reply:
-            item = orjson.loads(raw)
-            if (
-                (wanted is None or item["domain"] in wanted)
-                and (namespaces is None or item["namespace"] in namespaces)
-                and not (humans and item["bot"])
-            ):
-                items.append(item)
-    items.sort(key=lambda item: -item["time"])
-    return items[:limit]
+    queue_new_pages(pipe, layout)
+    return take_new_pages(await pipe.execute(), limit, domains, namespaces, humans)
 
 
 def links(domain: str, title: str, revision: int | None = None) -> Mapping[str, str]:

@@ -39,12 +39,16 @@ class SelectionError(ValueError):
     """A value from the browser that may not become part of a Redis key."""
 
 
+WHO = ("all", "humans", "bots")
+
+
 @dataclass(frozen=True)
 class Selection:
     domains: tuple[str, ...]
     resolution: str = "10s"
     window: str = "30m"
     breakdown: str = "total"
+    who: str = "all"  # the total of humans or of bots only (the by-type breakdown has no such split in Redis)
 
     @property
     def res(self) -> keys.Resolution:
@@ -56,10 +60,12 @@ class Selection:
 
     @property
     def dims(self) -> tuple[str, ...]:
+        if self.breakdown == "total" and self.who != "all":
+            return ("human",) if self.who == "humans" else ("bot",)
         return BREAKDOWNS[self.breakdown]
 
 
-def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any) -> Selection:
+def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any = "all") -> Selection:
     """Validate everything the browser sent before any of it names a Redis key. A crafted request can
     send any JSON for any value (a list, an object, a number): each is checked for its type first."""
     if domains is None:
@@ -77,7 +83,7 @@ def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any) 
         window = DEFAULT_WINDOW[resolution]  # none yet, or after switching resolution: fall back, do not fail
     if not isinstance(breakdown, str) or breakdown not in BREAKDOWNS:
         raise SelectionError(f"unknown breakdown: {str(breakdown)[:20]!r}")
-    return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown)
+    return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown, who if who in WHO else "all")
 
 
 def window_choices(resolution: Any) -> list[str]:
@@ -85,15 +91,22 @@ def window_choices(resolution: Any) -> list[str]:
 
 
 def selection_from_query(search: Any) -> dict[str, Any]:
-    """`?domains=a,b&res=1m&window=6h&by=type` -> the raw values (validated later)."""
+    """`?domains=a,b&res=1m&window=6h&by=type&who=humans&ns=0&trend=60` -> the raw values (validated later)."""
     query = parse_qs((search if isinstance(search, str) else "").lstrip("?"))
     first = {k: v[0] for k, v in query.items() if v}
     domains = [d for d in first.get("domains", "").split(",") if d]
-    return {"domains": domains, "resolution": first.get("res"), "window": first.get("window"), "breakdown": first.get("by")}
+    trend = first.get("trend", "")
+    return {
+        "domains": domains, "resolution": first.get("res"), "window": first.get("window"), "breakdown": first.get("by"),
+        "who": first.get("who"), "ns": first.get("ns"), "trend": int(trend) if trend.isdigit() else None,
+    }  # fmt: skip
 
 
-def query_from_selection(sel: Selection) -> str:
-    return "?" + urlencode({"domains": ",".join(sel.domains), "res": sel.resolution, "window": sel.window, "by": sel.breakdown})
+def query_from_selection(sel: Selection, namespace: str = "all", trend: int = 5) -> str:
+    return "?" + urlencode({
+        "domains": ",".join(sel.domains), "res": sel.resolution, "window": sel.window, "by": sel.breakdown, "who": sel.who,
+        "ns": namespace, "trend": trend,
+    })  # fmt: skip
 
 
 def default_domains(ranked: list[tuple[str, float]], n: int = 3) -> list[str]:
@@ -116,6 +129,7 @@ class Snapshot:
     recent_10s: list[int | None] = field(default_factory=list)  # global totals, last few 10 s buckets
     last_hour_1m: list[int | None] = field(default_factory=list)  # global totals, last 60 minutes
     latest: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # spike alerts, newest first (spikes.py)
 
 
 def fill_gaps(values: list[int | None], pipeline_up: list[bool]) -> list[int | None]:
@@ -130,7 +144,7 @@ def utc_iso(t: int) -> str:
 
 def ui_revision(sel: Selection) -> str:
     """Plotly keeps UI state (hidden traces) while this stays the same; a new selection starts afresh."""
-    return f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}"
+    return f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}|{sel.who}"
 
 
 def zoomed_ranges(zoom: Any, sel: Selection) -> dict[str, list[Any]]:
