@@ -550,7 +550,7 @@ def test_trending_new_pages_and_spikes_follow_the_picked_wikis_and_filters(brows
     alert = {"domain": "en.wikipedia.org", "minute": minute, "rate": 900, "baseline": 40.0, "deviation": 5.0, "top": [["Bot target", 5]]}
     client.xadd(keys.ALERTS, {"alert": orjson.dumps(alert)})
     page, errors = open_page(browser, base + "?domains=en.wikipedia.org&res=10s&window=30m")
-    trending = "() => document.querySelector('#trending').innerText"
+    trending = "() => document.querySelector('#trending')?.innerText ?? ''"
     page.wait_for_function(f"() => ({trending})().includes('Bot target')", timeout=10000)
     rows = page.locator("#trending tr").all_inner_texts()
     assert rows[1].startswith("Bot target") and rows[2].startswith(HOSTILE_TITLE), rows  # 5 edits, then 3; not de's 9
