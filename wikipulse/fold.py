@@ -31,7 +31,7 @@ from wikipulse.events import CANARY_DOMAIN, event_time, is_valid_domain
 from wikipulse.pages import Page, PageEdit, describe, page_of
 from wikipulse.trending import TrendIncrements, fold_pages
 
-FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still count
+FUTURE_TOLERANCE = keys.FUTURE_TOLERANCE
 
 Observation = tuple[str, int | None, str, bool]
 FoldKey = tuple[str, int, str, bool]

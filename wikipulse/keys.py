@@ -74,6 +74,7 @@ NOTICE_DOMAINS = 50
 # A minute's zset admits its first TREND_CAP pages (TREND_GLOBAL_CAP for the shard's); the edits of others are
 # counted in `rest`. First come, not the top N: which pages are admitted then depends only on the order of the
 # stream, so a replay folds the same lists (exactly-once), and a hot page is almost always among the first.
+FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still be folded
 TREND_PARTS = ("all", "human", "bytes", "editors")
 TREND_CAP = 1000
 TREND_GLOBAL_CAP = 3000

@@ -157,7 +157,7 @@ def fold_pages(edits: Iterable[PageEdit], now: float, domains: Iterable[str]) ->
     """The trending work of a batch's page edits (pure): those of `domains` (the ones given series: others are
     counted under keys.OTHER_DOMAINS and have no lists) within the trending retention, in stream order."""
     admitted = set(domains)
-    oldest, newest = now - keys.TREND_RETENTION, now + 300
+    oldest, newest = now - keys.TREND_RETENTION, now + keys.FUTURE_TOLERANCE
     out = TrendIncrements()
     for edit in edits:
         if edit.domain in admitted and oldest < edit.time <= newest:
@@ -200,7 +200,7 @@ class TrendingQuery:
     """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
     every domain when None; by humans only if `humans`; in `namespaces` only, unless None.
 
-    Two pipelined round trips, on any client (the page's is synchronous, the CLI's asynchronous): queue_rank /
+    Two pipelined round trips, on any client (the page's is synchronous, read_trending's asynchronous): queue_rank /
     take_rank, then queue_details / take_details for the top pages only."""
 
     layout: keys.Layout
@@ -289,18 +289,6 @@ async def read_trending(
     pipe = client.pipeline(transaction=False)
     query.queue_details(pipe)
     return query.take_details(await pipe.execute())
-
-
-def read_trending_sync(client: Any, query: TrendingQuery) -> list[Trend]:
-    """TrendingQuery on a synchronous client (the page's)."""
-    pipe = client.pipeline(transaction=False)
-    query.queue_rank(pipe)
-    query.take_rank(pipe.execute())
-    if not query.top:
-        return []
-    pipe = client.pipeline(transaction=False)
-    query.queue_details(pipe)
-    return query.take_details(pipe.execute())
 
 
 def _editors(members: Iterable[bytes | str], humans: bool) -> Iterator[str]:
