@@ -60,7 +60,11 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
                 "domain": domain, "time": e["timestamp"], "namespace": e["namespace"], "title": title, "user": user,
                 "bot": e["bot"], "bytes": length.get("new"), "revision": (e.get("revision") or {}).get("new"),
             }  # fmt: skip
-            out[shard.new_pages] = [item, *out.get(shard.new_pages, [])][: keys.NEW_PAGES_KEEP]
+            out.setdefault(shard.new_pages, []).append(item)
+    for name, items in out.items():
+        if name.endswith(":new"):  # the newest by event time, ties as Redis orders equal scores (by member)
+            items.sort(key=lambda i: (i["time"], orjson.dumps(i)), reverse=True)
+            del items[keys.NEW_PAGES_KEEP :]
     return _without_zeros(out)
 
 
@@ -92,5 +96,5 @@ def stored_trending(client: redis.Redis[bytes] | Any) -> Contents:
         elif part == "editors":
             out[key] = {_s(m) for m in client.zrange(key, 0, -1)}
         elif key.endswith(":new"):
-            out[key] = [orjson.loads(item) for item in client.lrange(key, 0, -1)]
+            out[key] = [orjson.loads(item) for item in client.zrevrange(key, 0, -1)]
     return _without_zeros(out)

@@ -251,7 +251,7 @@ class Shard:
 
     @property
     def new_pages(self) -> str:
-        """The shard's newest page creations (NEW_PAGES_KEEP), newest first."""
+        """The shard's newest page creations (NEW_PAGES_KEEP): a sorted set of JSON items by event time."""
         return f"{PREFIX}:new" if self.tag is None else self._key("new")
 
     @property

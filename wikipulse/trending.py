@@ -23,7 +23,8 @@ from wikipulse.pages import PageEdit
 #   p.t: per domain-minute: all, human, bytes, editors key no., expire_at, cap, n, then n pages:
 #        member, edits, human edits, bytes, human bytes, k, k editor members
 #   p.g: per shard-minute: all, human key no., expire_at, cap, n, then n members: member, edits, human edits
-#   p.n: new-pages list key no., how many to keep, k, k JSON items (oldest first: LPUSH leaves the newest first)
+#   p.n: new-pages key no., how many to keep, k, then k pairs: event time, JSON item. A sorted set by event time
+#        keeps the newest `keep` whatever order batches are applied in (two consumers of one stream interleave).
 # A page past its minute's cap (keys.TREND_CAP) is counted in the `bytes` hash's "\trest" field only.
 TREND_LUA = """
 local t = p['t']
@@ -70,8 +71,8 @@ end
 local new = p['n']
 if #new > 0 then
   local key, keep, k = KEYS[new[1]], new[2], new[3]
-  for j = 4, 3 + k, 1000 do redis.call('LPUSH', key, unpack(new, j, math.min(j + 999, 3 + k))) end
-  redis.call('LTRIM', key, 0, keep - 1)
+  for j = 4, 3 + 2 * k, 1000 do redis.call('ZADD', key, unpack(new, j, math.min(j + 999, 3 + 2 * k))) end
+  redis.call('ZREMRANGEBYRANK', key, 0, -keep - 1)
 end
 """
 
@@ -95,7 +96,7 @@ class TrendIncrements:
 
     pages: dict[tuple[str, int], dict[str, _Page]] = field(default_factory=dict)  # (domain, minute) -> member -> sums
     shard_pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # minute -> "domain\tmember" -> [edits, human]
-    new_pages: list[str] = field(default_factory=list)  # JSON, oldest first
+    new_pages: list[int | str] = field(default_factory=list)  # event time, JSON item, ...
 
     def add(self, edit: PageEdit) -> None:
         minute = edit.time - edit.time % keys.RANK_STEP
@@ -116,7 +117,7 @@ class TrendIncrements:
         everywhere[0] += 1
         everywhere[1] += human
         if edit.kind == "new":
-            self.new_pages.append(new_page_item(edit))
+            self.new_pages += (edit.time, new_page_item(edit))
 
     def declared(self, shard: keys.Shard) -> list[str]:
         """Every key the section writes, in the order payload() numbers them."""
@@ -141,7 +142,7 @@ class TrendIncrements:
             number += 2
             for name, (edits, human) in members.items():
                 g += (name, edits, human)
-        n: list[Any] = [number, keys.NEW_PAGES_KEEP, len(self.new_pages), *self.new_pages] if self.new_pages else []
+        n: list[Any] = [number, keys.NEW_PAGES_KEEP, len(self.new_pages) // 2, *self.new_pages] if self.new_pages else []
         return {"t": t, "g": g, "n": n}
 
 
@@ -301,7 +302,7 @@ def _editors(members: Iterable[bytes | str], humans: bool) -> Iterator[str]:
 
 def queue_new_pages(pipe: Any, layout: keys.Layout) -> None:
     for shard in layout.all_shards:
-        pipe.lrange(shard.new_pages, 0, -1)
+        pipe.zrevrange(shard.new_pages, 0, -1)
 
 
 def take_new_pages(
