@@ -105,7 +105,6 @@ class SpikeWatch:
         self.client, self.shard = client, shard
         self.counts: dict[int, dict[str, int]] = {}  # closed minutes read so far
         self.judged: int | None = None  # the last minute judged
-        self.raised = 0
 
     async def read(self, minutes: Sequence[int]) -> None:
         missing = [m for m in minutes if m not in self.counts]
@@ -146,12 +145,11 @@ class SpikeWatch:
         marker = keys.alert_marker(spike.domain, spike.minute)
         fresh = await self.client.eval(ALERT_SCRIPT, 2, keys.ALERTS, marker, alert, keys.ALERTS_CHANNEL, keys.ALERTS_KEEP, MARKER_TTL)
         if fresh:
-            self.raised += 1
             logger.warning("spike on %s at %s: %d events/min, usually %.0f", spike.domain, spike.minute, spike.rate, spike.baseline)
         return bool(fresh)
 
 
-async def read_alerts(client: Client, limit: int, since_ms: int | None = None) -> list[dict[str, object]]:
+async def read_alerts(client: Client, limit: int) -> list[dict[str, object]]:
     """The newest alerts, newest first."""
-    entries = await client.xrevrange(keys.ALERTS, "+", "-" if since_ms is None else since_ms, count=limit)
+    entries = await client.xrevrange(keys.ALERTS, count=limit)
     return [orjson.loads(fields[b"alert"] if b"alert" in fields else fields["alert"]) for _, fields in entries]

@@ -86,6 +86,7 @@ def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[
     summaries are counted first and parsed once), else from their JSON. Page edits are appended to `pages`
     in stream order."""
     heads: Counter[bytes] = Counter()
+    parsed: dict[bytes, Observation | None] = {}  # each distinct head parsed once, for the counts and the pages
     payloads: list[bytes | None] = []
     for _, fields in entries:
         if fields is not None and len(fields) == 4 and fields[2] == _FOLD:  # the publisher's layout: most entries
@@ -102,14 +103,14 @@ def observe_entries(entries: Sequence[Entry], max_bytes: int, counters: Counter[
         head, tab, described = summary.partition(b"\t")
         heads[head] += 1
         if tab:
-            obs = parse_summary(head)
+            obs = parsed[head] if head in parsed else parsed.setdefault(head, parse_summary(head))
             page = parse_page(described)
             if obs is not None and page is not None and obs[1] is not None:
                 pages.append(PageEdit(obs[0], obs[1], obs[2], obs[3], page))
     observations: Counter[Observation] = Counter()
     unreadable: set[bytes] = set()
     for head, n in heads.items():
-        obs = parse_summary(head)
+        obs = parsed[head] if head in parsed else parse_summary(head)
         if obs is None:
             unreadable.add(head)
         else:
