@@ -48,7 +48,8 @@ def fold_into(url: str, events: list[dict[str, Any]]) -> None:
         async with aioredis.Redis.from_url(url) as client:
             inc = fold(events, time.time(), RETENTION)
             writer = SeriesWriter(client, "wiki:events", "wikipulse", "test", notices=keys.NOTICES)
-            await writer.apply(inc, [], {"folded": inc.folded}, notice(inc.folded, {e["meta"]["domain"] for e in events}, 0))
+            moved = notice(inc.folded, {e["meta"]["domain"] for e in events}, 0, min(e["timestamp"] for e in events))
+            await writer.apply(inc, [], {"folded": inc.folded}, moved)
             await writer.close()
 
     # Playwright's sync API runs an event loop in this thread: fold in another one.
@@ -526,6 +527,57 @@ def test_a_burst_of_notices_is_coalesced_into_a_few_refreshes(browser: Browser, 
     elapsed = time.monotonic() - started
     assert 2 <= len(posts) <= elapsed / 0.25 + 2, (len(posts), elapsed)
     page.close()
+
+
+GRAPH_DATA = "() => document.querySelector('#graph .js-plotly-plot').data.map(t => [t.name, t.x, t.y])"
+
+
+def test_a_push_sends_only_the_buckets_that_moved_and_the_page_ends_as_a_fresh_one(
+    browser: Browser, seeded: tuple[redis.Redis, str]
+) -> None:
+    """After the first draw, a pushed refresh answers with a Patch of the figure (issue 12): the moved buckets, not
+    every timestamp and value again. Fresh events, a late one (five minutes back) and a window that slides must all
+    leave the page's graph as a freshly loaded page draws it."""
+    client, base = seeded
+    url = base + "?domains=fr.wikipedia.org,en.wikipedia.org&res=10s&window=30m&breakdown=type"
+    page, errors = open_page(browser, url)
+    page.wait_for_function(LIVE, timeout=10000)
+    page.wait_for_timeout(1000)
+    figures: list[bytes] = []
+
+    def on_response(response: Any) -> None:
+        if response.request.method == "POST" and "_dash-update-component" in response.url:
+            graph = orjson.loads(response.body())["response"].get("graph")
+            if graph is not None:
+                figures.append(orjson.dumps(graph["figure"]))
+
+    page.on("response", on_response)
+    full = len(orjson.dumps(page.evaluate("() => document.querySelector('#graph .js-plotly-plot').data")))
+    sent = 0
+    for i, back in enumerate((0, 0, 300, 0, 0)):  # the third batch is late: its bucket is 30 buckets back
+        fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 3 + i, time.time() - back))
+        sent += 3 + i
+        page.wait_for_function(f"() => ({TOTAL})() === {sent}", timeout=5000)
+        page.wait_for_timeout(600 if i < 4 else 11000)  # the last wait lets the window slide by a bucket
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 1, time.time()))
+    page.wait_for_function(f"() => ({TOTAL})() === {sent + 1}", timeout=5000)
+    page.wait_for_timeout(500)
+    pushed = page.evaluate(GRAPH_DATA)
+    fresh_page, _ = open_page(browser, url)
+    fresh = fresh_page.evaluate(GRAPH_DATA)
+    assert [name for name, _, _ in pushed] == [name for name, _, _ in fresh]
+    for (name, x, y), (_, fresh_x, fresh_y) in zip(pushed, fresh, strict=True):
+        assert x == sorted(x) and len(x) == len(set(x)) == len(fresh_x), name
+        common = set(x) & set(fresh_x)  # the fresh page may be a bucket later
+        assert len(common) >= len(x) - 1, name
+        shown = {b: v for b, v in zip(x, y, strict=True) if b in common}
+        assert shown == {b: v for b, v in zip(fresh_x, fresh_y, strict=True) if b in common}, name
+    patches = [body for body in figures if b"__dash_patch_update" in body]
+    assert len(patches) >= 5 and len(figures) == len(patches), [body[:300] for body in figures]
+    assert max(len(body) for body in patches) < full / 4, ([len(body) for body in patches], full)
+    assert errors == []
+    page.close()
+    fresh_page.close()
 
 
 def page_events(domain: str, t: float, titles: list[tuple[str, bool]], kind: str = "edit") -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
+from wikipulse.figure_patch import figure_patch, shown_state
 from wikipulse.lists_view import LIST_SIZE, NAMESPACES, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
@@ -133,6 +134,7 @@ def serve_layout() -> html.Div:
             dcc.Store(id="zoom", data=None),
             dcc.Interval(id="tick", interval=REFRESH_MS),  # polling: only until push takes over (push.py)
             dcc.Store(id="pulse", data=0),  # poked by the server when the counts moved
+            dcc.Store(id="shown", data=None),  # what the graph shows: a pushed refresh patches from it (figure_patch.py)
             dcc.Interval(id="lists-tick", interval=LISTS_MS),  # the lists' polling: only until push takes over
             dcc.Store(id="lists-pulse", data=0),  # poked by the server, at most every LISTS_MS, when the data moved
             dcc.Download(id="download"),
@@ -233,8 +235,9 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 
+    hub = NoticeHub(settings.redis_url)
     register_selection_callbacks(app, client, layout)
-    register_push(app, NoticeHub(settings.redis_url))
+    register_push(app, hub)
     register_lists(app, client, layout)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
@@ -255,6 +258,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Output("top-hour", "children"),
         Output("ticker", "children"),
         Output("selection-error", "children"),
+        Output("shown", "data"),
         Input("tick", "n_intervals"),
         Input("pulse", "data"),
         Input("domains", "value"),
@@ -263,14 +267,24 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Input("breakdown", "value"),
         Input("who", "value"),
         State("zoom", "data"),
+        State("shown", "data"),
     )
-    def refresh(_n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, zoom: Any) -> tuple[Any, ...]:
+    def refresh(
+        _n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, zoom: Any, shown: Any
+    ) -> tuple[Any, ...]:
         try:
             sel = clean_selection(domains, resolution, window, breakdown, who)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
-            return (*([dash.no_update] * 12), f"Refused: {exc}")
-        return render(read_snapshot(client, settings.stream, sel, layout=layout), sel, zoom)
+            return (*([dash.no_update] * 12), f"Refused: {exc}", dash.no_update)
+        mark = hub.mark  # before the read: whatever moves after it is sent again next time
+        snap = read_snapshot(client, settings.stream, sel, layout=layout)
+        figure, *rest = render(snap, sel, zoom)
+        now = shown_state(sel, zoom, snap.buckets, len(figure["data"]), mark)
+        if set(dash.ctx.triggered_prop_ids) == {"pulse.data"}:  # a push: the page holds the figure `shown` describes
+            since = hub.moved_since(shown.get("mark")) if isinstance(shown, dict) else None
+            figure = figure_patch(shown, now, figure, sel.res.step, since) or figure
+        return (figure, *rest, now)
 
     @app.callback(
         Output("download", "data"),

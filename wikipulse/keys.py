@@ -61,8 +61,9 @@ def consumer_lease(group: str, consumer: str) -> str:
 
 
 # Channel of the subscriber's notices: after each applied batch, in the same script, a small JSON
-# {"folded": n, "domains": [up to 50 of the domains it moved], "shard": i}. The page is pushed an update on it
-# (push.py) instead of polling; `redis-cli subscribe wp:notices` shows them.
+# {"folded": n, "domains": [up to 50 of the domains it moved], "shard": i, "from": the earliest 10 s bucket it
+# moved}. The page is pushed an update on it (push.py) instead of polling, and sent only the buckets from "from" on
+# (figure_patch.py); `redis-cli subscribe wp:notices` shows them.
 NOTICES = f"{PREFIX}:notices"
 NOTICE_DOMAINS = 50
 

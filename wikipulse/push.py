@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import secrets
+from collections import deque
+from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from wikipulse import keys
@@ -22,17 +27,21 @@ logger = logging.getLogger(__name__)
 MIN_PUSH_GAP = 0.25  # seconds between two pokes of one page: at most 4 refreshes a second, however busy the feed
 SILENCE_CHECK = 5.0  # seconds without a notice before the hub PINGs its connection (a dead one is replaced)
 IDLE_STOP = 10.0  # seconds the hub keeps its subscription once the last page closed
+MOVED_KEPT = 1024  # notices remembered for moved_since: a page further behind gets a whole refresh
 
 
 class NoticeHub:
     """One subscription to the notice channel per process, fanned out to every open page.
 
     `state` is (version, redis_up): version grows with every notice, and once more whenever the subscription is
-    (re)established, so a page that waited through an outage refreshes on recovery."""
+    (re)established, so a page that waited through an outage refreshes on recovery. `moved_since` tells a refresh
+    which buckets moved since the version its page shows (`mark`), so it can send only those."""
 
     def __init__(self, redis_url: str, channel: str = keys.NOTICES) -> None:
         self.redis_url, self.channel = redis_url, channel
+        self.epoch = secrets.token_hex(4)  # versions of another process (or an earlier run) mean nothing here
         self.version = 0
+        self._moved: deque[tuple[int, float]] = deque(maxlen=MOVED_KEPT)  # (version, earliest bucket moved)
         self.redis_up = True
         self.pages = 0
         self._changed: asyncio.Event | None = None
@@ -61,6 +70,24 @@ class NoticeHub:
         if self.pages == 0 and self._stopper is None:
             self._stopper = asyncio.get_running_loop().create_task(self._stop_when_idle())
 
+    @property
+    def mark(self) -> str:
+        """Where the data stood, for a page to hand back to moved_since."""
+        return f"{self.epoch}:{self.version}"
+
+    def moved_since(self, mark: Any) -> float | None:
+        """The earliest bucket any notice after `mark` moved (inf: none moved), or None when that is not known: a
+        mark of another process, notices forgotten or without a bucket, a resubscription in between."""
+        epoch, _, version = str(mark).partition(":")
+        now, entries = self.version, tuple(self._moved)  # a copy: refreshes may run in worker threads
+        if epoch != self.epoch or not (version.isdigit() and len(version) <= 18) or int(version) > now:
+            return None
+        seen = int(version)
+        moved = [since for v, since in entries if seen < v <= now]
+        if len(moved) < now - seen:
+            return None
+        return min(moved, default=math.inf)
+
     async def changed(self, seen: tuple[int, bool], timeout: float) -> None:
         """Return once the state differs from `seen`, or after `timeout` seconds."""
         if self.state != seen or self._changed is None:
@@ -68,8 +95,13 @@ class NoticeHub:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def _announce(self) -> None:
+    def _announce(self, since: float = -math.inf) -> None:
+        """A new version: `since` is the earliest bucket it moved (-inf: anything may have)."""
         self.version += 1
+        if since == -math.inf:
+            self._moved.clear()  # nothing before this can be patched from
+        else:
+            self._moved.append((self.version, since))
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
@@ -105,7 +137,7 @@ class NoticeHub:
                         if message is None:
                             await pubsub.ping()  # a quiet channel: prove the connection is alive
                         elif message.get("type") == "message":
-                            self._announce()
+                            self._announce(moved_from(message.get("data")))
             except REDIS_ERRORS as exc:
                 self._set_up(False)
                 delay = backoff.next_delay()
@@ -114,3 +146,12 @@ class NoticeHub:
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await client.aclose()
+
+
+def moved_from(data: Any) -> float:
+    """The earliest bucket a notice says it moved; -inf when it does not say (an older subscriber)."""
+    try:
+        since = orjson.loads(data).get("from")
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        return -math.inf
+    return float(since) if isinstance(since, int) and not isinstance(since, bool) else -math.inf

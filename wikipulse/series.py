@@ -264,10 +264,10 @@ class SeriesRead:
         return out
 
 
-def notice(folded: int, domains: Iterable[str], shard: int) -> bytes:
-    """What an applied batch announces on keys.NOTICES (pure)."""
+def notice(folded: int, domains: Iterable[str], shard: int, since: int) -> bytes:
+    """What an applied batch announces on keys.NOTICES (pure): `since` is the earliest bucket it moved."""
     moved = sorted(set(domains))
-    return orjson.dumps({"folded": folded, "domains": moved[: keys.NOTICE_DOMAINS], "shard": shard})
+    return orjson.dumps({"folded": folded, "domains": moved[: keys.NOTICE_DOMAINS], "shard": shard, "from": since})
 
 
 def merge_counts(parts: Sequence[dict[str, list[int | None]]]) -> dict[str, list[int | None]]:

@@ -214,7 +214,9 @@ class Subscriber:
         expand(classes, now, self.retention, inc, self.shard)
         inc.pages = fold_pages(edits, now, {domain for domain, _, _, _ in classes})
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
-        moved = notice(inc.folded, (domain for domain, _, _, _ in classes), self.shard.index) if inc.folded else b""
+        moved = b""
+        if inc.folded and classes:
+            moved = notice(inc.folded, (domain for domain, _, _, _ in classes), self.shard.index, min(t for _, t, _, _ in classes))
         return Batch(ids, inc, counters, source, claims, moved)
 
     async def send(self, batch: Batch) -> None:
