@@ -9,6 +9,11 @@ Baseline: one round trip per series and a `plotly.graph_objects` figure.
 Then 20 viewers at once (threads, as the server's are): a ten-domain page, the heaviest page the caps
 allow (10 domains, 1 h over 120 days, by type) and, as its baseline, the heaviest a page could ask for
 before them (12 domains, 1 h over 400 days, by type): latency per refresh and bytes sent.
+
+Last, one pushed update (issue 12), interleaved: the whole refresh as before against the refresh that sends a
+Patch of the figure (figure_patch.py), which reads only the buckets it sends, for a live batch: the page drew its
+figure one bucket earlier, and the batch moved the last two buckets. Server time (read, render, patch, encode) and
+the figure's bytes.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from unittest import mock
 import pandas as pd
 import plotly.graph_objects as go
 import redis
+from dash import Patch
 from dash._utils import to_json as dash_to_json
 
 from bench.common import redis_server
 from wikipulse import dashboard, keys
-from wikipulse.dashboard import read_snapshot, render
+from wikipulse.dashboard import read_snapshot, refresh_view, render, window_buckets
+from wikipulse.figure_patch import shown_state
 from wikipulse.fold import fold
 from wikipulse.series import SeriesRead, bucket_range
 from wikipulse.settings import Settings
@@ -88,6 +95,29 @@ def refresh(client: redis.Redis, sel: Selection) -> str:
     return to_json(render(read_snapshot(client, "wiki:events", sel), sel))
 
 
+def pushed_update(client: redis.Redis, sel: Selection, patched: bool) -> tuple[str, str]:
+    """(the figure, every output) as one pushed update encodes them (dashboard.refresh_view): the whole refresh, or a
+    Patch of the figure the page drew a bucket earlier, after a batch that moved the last two buckets."""
+    buckets = window_buckets(sel, time.time())
+    step = sel.res.step
+    drawn = shown_state(sel, None, [b - step for b in buckets], len(sel.domains) * len(sel.dims), "bench:1")
+    since = float(buckets[-2]) if patched else None
+    figure, *rest = refresh_view(client, "wiki:events", keys.Layout("wiki:events"), sel, None, drawn, "bench:2", since)
+    assert patched == isinstance(figure, Patch)
+    return dash_to_json(figure), to_json((figure, *rest))  # type: ignore[no-untyped-call]
+
+
+def interleaved_ms(fns: dict[str, Any]) -> dict[str, float]:
+    """Median ms of each function, run in turn so that the machine's noise falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(RUNS):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_ms(fn: Any) -> float:
     times = []
     for _ in range(RUNS):
@@ -136,17 +166,19 @@ def main() -> None:
             "default page (3 domains, 10 s over 30 min)": Selection(DOMAINS[:3], "10s", "30m", "total"),
             "ten-domain page (10 s over 1 h, by type)": sel,
         }
-        pushed = {}  # what one pushed update sends (a whole refresh): the figure, then everything else
+        pushed = []  # one pushed update: (page, variant, server ms, figure bytes, response bytes)
         for name, page in pages.items():
-            out = render(read_snapshot(client, "wiki:events", page), page)
-            figure, rest = dash_to_json(out[0]), dash_to_json(list(out[1:]))  # type: ignore[no-untyped-call]
-            pushed[name] = (len(figure), len(rest))
+            variants = {"whole refresh": False, "Patch of the figure": True}
+            ms = interleaved_ms({v: lambda p=p, s=page: pushed_update(client, s, p) for v, p in variants.items()})
+            for variant, patched in variants.items():
+                figure_json, response_json = pushed_update(client, page, patched)
+                pushed.append((name, variant, ms[variant], len(figure_json), len(response_json)))
         client.close()
-    print("\nbytes of one update (a whole refresh)")
-    print("| page | figure | other outputs |")
-    print("|---|---|---|")
-    for name, (figure, rest) in pushed.items():
-        print(f"| {name} | {figure / 1000:.1f} kB | {rest / 1000:.1f} kB |")
+    print("\none pushed update: whole refresh vs Patch of the figure (interleaved, median of", RUNS, ")")
+    print("| page | update | server time | figure | whole response |")
+    print("|---|---|---|---|---|")
+    for name, variant, ms_, figure_bytes, response_bytes in pushed:
+        print(f"| {name} | {variant} | {ms_:.1f} ms | {figure_bytes / 1000:.1f} kB | {response_bytes / 1000:.1f} kB |")
     print("\ndashboard refresh: 10 domains x 360 buckets x 5 event types, median of", RUNS)
     print("| variant | median | vs baseline |")
     print("|---|---|---|")

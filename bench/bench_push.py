@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Event to screen: push vs polling, side by side in one run, in a real headless Chromium.
 
-`pipenv run python -m bench.bench_push [--marks N] [--fanout P]`: the real pipeline (redis-server, `publisher.py`,
+`pipenv run python -m bench.bench_push [--marks N] [--fanout P [--whole]]`: the real pipeline (redis-server, `publisher.py`,
 `subscriber.py`, `dash_app.py` as processes) reads a local EventStreams server that emits a marked edit (a unique
 title) every 0.6-1.4 s. Two pages watch the same marks at once: one pushed (websocket), one polling every 2 s (its
 websocket worker refused, which is the page's fallback and exactly the page before push). Each page records when a
@@ -9,8 +9,9 @@ mark's title first appears in its DOM (a MutationObserver, `Date.now()`); the fe
 (`time.time()`, the same clock).
 
 With `--fanout P`: P - 1 more pages at once, as websocket clients that speak Dash's protocol (start the page's
-persistent push callback, then ask for one refresh over HTTP per push, as a page does), plus the pushed browser page;
-reports the dashboard process's CPU and memory and the browser page's event-to-screen times under that load.
+persistent push callback, then ask for one refresh over HTTP per push, as a page does: a Patch of what it shows, or
+with --whole the whole figure every time, as before issue 12's patches), plus the pushed browser page; reports the
+dashboard process's CPU and memory and the browser page's event-to-screen times under that load.
 """
 
 from __future__ import annotations
@@ -133,13 +134,16 @@ def percentile(values: list[float], q: float) -> float:
 
 class FanOut:
     """P websocket clients speaking Dash's protocol, in a thread: each starts the page's persistent push callback,
-    and asks for one refresh over HTTP (the body a real page sends) per push it gets."""
+    and asks for one refresh over HTTP per push it gets, as a real page does: triggered by the pulse, with what its
+    graph shows (so the answer is a Patch), or, with --whole, the page's first request again (the whole figure)."""
 
-    def __init__(self, base: str, clients: int, refresh_body: bytes, refresh_path: str, push_output: str) -> None:
+    def __init__(self, base: str, clients: int, refresh_body: bytes, refresh_path: str, push_output: str, patched: bool) -> None:
         self.base, self.clients = base, clients
         self.refresh_body, self.refresh_path, self.push_output = refresh_body, refresh_path, push_output
+        self.patched = patched  # ask as a pushed page does (a Patch of what it shows), or for the whole figure each time
         self.pushes = 0
         self.refreshes = 0
+        self.received = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -156,6 +160,7 @@ class FanOut:
         async with session.ws_connect(ws_url, headers={"Origin": self.base.rstrip("/")}) as ws:
             payload = {"output": self.push_output, "outputs": [], "inputs": [], "changedPropIds": [], "state": []}
             await ws.send_json({"type": "callback_request", "requestId": f"r{i}", "rendererId": f"bench-{i}", "payload": payload})
+            shown: Any = None  # what this page's graph shows, as its last refresh said
             while not self.stop.is_set():
                 try:
                     message = await ws.receive(timeout=1.0)
@@ -168,10 +173,25 @@ class FanOut:
                 for item in _messages(message.data):
                     if item.get("type") == "set_props" and item.get("payload", {}).get("componentId") == "pulse":
                         self.pushes += 1
-                        async with session.post(self.base.rstrip("/") + self.refresh_path, data=self.refresh_body,
+                        body = pushed_refresh(self.refresh_body, shown) if self.patched else self.refresh_body
+                        async with session.post(self.base.rstrip("/") + self.refresh_path, data=body,
                                                 headers={"Content-Type": "application/json"}) as response:  # fmt: skip
-                            await response.read()
+                            reply = await response.read()
                         self.refreshes += 1
+                        self.received += len(reply)
+                        if response.status == 200:
+                            shown = orjson.loads(reply)["response"].get("shown", {}).get("data", shown)
+
+
+def pushed_refresh(first_request: bytes, shown: Any) -> bytes:
+    """The page's first refresh request turned into the one a push sends: the pulse changed, and `shown` is the
+    state of its graph."""
+    body = orjson.loads(first_request)
+    body["changedPropIds"] = ["pulse.data"]
+    for state in body.get("state", []):
+        if state.get("id") == "shown":
+            state["value"] = shown
+    return orjson.dumps(body)
 
 
 def _messages(data: str) -> list[dict[str, Any]]:
@@ -183,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--marks", type=int, default=30)
     parser.add_argument("--fanout", type=int, default=0, help="pages at once (websocket clients + the browser page)")
+    parser.add_argument("--whole", action="store_true", help="the fan-out clients ask for the whole figure every time")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -206,7 +227,7 @@ def main() -> None:
         pages["push"].wait_for_function("() => document.querySelector('#push-status').textContent === 'live'", timeout=30000)
         fanout = None
         if args.fanout > 1:
-            fanout = start_fanout(base, args.fanout - 1, captured["refresh"])
+            fanout = start_fanout(base, args.fanout - 1, captured["refresh"], patched=not args.whole)
         process = psutil.Process(dash_process.pid)
         process.cpu_percent()
         feed.go.set()
@@ -242,7 +263,8 @@ def main() -> None:
           f"RSS {max(rss):.0f} MB peak")  # fmt: skip
     if fanout is not None and refreshes:
         cpu_ms = statistics.mean(cpu_samples) / 100 * elapsed / refreshes * 1000
-        print(f"fan-out clients: {fanout.pushes} pushes received, {fanout.refreshes} refreshes asked for; "
+        print(f"fan-out clients ({'whole figure' if args.whole else 'Patch'}): {fanout.pushes} pushes received, "
+              f"{fanout.refreshes} refreshes asked for, {fanout.received / max(fanout.refreshes, 1) / 1000:.1f} kB per answer; "
               f"{refreshes / elapsed:.0f} refreshes/s while measured: {cpu_ms:.1f} ms of dashboard CPU per page update")  # fmt: skip
 
 
@@ -251,12 +273,12 @@ def is_refresh(request: Any) -> bool:
     return bool(request.method == "POST" and b"graph.figure" in (request.post_data_buffer or b""))
 
 
-def start_fanout(base: str, clients: int, refresh: Any) -> FanOut:
+def start_fanout(base: str, clients: int, refresh: Any, patched: bool) -> FanOut:
     with urllib.request.urlopen(base + "_dash-dependencies", timeout=10) as response:
         dependencies = orjson.loads(response.read())
     push_output = next(d["output"] for d in dependencies if not d.get("inputs"))  # the persistent push callback
     path = "/" + refresh.url.split("/", 3)[3]
-    fanout = FanOut(base, clients, refresh.post_data_buffer or b"", path, push_output)
+    fanout = FanOut(base, clients, refresh.post_data_buffer or b"", path, push_output, patched)
     threading.Thread(target=fanout.run, daemon=True).start()
     return fanout
 

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from wikipulse import keys
-from wikipulse.figure_patch import figure_patch, shown_state
+from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
 from wikipulse.push import NoticeHub
 from wikipulse.redis_server import RedisServer
 from wikipulse.view import Selection, ui_revision, utc_iso
@@ -68,10 +68,15 @@ def test_a_patch_turns_the_shown_figure_into_the_new_one_whatever_moved() -> Non
                     series[i][b] = rng.randrange(1000)
         new = figure_of(new_buckets, series, [{"x0": 2}, {"x0": 3}])
         now = shown_state(SEL, None, new_buckets, traces, "e:2")
-        patch = figure_patch(shown, now, new, STEP, since)
-        if patch is None:
+        plan = plan_patch(shown, now, STEP, since)
+        if plan is None:
             continue
         patched += 1
+        unread = sum(b < plan.read_from for b in new_buckets)  # a patch reads from read_from on: the rest must not matter
+        partial = copy.deepcopy(new)
+        for trace in partial["data"]:
+            trace["y"][:unread] = [-1] * unread
+        patch = figure_patch(plan, partial)
         assert apply(old, patch) == new
         assert len(orjson.dumps(patch.to_plotly_json())) < len(orjson.dumps(new)) / 2
     assert patched > 250  # most pushes are patches, not whole figures
@@ -79,18 +84,17 @@ def test_a_patch_turns_the_shown_figure_into_the_new_one_whatever_moved() -> Non
 
 def test_the_whole_figure_is_sent_when_the_page_shows_something_else() -> None:
     buckets = list(range(1_800_000_000, 1_800_000_000 + 180 * STEP, STEP))
-    figure = figure_of(buckets, {0: {}}, [])
     now = shown_state(SEL, None, buckets, 1, "e:2")
-    assert figure_patch(now, now, figure, STEP, math.inf) is not None  # the same view: a patch
+    assert plan_patch(now, now, STEP, math.inf) is not None  # the same view: a patch
     other_view = shown_state(Selection(("en.wikipedia.org",)), None, buckets, 1, "e:1")
     other_zoom = shown_state(SEL, {"rev": ui_revision(SEL), "xaxis": [1, 2]}, buckets, 1, "e:1")
     assert shown_state(SEL, {"rev": "another selection's", "xaxis": [1, 2]}, buckets, 1, "e:2") == now  # not applied
     too_old = shown_state(SEL, None, [b - 100 * STEP for b in buckets], 1, "e:1")
     crafted: list[Any] = [None, "x", [], {"view": now["view"], "traces": 1, "first": "a", "last": 3}]
     for shown in (other_view, other_zoom, too_old, *crafted):
-        assert figure_patch(shown, now, figure, STEP, math.inf) is None
-    assert figure_patch(now, now, figure, STEP, None) is None  # what moved is not known
-    assert figure_patch(now, now, figure, STEP, float(buckets[10])) is None  # most of the window moved
+        assert plan_patch(shown, now, STEP, math.inf) is None
+    assert plan_patch(now, now, STEP, None) is None  # what moved is not known
+    assert plan_patch(now, now, STEP, float(buckets[10])) is None  # most of the window moved
 
 
 async def test_the_hub_knows_which_buckets_moved_since_a_page_was_drawn(redis_server: RedisServer) -> None:

@@ -22,7 +22,7 @@ from dash.exceptions import PreventUpdate
 
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
-from wikipulse.figure_patch import figure_patch, shown_state
+from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
 from wikipulse.lists_view import LIST_SIZE, NAMESPACES, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
@@ -58,18 +58,33 @@ TICKER_SIZE = 12
 TOP_SIZE = 10
 
 
-def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | None = None, layout: keys.Layout | None = None) -> Snapshot:
-    """Everything one refresh needs, in one pipelined round trip (on a cluster, one per master, at once)."""
+def window_buckets(sel: Selection, now: float) -> list[int]:
+    """The buckets the graph shows at `now`: the window's, the one still filling last."""
+    t = int(now)
+    return bucket_range(sel.res, t - sel.seconds + sel.res.step, t)
+
+
+def read_snapshot(
+    client: SyncClient,
+    stream: str,
+    sel: Selection,
+    now: float | None = None,
+    layout: keys.Layout | None = None,
+    read_from: int | None = None,
+) -> Snapshot:
+    """Everything one refresh needs, in one pipelined round trip (on a cluster, one per master, at once). With
+    `read_from`, the graph's series are read from that bucket on only (a Patch needs no more), None before it."""
     layout = layout or keys.Layout(stream)
     now = time.time() if now is None else now
     t = int(now)
     res = sel.res
-    buckets = bucket_range(res, t - sel.seconds + res.step, t)
+    buckets = window_buckets(sel, now)
+    shown = buckets if read_from is None else [b for b in buckets if b >= read_from]
     ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
-    picked_read = SeriesRead.plan(res, buckets, sel.dims)  # the same fields for every picked domain
+    picked_read = SeriesRead.plan(res, shown, sel.dims)  # the same fields for every picked domain
     reads = [  # (domain, plan): the picked domains, the global totals for gaps, then the header's totals
         *((domain, picked_read) for domain in sel.domains),
-        (keys.ALL_DOMAINS, SeriesRead.plan(res, buckets, ("",))),
+        (keys.ALL_DOMAINS, SeriesRead.plan(res, shown, ("",))),
         (keys.ALL_DOMAINS, SeriesRead.plan(ten, bucket_range(ten, t - 20, t), ("",))),
         (keys.ALL_DOMAINS, SeriesRead.plan(minute, bucket_range(minute, t - 3540, t), ("",))),
     ]
@@ -87,6 +102,9 @@ def read_snapshot(client: SyncClient, stream: str, sel: Selection, now: float | 
 
     decoded, at = decode_reads(layout, reads, replies)
     *picked, totals, recent, hour = decoded
+    unread: list[int | None] = [None] * (len(buckets) - len(shown))
+    picked = [{dim: unread + values for dim, values in counts.items()} for counts in picked]
+    totals = {dim: unread + values for dim, values in totals.items()}
     ranked_hour, n = merge_ranking(layout, replies[at:])
     ranked_5min, m = merge_ranking(layout, replies[at + n :])
     publisher_raw, latest, alerts, *routers = replies[at + n + m :]
@@ -277,14 +295,10 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}", dash.no_update)
-        mark = hub.mark  # before the read: whatever moves after it is sent again next time
-        snap = read_snapshot(client, settings.stream, sel, layout=layout)
-        figure, *rest = render(snap, sel, zoom)
-        now = shown_state(sel, zoom, snap.buckets, len(figure["data"]), mark)
-        if set(dash.ctx.triggered_prop_ids) == {"pulse.data"}:  # a push: the page holds the figure `shown` describes
-            since = hub.moved_since(shown.get("mark")) if isinstance(shown, dict) else None
-            figure = figure_patch(shown, now, figure, sel.res.step, since) or figure
-        return (figure, *rest, now)
+        since = None  # a push (alone) may patch what the page shows; anything else redraws it
+        if set(dash.ctx.triggered_prop_ids) == {"pulse.data"} and isinstance(shown, dict):
+            since = hub.moved_since(shown.get("mark"))
+        return refresh_view(client, settings.stream, layout, sel, zoom, shown, hub.mark, since)
 
     @app.callback(
         Output("download", "data"),
@@ -305,6 +319,20 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         return dcc.send_data_frame(frame.to_csv, csv_name, index=False)  # type: ignore[attr-defined,no-untyped-call]
 
     return app
+
+
+def refresh_view(
+    client: SyncClient, stream: str, layout: keys.Layout, sel: Selection, zoom: Any, shown: Any, mark: str, since: float | None
+) -> tuple[Any, ...]:
+    """Every output of a refresh, and what the graph then shows (`shown` for the next one). The figure is a Patch of
+    the one the page shows when `since` (the earliest bucket moved since it was drawn) allows, reading only the
+    buckets it needs; `mark` is the hub's, taken before the read, so whatever moves after it is sent next time."""
+    now = time.time()
+    state = shown_state(sel, zoom, window_buckets(sel, now), len(sel.domains) * len(sel.dims), mark)
+    plan = plan_patch(shown, state, sel.res.step, since)
+    snap = read_snapshot(client, stream, sel, now, layout, read_from=None if plan is None else plan.read_from)
+    figure, *rest = render(snap, sel, zoom)
+    return (figure if plan is None else figure_patch(plan, figure), *rest, state)
 
 
 PUSH_STATUS_PATH = "/_wikipulse/push"
@@ -509,8 +537,8 @@ def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     figure = make_figure(snap, sel, zoom)
     if snap.buckets:
         shapes, notes = alert_marks(snap.alerts, sel, snap.buckets[0], snap.buckets[-1] + sel.res.step)
-        figure["layout"]["shapes"] += shapes
-        figure["layout"]["annotations"] += notes
+        figure["layout"]["shapes"] = [*figure["layout"]["shapes"], *shapes]
+        figure["layout"]["annotations"] = [*figure["layout"]["annotations"], *notes]
     return (
         figure,
         options,

@@ -13,6 +13,7 @@ that describes the same selection and zoom, so a page that missed anything gets 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -31,10 +32,27 @@ def shown_state(sel: Selection, zoom: Any, buckets: list[int], traces: int, mark
     return {"view": view, "mark": mark, "first": first, "last": last, "traces": traces}
 
 
-def figure_patch(shown: Any, now: dict[str, Any], figure: dict[str, Any], step: int, since: float | None) -> Patch | None:
-    """A Patch turning the figure `shown` describes into `figure` (described by `now`), or None when the whole
-    figure should be sent: another selection or zoom, an unknown `since` (None), or most of the window moved.
-    `since` is the earliest bucket moved after `shown` was drawn (inf: none)."""
+@dataclass(frozen=True)
+class PatchPlan:
+    """How the page's figure becomes the new one: drop `dropped` buckets in front, re-send `resent` values from
+    index `start` (the whole y when that takes more operations than values), append `added` buckets. Only the
+    buckets from `read_from` on need reading."""
+
+    dropped: int
+    start: int
+    resent: int
+    added: int
+    read_from: int
+
+    @property
+    def whole_y(self) -> bool:
+        return self.dropped + self.resent > MAX_ELEMENT_OPS  # an operation per value costs more than the values
+
+
+def plan_patch(shown: Any, now: dict[str, Any], step: int, since: float | None) -> PatchPlan | None:
+    """How to patch the figure `shown` describes into the one `now` describes (both from shown_state), or None when
+    the whole figure should be sent: another selection or zoom, an unknown `since` (None), or most of the window
+    moved. `since` is the earliest bucket moved after `shown` was drawn (inf: none)."""
     if not isinstance(shown, dict) or since is None or now["first"] is None:
         return None
     old_first, old_last = shown.get("first"), shown.get("last")
@@ -51,27 +69,32 @@ def figure_patch(shown: Any, now: dict[str, Any], figure: dict[str, Any], step: 
     resent = max(0, (old_last - moved_from) // step + 1)
     if dropped > MAX_ELEMENT_OPS or dropped + resent + added > MAX_PATCHED_SHARE * ((last - first) // step + 1):
         return None
-    patch = Patch()
     start = (moved_from - first) // step  # index of the first moved bucket once the dropped ones are gone
+    plan = PatchPlan(dropped, start, resent, added, min(moved_from, old_last + step))
+    return replace(plan, read_from=first) if plan.whole_y else plan
+
+
+def figure_patch(plan: PatchPlan, figure: dict[str, Any]) -> Patch:
+    """The Patch that `plan` makes of the new `figure` (whose values before plan.read_from are not used)."""
+    patch = Patch()
     for i, trace in enumerate(figure["data"]):
-        patch_trace(patch["data"][i], trace, dropped, start, resent, added)
+        patch_trace(patch["data"][i], trace, plan)
     patch["layout"]["shapes"] = figure["layout"]["shapes"]
     patch["layout"]["annotations"] = figure["layout"]["annotations"]
     return patch
 
 
-def patch_trace(target: Patch, trace: dict[str, Any], dropped: int, start: int, resent: int, added: int) -> None:
-    """Drop `dropped` buckets in front, re-send `resent` values from index `start`, append `added` buckets."""
-    for _ in range(dropped):
+def patch_trace(target: Patch, trace: dict[str, Any], plan: PatchPlan) -> None:
+    for _ in range(plan.dropped):
         del target["x"][0]
-    if added:
-        target["x"].extend(trace["x"][-added:])
-    if dropped + resent > MAX_ELEMENT_OPS:  # an operation per value costs more than the values themselves
+    if plan.added:
+        target["x"].extend(trace["x"][-plan.added :])
+    if plan.whole_y:
         target["y"] = trace["y"]
         return
-    for _ in range(dropped):
+    for _ in range(plan.dropped):
         del target["y"][0]
-    for j in range(start, start + resent):
+    for j in range(plan.start, plan.start + plan.resent):
         target["y"][j] = trace["y"][j]
-    if added:
-        target["y"].extend(trace["y"][-added:])
+    if plan.added:
+        target["y"].extend(trace["y"][-plan.added :])
