@@ -580,6 +580,28 @@ def test_a_push_sends_only_the_buckets_that_moved_and_the_page_ends_as_a_fresh_o
     fresh_page.close()
 
 
+def test_the_namespace_filter_narrows_the_graph_and_stays_in_the_url(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    client, base = seeded
+    now = time.time()
+    events = [{**e, "namespace": 0} for e in make_events("fr.wikipedia.org", 3, now - 15)]
+    events += [{**e, "namespace": 14} for e in make_events("fr.wikipedia.org", 5, now - 15, "categorize", True)]
+    fold_into(redis_url_of(client), events)
+    cases = [  # the URL's filters, then the trace and the events it must show
+        ("ns=0", "fr.wikipedia.org · articles", 3),
+        ("ns=14&who=bots", "fr.wikipedia.org · category · bot", 5),
+        ("ns=14&who=humans", "fr.wikipedia.org · category · human", 0),
+        ("ns=0&by=bot", "fr.wikipedia.org · articles · bot", 0),
+        ("ns=all", "fr.wikipedia.org", 8),
+    ]
+    for filters, name, total in cases:
+        page, errors = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s&" + filters)
+        page.wait_for_function(f"() => ({TOTAL})() === {total}", timeout=5000)
+        assert trace_names(page)[0] == name, filters
+        assert f"ns={filters.split('ns=')[1].split('&')[0]}" in page.url  # kept in the URL for a reload or a link
+        assert errors == []
+        page.close()
+
+
 def page_events(domain: str, t: float, titles: list[tuple[str, bool]], kind: str = "edit") -> list[dict[str, Any]]:
     """Edits of the given (title, by a bot) with what the trending lists read."""
     return [

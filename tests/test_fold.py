@@ -32,10 +32,14 @@ def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[st
         t = int(e["timestamp"])
         kind = e["type"] if e["type"] in ("edit", "new", "log", "categorize") else "other"
         who = "bot" if e["bot"] else "human"
+        namespace = e.get("namespace")
         for name, step in (("10s", 10), ("1m", 60), ("1h", 3600)):
             for d in (e["meta"]["domain"], "_all"):
                 for dim in ("", kind, who):
                     out[(d, name, t // step * step, dim)] += 1
+            if type(namespace) is int and namespace in (0, 1, 2, 4, 6, 14):  # the graph's namespaces, per domain only
+                for dim in (f"ns{namespace}", f"ns{namespace}{who}"):
+                    out[(e["meta"]["domain"], name, t // step * step, dim)] += 1
     return out
 
 
@@ -47,12 +51,14 @@ def as_reference(counts: Mapping[tuple[str, str], int] | Mapping[tuple[bytes, by
         # wp:ts:{domain}:RES:WINDOW on one Redis; wp:ts:{shard}:domain:RES:WINDOW sharded (_all: one share a shard)
         domain, res = (parts[2].strip("{}"), parts[3]) if len(parts) == 5 else (parts[3], parts[4])
         bucket, _, dim = (fld.decode() if isinstance(fld, bytes) else fld).partition(":")
-        assert dim in ("", *keys.STORED_DIMENSIONS), f"unexpected field {fld!r}"
+        namespaces = [keys.namespace_dimension(k, who) for k in keys.GRAPH_NAMESPACES for who in ("", "bot")]
+        assert dim in ("", *keys.STORED_DIMENSIONS, *namespaces), f"unexpected field {fld!r}"
         out[(domain, res, int(bucket), dim)] += int(n)
     for (domain, res, start, dim), n in list(out.items()):
-        human = n - out.get((domain, res, start, "bot"), 0) if dim == "" else 0
-        if human:
-            out[(domain, res, start, "human")] = human
+        if dim == "" or (dim.startswith("ns") and not dim.endswith("bot")):  # humans: everyone minus bots
+            human = n - out.get((domain, res, start, dim + "bot" if dim else "bot"), 0)
+            if human:
+                out[(domain, res, start, dim + "human" if dim else "human")] = human
     return out
 
 
@@ -107,24 +113,31 @@ def test_rank_counts_per_minute() -> None:
 
 def test_fold_summary_of_a_real_event() -> None:
     event = load()[0]
-    expected = f"{event['meta']['domain']} {event['timestamp']} {event['type']} {'bot' if event['bot'] else 'human'}"
+    expected = f"{event['meta']['domain']} {event['timestamp']} {event['type']} {'bot' if event['bot'] else 'human'} {event['namespace']}"
     assert summarize(observe(event)) == expected
-    assert summarize(observe({"meta": {"domain": "a.org"}, "type": "weird", "bot": "yes"})) == "a.org - other human"
+    assert summarize(observe({"meta": {"domain": "a.org"}, "type": "weird", "bot": "yes"})) == "a.org - other human -"
+    for namespace in (True, -1, "0", 1.0, 10**7):  # not a namespace MediaWiki could send: none
+        assert summarize(observe({"meta": {"domain": "a.org"}, "type": "edit", "namespace": namespace})) == "a.org - edit human -"
+    # What a publisher wrote before the namespace was in the summary is still read
+    assert parse_summary(b"a.org 10 edit bot") == ("a.org", 10, "edit", True, None)
 
 
 _DOMAINS = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True).filter(lambda d: d != "canary")
 
 
-@given(_DOMAINS, st.none() | st.integers(0, 10**11), st.sampled_from(keys.EVENT_TYPES), st.booleans())
-def test_fold_summary_round_trips(domain: str, t: int | None, kind: str, bot: bool) -> None:
-    assert parse_summary(summarize((domain, t, kind, bot)).encode()) == (domain, t, kind, bot)
+@given(
+    _DOMAINS, st.none() | st.integers(0, 10**11), st.sampled_from(keys.EVENT_TYPES), st.booleans(), st.none() | st.integers(0, 10**7 - 1)
+)
+def test_fold_summary_round_trips(domain: str, t: int | None, kind: str, bot: bool, namespace: int | None) -> None:
+    assert parse_summary(summarize((domain, t, kind, bot, namespace)).encode()) == (domain, t, kind, bot, namespace)
 
 
 @pytest.mark.parametrize(
     "summary",
     [b"", b"a.org 1 edit", b"a.org 1 edit human extra", b"A.org 1 edit human", b"a..org 1 edit human", b"canary 1 edit human",
      b"a.org -1 edit human", b"a.org 1.5 edit human", b"a.org 1 typo human", b"a.org 1 edit robot", b"a.org 1e9 edit human",
-     b"\xff.org 1 edit human", b"a.org 1 edit  human", b"a.org 99999999999999 edit human"],
+     b"\xff.org 1 edit human", b"a.org 1 edit  human", b"a.org 99999999999999 edit human", b"a.org 1 edit human x",
+     b"a.org 1 edit human -1", b"a.org 1 edit human 99999999", b"a.org 1 edit human 0 0"],
 )  # fmt: skip
 def test_fold_summaries_it_did_not_write_are_refused(summary: bytes) -> None:
     assert parse_summary(summary) is None

@@ -33,6 +33,15 @@ def test_decode_picks_each_dimension_in_bucket_order_keeps_gaps_and_works_out_hu
     assert got == {"": [3, 9, None], "edit": [3, 7, None], "bot": [0, 4, None], "human": [3, 5, None]}
 
 
+def test_decode_works_out_a_namespaces_humans_from_its_everyone_and_bots() -> None:
+    b0, b1, b2 = TEN.window - 10, TEN.window, TEN.window + 10
+    read = SeriesRead.plan(TEN, [b0, b1, b2], ("ns0", "ns0human", "ns0bot"))
+    first = {str(b0).encode(): b"5", f"{b0}:ns0".encode(): b"3", f"{b0}:ns0bot".encode(): b"1", f"{b0}:bot".encode(): b"2"}
+    second = {str(b1).encode(): b"4"}  # events, none in namespace 0
+    got = read.decode([first, second])
+    assert got == {"ns0": [3, 0, None], "ns0human": [2, 0, None], "ns0bot": [1, 0, None]}
+
+
 async def test_read_series_returns_what_was_written(redis_client: aioredis.Redis) -> None:
     b0, b1 = TEN.window - 10, TEN.window
     await redis_client.hset(keys.series_key("a.org", TEN, 0), mapping={str(b0): 5, f"{b0}:edit": 4})

@@ -95,7 +95,7 @@ def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_buc
     assert list(edit.y) == [None, 4, 0, 1]
     assert edit.x[0] == "2023-11-14T22:12:50"  # BUCKETS[0] as a naive UTC timestamp
     assert fig.layout.shapes[0].x0 == edit.x[-2] and fig.layout.annotations[0].text == "filling"
-    assert fig.layout.uirevision == "a.org|10s|30m|type|all"
+    assert fig.layout.uirevision == "a.org|10s|30m|type|all|all"
 
 
 def test_buckets_within_the_ingest_lag_are_marked_filling() -> None:
@@ -165,9 +165,28 @@ def test_who_shows_the_total_of_humans_or_bots_only() -> None:
     assert clean_selection(["a.org"], "10s", None, "total", "<script>").who == "all"
 
 
+def test_the_namespace_narrows_the_total_and_the_bot_breakdown() -> None:
+    assert clean_selection(["a.org"], "10s", None, "total", "all", "0").dims == ("ns0",)
+    assert clean_selection(["a.org"], "10s", None, "total", "humans", "14").dims == ("ns14human",)
+    assert clean_selection(["a.org"], "10s", None, "total", "bots", "2").dims == ("ns2bot",)
+    assert clean_selection(["a.org"], "10s", None, "bot", "all", "0").dims == ("ns0bot", "ns0human")
+    assert clean_selection(["a.org"], "10s", None, "type", "all", "0").dims == keys.EVENT_TYPES  # no type x namespace
+    for crafted in ("3", "ns0", "0 ", 0, None, ["0"]):
+        assert clean_selection(["a.org"], "10s", None, "total", "all", crafted).namespace == "all"
+    sel = clean_selection(["a.org"], "10s", "30m", "bot", "all", "0")
+    snap = snapshot()
+    snap.series["a.org"].update({"ns0bot": [None, 1, 0, 0], "ns0human": [None, 2, 0, 1]})
+    figure = go.Figure(make_figure(snap, sel))
+    assert [t.name for t in figure.data] == ["a.org · articles · bot", "a.org · articles · human"]
+    assert figure.layout.yaxis.title.text == "events per 10s · articles"
+    by_type = make_figure(snap, clean_selection(["a.org"], "10s", "30m", "type", "all", "0"))
+    assert by_type["layout"]["yaxis"]["title"]["text"] == "events per 10s · all namespaces (by type)"
+    assert selection_from_query(query_from_selection(sel))["ns"] == "0"
+
+
 def test_the_url_keeps_the_filters() -> None:
-    sel = clean_selection(["a.org"], "1m", "6h", "total", "humans")
-    query = query_from_selection(sel, "0", 60)
+    sel = clean_selection(["a.org"], "1m", "6h", "total", "humans", "0")
+    query = query_from_selection(sel, 60)
     wanted = selection_from_query(query)
     assert (wanted["who"], wanted["ns"], wanted["trend"]) == ("humans", "0", 60)
     lists = clean_filter(wanted["who"], wanted["ns"], wanted["trend"])

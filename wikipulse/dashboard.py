@@ -23,7 +23,7 @@ from dash.exceptions import PreventUpdate
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
 from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
-from wikipulse.lists_view import LIST_SIZE, NAMESPACES, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
+from wikipulse.lists_view import LIST_SIZE, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
@@ -32,6 +32,7 @@ from wikipulse.trending import TrendingQuery, queue_new_pages, take_new_pages
 from wikipulse.trimming import TRIMMED_UNREAD
 from wikipulse.view import (
     BREAKDOWNS,
+    NAMESPACES,
     WINDOWS,
     Selection,
     SelectionError,
@@ -184,7 +185,7 @@ def serve_layout() -> html.Div:
                 [
                     html.Span("who:"),
                     dcc.RadioItems(id="who", options=[{"label": v, "value": k} for k, v in WHO_LABELS.items()], value="all", inline=True),
-                    html.Span("lists in:"),
+                    html.Span("namespace:"),
                     dcc.Dropdown(
                         id="ns",
                         options=[{"label": v, "value": k} for k, v in NAMESPACES.items()],
@@ -284,14 +285,15 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Input("window", "value"),
         Input("breakdown", "value"),
         Input("who", "value"),
+        Input("ns", "value"),
         State("zoom", "data"),
         State("shown", "data"),
     )
     def refresh(
-        _n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, zoom: Any, shown: Any
+        _n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, ns: Any, zoom: Any, shown: Any
     ) -> tuple[Any, ...]:
         try:
-            sel = clean_selection(domains, resolution, window, breakdown, who)
+            sel = clean_selection(domains, resolution, window, breakdown, who, ns)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}", dash.no_update)
@@ -307,11 +309,13 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         State("resolution", "value"),
         State("window", "value"),
         State("breakdown", "value"),
+        State("who", "value"),
+        State("ns", "value"),
         prevent_initial_call=True,
     )
-    def export(_clicks: Any, domains: Any, resolution: Any, window: Any, breakdown: Any) -> Any:
+    def export(_clicks: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, ns: Any) -> Any:
         try:
-            sel = clean_selection(domains, resolution, window, breakdown)
+            sel = clean_selection(domains, resolution, window, breakdown, who, ns)
         except SelectionError:
             raise PreventUpdate from None
         frame = to_frame(read_snapshot(client, settings.stream, sel, layout=layout), sel)
@@ -447,7 +451,7 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
         ranked = ranked_desc(_ranked(client, layout))
         try:
             sel = clean_selection(wanted["domains"] or default_domains(ranked), wanted["resolution"] or "10s",
-                                  wanted["window"], wanted["breakdown"] or "total", wanted["who"])  # fmt: skip
+                                  wanted["window"], wanted["breakdown"] or "total", wanted["who"], wanted["ns"])  # fmt: skip
         except SelectionError as exc:
             logger.warning("refused a selection from the URL: %s", exc)
             sel = clean_selection(default_domains(ranked), "10s", None, "total")
@@ -476,7 +480,7 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
             raise PreventUpdate
         try:
             lists = clean_filter(who, ns, trend)
-            query = query_from_selection(clean_selection(domains, resolution, window, breakdown, who), lists.namespace, lists.minutes)
+            query = query_from_selection(clean_selection(domains, resolution, window, breakdown, who, lists.namespace), lists.minutes)
         except SelectionError:
             raise PreventUpdate from None
         return dash.no_update if query == search else query

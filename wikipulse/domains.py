@@ -57,14 +57,14 @@ class DomainGate:
 
     async def route(self, classes: Counter[FoldKey]) -> tuple[Counter[FoldKey], int]:
         """The classes with the domains over the cap folded into keys.OTHER_DOMAINS, and how many events that moved."""
-        admitted = await self.admit(domain for domain, _, _, _ in classes)
-        if all(domain in admitted for domain, _, _, _ in classes):
+        admitted = await self.admit(key[0] for key in classes)
+        if all(key[0] in admitted for key in classes):
             return classes, 0
         routed: Counter[FoldKey] = Counter()
         overflow = 0
-        for (domain, t, kind, bot), n in classes.items():
+        for (domain, t, kind, bot, namespace), n in classes.items():
             if domain not in admitted:
                 domain = keys.OTHER_DOMAINS
                 overflow += n
-            routed[(domain, t, kind, bot)] += n
+            routed[(domain, t, kind, bot, namespace)] += n
         return routed, overflow

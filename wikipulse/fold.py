@@ -1,12 +1,12 @@
 """Folding events into time-series increments: pure, on a clock passed in.
 
 Data shapes:
-  Observation      (domain, event time or None, type, is_bot)     what one event contributes
-  fold summary     b"<domain> <time or -> <type> <bot|human>"     an Observation as the publisher
+  Observation      (domain, event time or None, type, is_bot, namespace or None)   what one event contributes
+  fold summary     b"<domain> <time or -> <type> <bot|human> <namespace or ->"     an Observation as the publisher
                    stores it beside each stream entry (keys.FOLD_FIELD), so the subscriber need
                    not parse the event's JSON again (about 10 µs an event here); edits and
                    creations add "\t" and their page (pages.describe)
-  FoldKey          (domain, base bucket start, type, is_bot)     one per distinct event class
+  FoldKey          (domain, base bucket start, type, is_bot, graph namespace or -1)   one per distinct event class
   Increments.hashes    {redis key: {hash field: n}}               what HINCRBY will add
   Increments.zsets     {rank key: {domain: n}}                    ZINCRBY for the domain ranking
   Increments.expire_at {redis key: unix s}                        EXPIREAT for each touched key
@@ -33,8 +33,11 @@ from wikipulse.trending import TrendIncrements, fold_pages
 
 FUTURE_TOLERANCE = keys.FUTURE_TOLERANCE
 
-Observation = tuple[str, int | None, str, bool]
-FoldKey = tuple[str, int, str, bool]
+Observation = tuple[str, int | None, str, bool, int | None]
+FoldKey = tuple[str, int, str, bool, int]
+NO_NAMESPACE = -1  # a FoldKey's namespace when it is none of keys.GRAPH_NAMESPACES
+_GRAPH_NAMESPACES = frozenset(keys.GRAPH_NAMESPACES)
+MAX_NAMESPACE = 10**7
 _KNOWN_TYPES = frozenset(keys.EVENT_TYPES) - {"other"}
 _TYPES = {kind.encode(): kind for kind in keys.EVENT_TYPES}
 _BOT = {b"bot": True, b"human": False}
@@ -70,12 +73,15 @@ def classify(event: Mapping[str, Any]) -> tuple[str, bool]:
 def observe(event: dict[str, Any]) -> Observation:
     """What a validated event contributes to the fold."""
     kind, bot = classify(event)
-    return event["meta"]["domain"], event_time(event), kind, bot
+    namespace = event.get("namespace")
+    if not (isinstance(namespace, int) and not isinstance(namespace, bool) and 0 <= namespace < MAX_NAMESPACE):
+        namespace = None
+    return event["meta"]["domain"], event_time(event), kind, bot, namespace
 
 
 def summarize(obs: Observation, page: Page | None = None) -> str:
-    domain, t, kind, bot = obs
-    head = f"{domain} {'-' if t is None else t} {kind} {'bot' if bot else 'human'}"
+    domain, t, kind, bot, namespace = obs
+    head = f"{domain} {'-' if t is None else t} {kind} {'bot' if bot else 'human'} {'-' if namespace is None else namespace}"
     return head if page is None else f"{head}\t{describe(page)}"
 
 
@@ -93,16 +99,23 @@ def _domain(raw: bytes) -> str | None:
 def parse_summary(raw: bytes) -> Observation | None:
     """The inverse of summarize, its page aside; None for anything it did not write (the caller then reads the JSON)."""
     parts = raw.split(b"\t", 1)[0].split(b" ")
-    if len(parts) != 4:
+    if len(parts) == 4:
+        parts.append(b"-")  # written before the namespace was
+    elif len(parts) != 5:
         return None
     domain, kind, bot = _domain(parts[0]), _TYPES.get(parts[2]), _BOT.get(parts[3])
     if domain is None or kind is None or bot is None:
         return None
+    namespace = None
+    if parts[4] != b"-":
+        if not parts[4].isdigit() or len(parts[4]) > 7:
+            return None
+        namespace = int(parts[4])
     if parts[1] == b"-":
-        return domain, None, kind, bot
+        return domain, None, kind, bot, namespace
     if not parts[1].isdigit() or len(parts[1]) > 12:
         return None
-    return domain, int(parts[1]), kind, bot
+    return domain, int(parts[1]), kind, bot, namespace
 
 
 def base_step(resolutions: Iterable[keys.Resolution]) -> int:
@@ -115,7 +128,7 @@ def tally(observations: Iterable[tuple[Observation, int]], now: float, retention
     oldest = now - max(retention.values())
     newest = now + FUTURE_TOLERANCE
     classes: Counter[FoldKey] = Counter()
-    for (domain, t, kind, bot), n in observations:
+    for (domain, t, kind, bot, namespace), n in observations:
         if t is None:
             out.untimed += n
         elif t < oldest:
@@ -123,7 +136,7 @@ def tally(observations: Iterable[tuple[Observation, int]], now: float, retention
         elif t > newest:
             out.future += n
         else:
-            classes[(domain, t - t % step, kind, bot)] += n
+            classes[(domain, t - t % step, kind, bot, namespace if namespace in _GRAPH_NAMESPACES else NO_NAMESPACE)] += n
     return classes
 
 
@@ -133,8 +146,8 @@ def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, i
     observed = [(observe(e), page_of(e)) for e in events]
     classes = tally(((obs, 1) for obs, _ in observed), now, retention, out)
     expand(classes, now, retention, out)
-    edits = (PageEdit(d, t, kind, bot, page) for (d, t, kind, bot), page in observed if page is not None and t is not None)
-    out.pages = fold_pages(edits, now, {domain for domain, _, _, _ in classes})
+    edits = (PageEdit(d, t, kind, bot, page) for (d, t, kind, bot, _), page in observed if page is not None and t is not None)
+    out.pages = fold_pages(edits, now, {key[0] for key in classes})
     return out
 
 
@@ -147,28 +160,28 @@ def expand(
     Classes are merged per resolution first (many fall into one 1 min or 1 h bucket), and the
     global totals are summed apart, so each hash field is touched once per batch."""
     hashes, expire_at = out.hashes, out.expire_at
-    names: dict[tuple[int, str, bool], tuple[str, ...]] = {}
+    names: dict[tuple[int, str, bool, int], tuple[str, ...]] = {}
     step = base_step(keys.RESOLUTIONS)
     for res in keys.RESOLUTIONS:
         keep, width = retention[res.name], res.window
         merged: Mapping[FoldKey, int] = classes
         if res.step != step:
             merged = Counter()
-            for (domain, t, kind, bot), n in classes.items():
-                merged[(domain, t - t % res.step, kind, bot)] += n
-        everywhere: Counter[tuple[int, str, bool]] = Counter()
-        for (domain, bucket, kind, bot), n in merged.items():
+            for (domain, t, kind, bot, namespace), n in classes.items():
+                merged[(domain, t - t % res.step, kind, bot, namespace)] += n
+        everywhere: Counter[tuple[int, str, bool, int]] = Counter()
+        for (domain, bucket, kind, bot, namespace), n in merged.items():
             window = bucket - bucket % width
             expires = window + width + keep
             if expires <= now:
                 continue  # this resolution no longer keeps that window
-            _add(hashes, expire_at, names, shard.series_key(domain, res, window), expires, (bucket, kind, bot), n)
-            everywhere[(bucket, kind, bot)] += n
+            _add(hashes, expire_at, names, shard.series_key(domain, res, window), expires, (bucket, kind, bot, namespace), n)
+            everywhere[(bucket, kind, bot, NO_NAMESPACE)] += n
         for dims, n in everywhere.items():
             window = dims[0] - dims[0] % width
             _add(hashes, expire_at, names, shard.series_key(keys.ALL_DOMAINS, res, window), window + width + keep, dims, n)
     rank_floor = now - keys.RANK_RETENTION
-    for (domain, t, _kind, _bot), n in classes.items():
+    for (domain, t, *_), n in classes.items():
         out.folded += n
         minute = t - t % keys.RANK_STEP
         if minute > rank_floor and domain != keys.OTHER_DOMAINS:  # the ranking lists real domains only
@@ -183,24 +196,28 @@ def expand(
 def _add(
     hashes: dict[str, dict[str, int]],
     expire_at: dict[str, int],
-    names: dict[tuple[int, str, bool], tuple[str, ...]],
+    names: dict[tuple[int, str, bool, int], tuple[str, ...]],
     key: str,
     expires: int,
-    dims: tuple[int, str, bool],
+    dims: tuple[int, str, bool, int],
     n: int,
 ) -> None:
-    """Add n to the total, type and (for bots) bot fields of one bucket; field names are made once per
-    batch. Humans are not stored: human = total - bot (keys.STORED_DIMENSIONS)."""
+    """Add n to the total, type and (for bots) bot fields of one bucket, and to its namespace's (keys.
+    GRAPH_NAMESPACES); field names are made once per batch. Humans are not stored: human = total - bot."""
     fields = hashes.get(key)
     if fields is None:
         fields = hashes[key] = {}
         expire_at[key] = expires
     names_of = names.get(dims)
     if names_of is None:
-        bucket, kind, bot = dims
+        bucket, kind, bot, namespace = dims
         names_of = (keys.total_field(bucket), keys.dimension_field(bucket, kind))
         if bot:
             names_of += (keys.dimension_field(bucket, "bot"),)
+        if namespace != NO_NAMESPACE:
+            names_of += (keys.dimension_field(bucket, keys.namespace_dimension(namespace)),)
+            if bot:
+                names_of += (keys.dimension_field(bucket, keys.namespace_dimension(namespace, "bot")),)
         names[dims] = names_of
     for name in names_of:
         fields[name] = fields.get(name, 0) + n

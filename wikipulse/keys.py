@@ -118,6 +118,15 @@ DIMENSIONS = EVENT_TYPES + BOT_DIMENSIONS
 # What the hashes hold besides the total. Every event is a bot's or a human's, so humans are not
 # stored but read as total - bot (series.SeriesRead): a third fewer writes and fields.
 STORED_DIMENSIONS = (*EVENT_TYPES, "bot")
+# Namespaces the graph can be narrowed to (the page's choices): an event in one of them also counts in the
+# dimension "ns<k>" and, a bot's, "ns<k>bot"; humans are again read as the difference. Other namespaces count in
+# the totals only. The all-domain totals have no namespace dimensions (nothing shows them by namespace).
+GRAPH_NAMESPACES = (0, 1, 2, 4, 6, 14)
+
+
+def namespace_dimension(namespace: int, who: str = "") -> str:
+    """The series dimension of one namespace: everyone (who=''), "bot" or "human"."""
+    return f"ns{namespace}{who}"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from dash import html
 
 from wikipulse import keys
 from wikipulse.trending import Trend, links
-from wikipulse.view import Selection, utc_iso
+from wikipulse.view import NAMESPACES, Selection, utc_iso
 
 WHO_LABELS = {"all": "everyone", "humans": "humans", "bots": "bots"}
-NAMESPACES = {"all": "all namespaces", "0": "articles", "1": "talk", "2": "user", "4": "project", "6": "file", "14": "category"}
 LIST_SIZE = 12
 
 

@@ -240,14 +240,14 @@ class SeriesRead:
     def _fields(self) -> dict[str, list[bytes]]:
         """{stored dim ('' = total): the field of each bucket, in bucket order}."""
         buckets = [b for _, bs in self.windows for b in bs]
-        dims = {"", "bot"} | set(self.dims) - {"human"}
+        dims = {"", "bot"} | {stored for d in self.dims for stored in _stored(d)}
         return {d: [(keys.total_field(b) if d == "" else keys.dimension_field(b, d)).encode() for b in buckets] for d in dims}
 
     def decode(self, replies: Sequence[Mapping[bytes, bytes]]) -> dict[str, list[int | None]]:
         """The HGETALL replies of one domain, in hashes() order -> {dim: [count or None per bucket]}.
 
         None: nothing was recorded in that bucket (a gap). In a bucket with a total, a dimension
-        with no field of its own counted 0, and human is total - bot."""
+        with no field of its own counted 0, and human is total - bot (ns<k>human: ns<k> - ns<k>bot)."""
         merged: dict[bytes, bytes] = {}
         for reply in replies:
             merged.update(reply)  # bucket fields are unique across windows
@@ -257,11 +257,24 @@ class SeriesRead:
         for d in self.dims:
             if d == "human":
                 out[d] = [None if t is None else int(t) - int(b or 0) for t, b in zip(totals, stored["bot"], strict=True)]
+            elif d.endswith("human"):
+                everyone, bots = _stored(d)
+                pairs = zip(totals, stored[everyone], stored[bots], strict=True)
+                out[d] = [None if t is None else int(v or 0) - int(b or 0) for t, v, b in pairs]
             elif d == "":
                 out[d] = [None if t is None else int(t) for t in totals]
             else:
                 out[d] = [int(v) if v is not None else (None if t is None else 0) for v, t in zip(stored[d], totals, strict=True)]
         return out
+
+
+def _stored(dim: str) -> tuple[str, ...]:
+    """The stored dimensions a read dimension is made of: humans are everyone minus bots."""
+    if dim == "human":
+        return ("", "bot")
+    if dim.endswith("human"):
+        return (dim.removesuffix("human"), dim.removesuffix("human") + "bot")
+    return (dim,)
 
 
 def notice(folded: int, domains: Iterable[str], shard: int, since: int) -> bytes:

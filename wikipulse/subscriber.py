@@ -212,11 +212,11 @@ class Subscriber:
         classes = tally(observations.items(), now, self.retention, inc)
         classes, counters["overflow"] = await self.gate.route(classes)
         expand(classes, now, self.retention, inc, self.shard)
-        inc.pages = fold_pages(edits, now, {domain for domain, _, _, _ in classes})
+        inc.pages = fold_pages(edits, now, {key[0] for key in classes})
         counters.update(folded=inc.folded, late=inc.late, future=inc.future, untimed=inc.untimed)
         moved = b""
         if inc.folded and classes:
-            moved = notice(inc.folded, (domain for domain, _, _, _ in classes), self.shard.index, min(t for _, t, _, _ in classes))
+            moved = notice(inc.folded, (key[0] for key in classes), self.shard.index, min(key[1] for key in classes))
         return Batch(ids, inc, counters, source, claims, moved)
 
     async def send(self, batch: Batch) -> None:

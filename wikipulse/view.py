@@ -8,6 +8,7 @@ Data shapes:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,9 @@ WINDOWS = {
 }
 DEFAULT_WINDOW = {"10s": "30m", "1m": "6h", "1h": "7d"}
 BREAKDOWNS = {"total": ("",), "type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
+NAMESPACES = {"all": "all namespaces", "0": "articles", "1": "talk", "2": "user", "4": "project", "6": "file", "14": "category"}
+assert [int(k) for k in NAMESPACES if k != "all"] == list(keys.GRAPH_NAMESPACES)
+WHO_DIMENSION = {"all": "", "humans": "human", "bots": "bot"}
 
 
 class SelectionError(ValueError):
@@ -49,6 +53,7 @@ class Selection:
     window: str = "30m"
     breakdown: str = "total"
     who: str = "all"  # the total of humans or of bots only (the by-type breakdown has no such split in Redis)
+    namespace: str = "all"  # or one of NAMESPACES: the total or the bot breakdown in that namespace only (not by type)
 
     @property
     def res(self) -> keys.Resolution:
@@ -60,12 +65,26 @@ class Selection:
 
     @property
     def dims(self) -> tuple[str, ...]:
+        if self.namespace != "all" and self.breakdown != "type":
+            namespace = int(self.namespace)
+            if self.breakdown == "bot":
+                return tuple(keys.namespace_dimension(namespace, who) for who in keys.BOT_DIMENSIONS)
+            return (keys.namespace_dimension(namespace, WHO_DIMENSION[self.who]),)
         if self.breakdown == "total" and self.who != "all":
-            return ("human",) if self.who == "humans" else ("bot",)
+            return (WHO_DIMENSION[self.who],)
         return BREAKDOWNS[self.breakdown]
 
 
-def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any = "all") -> Selection:
+def dimension_label(dim: str) -> str:
+    """How a trace names its dimension: "bot", "articles", "articles · human"."""
+    match = re.fullmatch(r"ns(\d+)(human|bot)?", dim)
+    if match is None:
+        return dim
+    label = NAMESPACES.get(match[1], f"namespace {match[1]}")
+    return label if match[2] is None else f"{label} · {match[2]}"
+
+
+def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any = "all", namespace: Any = "all") -> Selection:
     """Validate everything the browser sent before any of it names a Redis key. A crafted request can
     send any JSON for any value (a list, an object, a number): each is checked for its type first."""
     if domains is None:
@@ -83,7 +102,8 @@ def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any, 
         window = DEFAULT_WINDOW[resolution]  # none yet, or after switching resolution: fall back, do not fail
     if not isinstance(breakdown, str) or breakdown not in BREAKDOWNS:
         raise SelectionError(f"unknown breakdown: {str(breakdown)[:20]!r}")
-    return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown, who if who in WHO else "all")
+    namespace = namespace if isinstance(namespace, str) and namespace in NAMESPACES else "all"
+    return Selection(tuple(dict.fromkeys(domains)), resolution, window, breakdown, who if who in WHO else "all", namespace)
 
 
 def window_choices(resolution: Any) -> list[str]:
@@ -102,10 +122,10 @@ def selection_from_query(search: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def query_from_selection(sel: Selection, namespace: str = "all", trend: int = 5) -> str:
+def query_from_selection(sel: Selection, trend: int = 5) -> str:
     return "?" + urlencode({
         "domains": ",".join(sel.domains), "res": sel.resolution, "window": sel.window, "by": sel.breakdown, "who": sel.who,
-        "ns": namespace, "trend": trend,
+        "ns": sel.namespace, "trend": trend,
     })  # fmt: skip
 
 
@@ -144,7 +164,7 @@ def utc_iso(t: int) -> str:
 
 def ui_revision(sel: Selection) -> str:
     """Plotly keeps UI state (hidden traces) while this stays the same; a new selection starts afresh."""
-    return f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}|{sel.who}"
+    return f"{','.join(sel.domains)}|{sel.resolution}|{sel.window}|{sel.breakdown}|{sel.who}|{sel.namespace}"
 
 
 def zoomed_ranges(zoom: Any, sel: Selection) -> dict[str, list[Any]]:
@@ -188,7 +208,7 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
     for domain in sel.domains:
         for dim in sel.dims:
             values = fill_gaps(snap.series.get(domain, {}).get(dim, [None] * len(snap.buckets)), up)
-            name = domain if dim == "" else f"{domain} · {dim}"
+            name = domain if dim == "" else f"{domain} · {dimension_label(dim)}"
             trace = {"type": "scatter", "x": x, "y": values, "mode": "lines", "name": name, "connectgaps": False, "line": {"width": 2}}
             traces.append(trace)
     shapes, annotations = [], []
@@ -203,7 +223,7 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
     layout: dict[str, Any] = {
         "uirevision": ui_revision(sel),
         "margin": {"l": 50, "r": 20, "t": 30, "b": 40},
-        "yaxis": {"title": {"text": f"events per {sel.resolution}"}, "rangemode": "tozero", **grid},
+        "yaxis": {"title": {"text": f"events per {sel.resolution}{namespace_note(sel)}"}, "rangemode": "tozero", **grid},
         "xaxis": {"title": {"text": "UTC"}, "type": "date", **grid},
         "legend": {"orientation": "h", "y": -0.15},
         "plot_bgcolor": "white",
@@ -215,6 +235,13 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
     for axis, r in zoomed_ranges(zoom, sel).items():
         layout[axis] = {**layout[axis], "range": r, "autorange": False}
     return {"data": traces, "layout": layout}
+
+
+def namespace_note(sel: Selection) -> str:
+    """What the y axis says of the namespace filter: by type, the counts are of every namespace (none is stored)."""
+    if sel.namespace == "all":
+        return ""
+    return f" · {NAMESPACES[sel.namespace]}" if sel.breakdown != "type" else " · all namespaces (by type)"
 
 
 def events_per_second(recent_10s: list[int | None]) -> float | None:
