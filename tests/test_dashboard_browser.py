@@ -588,9 +588,10 @@ def test_the_namespace_filter_narrows_the_graph_and_stays_in_the_url(browser: Br
     fold_into(redis_url_of(client), events)
     cases = [  # the URL's filters, then the trace and the events it must show
         ("ns=0", "fr.wikipedia.org · articles", 3),
-        ("ns=14&who=bots", "fr.wikipedia.org · category · bot", 5),
-        ("ns=14&who=humans", "fr.wikipedia.org · category · human", 0),
+        ("ns=0&who=bots", "fr.wikipedia.org · articles · bot", 0),
+        ("ns=0&who=humans", "fr.wikipedia.org · articles · human", 3),
         ("ns=0&by=bot", "fr.wikipedia.org · articles · bot", 0),
+        ("ns=14&who=bots", "fr.wikipedia.org · bot", 5),  # the graph splits out articles only: every namespace's bots
         ("ns=all", "fr.wikipedia.org", 8),
     ]
     for filters, name, total in cases:

@@ -37,7 +37,7 @@ def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[st
             for d in (e["meta"]["domain"], "_all"):
                 for dim in ("", kind, who):
                     out[(d, name, t // step * step, dim)] += 1
-            if type(namespace) is int and namespace in (0, 1, 2, 4, 6, 14):  # the graph's namespaces, per domain only
+            if type(namespace) is int and namespace == 0:  # articles, the graph's namespace, per domain only
                 for dim in (f"ns{namespace}", f"ns{namespace}{who}"):
                     out[(e["meta"]["domain"], name, t // step * step, dim)] += 1
     return out

@@ -167,8 +167,9 @@ def test_who_shows_the_total_of_humans_or_bots_only() -> None:
 
 def test_the_namespace_narrows_the_total_and_the_bot_breakdown() -> None:
     assert clean_selection(["a.org"], "10s", None, "total", "all", "0").dims == ("ns0",)
-    assert clean_selection(["a.org"], "10s", None, "total", "humans", "14").dims == ("ns14human",)
-    assert clean_selection(["a.org"], "10s", None, "total", "bots", "2").dims == ("ns2bot",)
+    assert clean_selection(["a.org"], "10s", None, "total", "humans", "0").dims == ("ns0human",)
+    assert clean_selection(["a.org"], "10s", None, "total", "bots", "0").dims == ("ns0bot",)
+    assert clean_selection(["a.org"], "10s", None, "total", "bots", "14").dims == ("bot",)  # the lists' filter only
     assert clean_selection(["a.org"], "10s", None, "bot", "all", "0").dims == ("ns0bot", "ns0human")
     assert clean_selection(["a.org"], "10s", None, "type", "all", "0").dims == keys.EVENT_TYPES  # no type x namespace
     for crafted in ("3", "ns0", "0 ", 0, None, ["0"]):
@@ -181,6 +182,8 @@ def test_the_namespace_narrows_the_total_and_the_bot_breakdown() -> None:
     assert figure.layout.yaxis.title.text == "events per 10s · articles"
     by_type = make_figure(snap, clean_selection(["a.org"], "10s", "30m", "type", "all", "0"))
     assert by_type["layout"]["yaxis"]["title"]["text"] == "events per 10s · all namespaces (by type)"
+    category = make_figure(snap, clean_selection(["a.org"], "10s", "30m", "total", "all", "14"))
+    assert category["layout"]["yaxis"]["title"]["text"] == "events per 10s · all namespaces (only articles are split out)"
     assert selection_from_query(query_from_selection(sel))["ns"] == "0"
 
 

@@ -118,10 +118,12 @@ DIMENSIONS = EVENT_TYPES + BOT_DIMENSIONS
 # What the hashes hold besides the total. Every event is a bot's or a human's, so humans are not
 # stored but read as total - bot (series.SeriesRead): a third fewer writes and fields.
 STORED_DIMENSIONS = (*EVENT_TYPES, "bot")
-# Namespaces the graph can be narrowed to (the page's choices): an event in one of them also counts in the
-# dimension "ns<k>" and, a bot's, "ns<k>bot"; humans are again read as the difference. Other namespaces count in
-# the totals only. The all-domain totals have no namespace dimensions (nothing shows them by namespace).
-GRAPH_NAMESPACES = (0, 1, 2, 4, 6, 14)
+# Namespaces the graph can be narrowed to: articles. An event in one also counts in the dimension "ns<k>" and, a
+# bot's, "ns<k>bot"; humans are again read as the difference. Each costs up to two fields a bucket, and a window
+# must stay within hash-max-listpack-entries (Resolution): all six of the page's namespaces took a window to 285
+# fields and the 3-million-event day from 52 to 76 MB (hash tables), so the others filter the lists only. The
+# all-domain totals have no namespace dimensions (nothing shows them by namespace).
+GRAPH_NAMESPACES = (0,)
 
 
 def namespace_dimension(namespace: int, who: str = "") -> str:
@@ -135,10 +137,10 @@ class Resolution:
     hashes that each cover `window` seconds, so a hash stops growing once its
     window is over and can expire as a whole.
 
-    A window holds at most 15 buckets of up to 7 fields (total, 5 types, bot):
-    at most 105 fields, under Redis's `hash-max-listpack-entries` (128), so every hash
-    keeps the compact listpack encoding (~20 bytes a field instead of ~90 in a hash
-    table; BENCHMARKS.md, memory)."""
+    A window holds at most 15 buckets of 7 fields (total, 5 types, bot) and, for articles, 2 more (GRAPH_NAMESPACES):
+    in practice under Redis's `hash-max-listpack-entries` (128; 135 only where every bucket of a 1 m window has every
+    type, bots and articles), so hashes keep the compact listpack encoding (~20 bytes a field instead of ~90 in a
+    hash table; BENCHMARKS.md, memory)."""
 
     name: str
     step: int

@@ -35,7 +35,7 @@ WINDOWS = {
 DEFAULT_WINDOW = {"10s": "30m", "1m": "6h", "1h": "7d"}
 BREAKDOWNS = {"total": ("",), "type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
 NAMESPACES = {"all": "all namespaces", "0": "articles", "1": "talk", "2": "user", "4": "project", "6": "file", "14": "category"}
-assert [int(k) for k in NAMESPACES if k != "all"] == list(keys.GRAPH_NAMESPACES)
+assert {str(k) for k in keys.GRAPH_NAMESPACES} <= set(NAMESPACES)
 WHO_DIMENSION = {"all": "", "humans": "human", "bots": "bot"}
 
 
@@ -53,7 +53,7 @@ class Selection:
     window: str = "30m"
     breakdown: str = "total"
     who: str = "all"  # the total of humans or of bots only (the by-type breakdown has no such split in Redis)
-    namespace: str = "all"  # or one of NAMESPACES: the total or the bot breakdown in that namespace only (not by type)
+    namespace: str = "all"  # or one of NAMESPACES: the lists' filter; the graph's where keys.GRAPH_NAMESPACES has it
 
     @property
     def res(self) -> keys.Resolution:
@@ -64,9 +64,16 @@ class Selection:
         return parse_duration(self.window)
 
     @property
+    def graph_namespace(self) -> int | None:
+        """The namespace the graph's total and bot breakdown narrow to (None: every namespace)."""
+        if self.namespace == "all" or self.breakdown == "type" or int(self.namespace) not in keys.GRAPH_NAMESPACES:
+            return None
+        return int(self.namespace)
+
+    @property
     def dims(self) -> tuple[str, ...]:
-        if self.namespace != "all" and self.breakdown != "type":
-            namespace = int(self.namespace)
+        namespace = self.graph_namespace
+        if namespace is not None:
             if self.breakdown == "bot":
                 return tuple(keys.namespace_dimension(namespace, who) for who in keys.BOT_DIMENSIONS)
             return (keys.namespace_dimension(namespace, WHO_DIMENSION[self.who]),)
@@ -238,10 +245,12 @@ def make_figure(snap: Snapshot, sel: Selection, zoom: Any = None) -> dict[str, A
 
 
 def namespace_note(sel: Selection) -> str:
-    """What the y axis says of the namespace filter: by type, the counts are of every namespace (none is stored)."""
+    """What the y axis says of the namespace filter where the graph cannot narrow to it (not stored)."""
     if sel.namespace == "all":
         return ""
-    return f" · {NAMESPACES[sel.namespace]}" if sel.breakdown != "type" else " · all namespaces (by type)"
+    if sel.graph_namespace is not None:
+        return f" · {NAMESPACES[sel.namespace]}"
+    return " · all namespaces (by type)" if sel.breakdown == "type" else " · all namespaces (only articles are split out)"
 
 
 def events_per_second(recent_10s: list[int | None]) -> float | None:
