@@ -280,12 +280,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Output("shown", "data"),
         Input("tick", "n_intervals"),
         Input("pulse", "data"),
-        Input("domains", "value"),
-        Input("resolution", "value"),
-        Input("window", "value"),
-        Input("breakdown", "value"),
-        Input("who", "value"),
-        Input("ns", "value"),
+        *selection_inputs(),
         State("zoom", "data"),
         State("shown", "data"),
     )
@@ -340,6 +335,11 @@ def refresh_view(
 
 
 PUSH_STATUS_PATH = "/_wikipulse/push"
+
+
+def selection_inputs() -> list[Input]:
+    """The controls that make a Selection (clean_selection's arguments, in its order)."""
+    return [Input(control, "value") for control in ("domains", "resolution", "window", "breakdown", "who", "ns")]
 
 
 def register_push(app: dash.Dash, hub: NoticeHub) -> None:
@@ -462,12 +462,7 @@ def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: key
 
     @app.callback(
         Output("url", "search"),
-        Input("domains", "value"),
-        Input("resolution", "value"),
-        Input("window", "value"),
-        Input("breakdown", "value"),
-        Input("who", "value"),
-        Input("ns", "value"),
+        *selection_inputs(),
         Input("trend", "value"),
         State("initialized", "data"),
         State("url", "search"),
