@@ -666,5 +666,9 @@ def test_trending_new_pages_and_spikes_follow_the_picked_wikis_and_filters(brows
     assert "Bot target" not in page.locator("#trending").inner_text()
     assert page.locator("#who input[value=humans]").is_checked()
     assert page.evaluate("() => document.querySelector('#graph .js-plotly-plot').data.map(t => t.name)") == ["en.wikipedia.org · human"]
+    # Bots only: the bot's page alone, with its 5 edits, 5 editors and bytes.
+    page.locator("#who label", has_text="bots").click()
+    page.wait_for_function(f"() => ({trending})().includes('Bot target') && !({trending})().includes('onerror')", timeout=10000)
+    assert page.locator("#trending tr").all_inner_texts()[1].split("\t") == ["Bot target", "en.wikipedia.org", "5", "5", "+250"]
     assert errors == []
     page.close()

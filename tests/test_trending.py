@@ -36,7 +36,7 @@ def lines(events: list[dict[str, Any]]) -> list[bytes]:
 
 
 def expected_top(
-    events: list[dict[str, Any]], now: int, minutes: int, limit: int, domain: str | None, humans: bool, namespaces: list[int] | None
+    events: list[dict[str, Any]], now: int, minutes: int, limit: int, domain: str | None, who: str, namespaces: list[int] | None
 ) -> list[dict[str, Any]]:
     """The most-edited pages, worked out from the events themselves (no trimming binds at these volumes)."""
     first = now - now % 60 - (minutes - 1) * 60
@@ -49,7 +49,7 @@ def expected_top(
             e["type"] in ("edit", "new")
             and e["timestamp"] >= first
             and (domain is None or page[0] == domain)
-            and (not humans or not e["bot"])
+            and (who == "all" or e["bot"] == (who == "bots"))
             and (namespaces is None or page[1] in namespaces)
         ):
             edits[page] += 1
@@ -70,15 +70,16 @@ async def test_lists_and_keys_equal_the_reference(redis_client: aioredis.Redis, 
     await run_subscriber(settings, redis_client, len(events))
     layout = keys.Layout("wiki:events")
     assert stored_trending(await _sync(redis_client)) == reference_trending(events, layout)
-    queries: list[tuple[int, str | None, bool, list[int] | None]] = [
-        (5, None, False, None), (60, None, False, None), (60, None, True, None), (5, "commons.wikimedia.org", False, None),
-        (60, "en.wikipedia.org", True, [0]), (60, None, False, [0, 4]),
+    queries: list[tuple[int, str | None, str, list[int] | None]] = [
+        (5, None, "all", None), (60, None, "all", None), (60, None, "humans", None), (60, None, "bots", None),
+        (5, "commons.wikimedia.org", "all", None), (60, "en.wikipedia.org", "humans", [0]), (5, "commons.wikimedia.org", "bots", None),
+        (60, None, "all", [0, 4]),
     ]  # fmt: skip
-    for minutes, domain, humans, namespaces in queries:
-        got = await read_trending(redis_client, layout, NOW, minutes, 15, None if domain is None else [domain], humans, namespaces)
-        expected = expected_top(events, NOW, minutes, 15, domain, humans, namespaces)
-        assert [row.as_json() for row in got] == expected, (minutes, domain, humans, namespaces)
-        assert expected[0]["edits"] > 1, "the list has no head: the test cannot tell a ranking from any order"
+    for minutes, domain, who, namespaces in queries:
+        got = await read_trending(redis_client, layout, NOW, minutes, 15, None if domain is None else [domain], who, namespaces)
+        expected = expected_top(events, NOW, minutes, 15, domain, who, namespaces)
+        assert [row.as_json() for row in got] == expected, (minutes, domain, who, namespaces)
+        assert expected[0]["edits"] > 1, (minutes, domain, who)  # a list with a head: else any order would pass
     new = await read_new_pages(redis_client, layout, 50)
     expected_new = [i for i in reference_trending(events, layout)[layout.all_shards[0].new_pages] if i["namespace"] == 0]
     assert new == expected_new[:50] and len(new) == 50
@@ -110,7 +111,7 @@ async def test_hostile_titles_stay_members_and_read_back(redis_client: aioredis.
     await load_stream(redis_client, lines(events), with_fold=True)
     await run_subscriber(settings, redis_client, len(events))
     schema = re.compile(
-        r"^wp:(trend:\{[a-z0-9.-]+\}:(all|human|bytes|editors):\d+|trend:\{_all\}:(all|human):\d+|new|ts:.*|\{rank\}:1m:\d+|domains|subscriber:.*)$"
+        r"^wp:(trend:\{[a-z0-9.-]+\}:(all|bot|editors):\d+|trend:\{_all\}:(all|bot):\d+|new|ts:.*|\{rank\}:1m:\d+|domains|subscriber:.*)$"
     )
     assert all(schema.match(k.decode()) for k in await redis_client.keys("wp:*")), await redis_client.keys("wp:*")
     got = await read_trending(redis_client, keys.Layout("wiki:events"), NOW, 5, 50)
@@ -133,7 +134,7 @@ async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aiore
     minute = NOW - NOW % 60
     admitted = await redis_client.zrange(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute), 0, -1)
     assert sorted(m.decode() for m in admitted) == sorted(f"0\tPage {i}" for i in range(keys.TREND_CAP))
-    assert await redis_client.hget(keys.UNSHARDED.trend_key("bytes", "de.wikipedia.org", minute), "\trest") == b"200"
+    assert await redis_client.hget(keys.UNSHARDED.trend_key("editors", "de.wikipedia.org", minute), "\trest") == b"200"
     assert await redis_client.ttl(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute)) > 3000  # an hour of minutes, from its minute
 
 
@@ -164,5 +165,5 @@ async def test_trending_cli_prints_json(redis_client: aioredis.Redis, settings: 
     run = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=60)
     assert run.returncode == 0, run.stderr
     out = orjson.loads(run.stdout)
-    assert [p["title"] for p in out["pages"]] == [p["title"] for p in expected_top(events, int(time.time()), 60, 3, None, False, None)]
+    assert [p["title"] for p in out["pages"]] == [p["title"] for p in expected_top(events, int(time.time()), 60, 3, None, "all", None)]
     assert out["pages"][0]["history"].startswith(f"https://{out['pages'][0]['domain']}/w/index.php?title=")

@@ -209,5 +209,5 @@ def test_list_links_quote_what_the_feed_sends() -> None:
     url = links("en.wikipedia.org", hostile, 5)
     assert url["history"].startswith("https://en.wikipedia.org/w/index.php?title=x%22_onmouseover%3D%22alert%281%29%26a%3D%3Cb%3E&")
     assert url["diff"] == "https://en.wikipedia.org/w/index.php?diff=5"
-    row = trending_rows([Trend("en.wikipedia.org", 0, hostile, 3, 2, -5)], "all")[1]
+    row = trending_rows([Trend("en.wikipedia.org", 0, hostile, 3, 2, -5)])[1]
     assert row.children[0].children.children == hostile  # a text child: React escapes it

@@ -12,7 +12,7 @@ import redis
 
 from wikipulse import keys
 
-Contents = dict[str, Any]  # key -> {member: score} | {field: n} | set of editor members | [new page, newest first]
+Contents = dict[str, Any]  # key -> {member: score} | {editor field: bytes} | [new page, newest first]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -33,28 +33,26 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
         name = f"{e['namespace']}\t{title}"
         length = e.get("length") or {}
         changed = length["new"] - (length.get("old") or 0) if length.get("new") is not None else 0
-        human = not e["bot"]
 
         def key(part: str, where: str = domain) -> str:
             return shard.trend_key(part, where, minute)  # noqa: B023 (used at once)
 
-        edits, byte_sums = out.setdefault(key("all"), {}), out.setdefault(key("bytes"), {})
+        edits, editors = out.setdefault(key("all"), {}), out.setdefault(key("editors"), {})
         if _admit(edits, name, keys.TREND_CAP):
             edits[name] = edits.get(name, 0) + 1
-            byte_sums[name] = byte_sums.get(name, 0) + changed
-            out.setdefault(key("editors"), set()).add(f"{name}\t{'h' if human else 'b'}{user}")
-            if human:
-                humans = out.setdefault(key("human"), {})
-                humans[name] = humans.get(name, 0) + 1
-                byte_sums[name + "\th"] = byte_sums.get(name + "\th", 0) + changed
+            editor = f"{name}\t{'b' if e['bot'] else 'h'}{user}"
+            editors[editor] = editors.get(editor, 0) + changed
+            if e["bot"]:
+                bots = out.setdefault(key("bot"), {})
+                bots[name] = bots.get(name, 0) + 1
         else:
-            byte_sums["\trest"] = byte_sums.get("\trest", 0) + 1
+            editors["\trest"] = editors.get("\trest", 0) + 1
         everywhere = out.setdefault(key("all", keys.ALL_DOMAINS), {})
         if _admit(everywhere, f"{domain}\t{name}", keys.TREND_GLOBAL_CAP):
             everywhere[f"{domain}\t{name}"] = everywhere.get(f"{domain}\t{name}", 0) + 1
-            if human:
-                humans = out.setdefault(key("human", keys.ALL_DOMAINS), {})
-                humans[f"{domain}\t{name}"] = humans.get(f"{domain}\t{name}", 0) + 1
+            if e["bot"]:
+                bots = out.setdefault(key("bot", keys.ALL_DOMAINS), {})
+                bots[f"{domain}\t{name}"] = bots.get(f"{domain}\t{name}", 0) + 1
         if e["type"] == "new":
             item = {
                 "domain": domain, "time": e["timestamp"], "namespace": e["namespace"], "title": title, "user": user,
@@ -69,11 +67,9 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
 
 
 def _without_zeros(contents: Contents) -> Contents:
-    """Absent and 0 read the same; a batch that adds +5 and -5 bytes writes no field at all."""
+    """Empty keys are absent. (An editor who changed no byte is a field at 0: HINCRBY by 0 makes the field.)"""
     out: Contents = {}
     for key, value in contents.items():
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if v}
         if value:
             out[key] = value
     return out
@@ -89,12 +85,10 @@ def stored_trending(client: redis.Redis[bytes] | Any) -> Contents:
     for raw in client.scan_iter(match=f"{keys.PREFIX}:*", count=1000):
         key = _s(raw)
         part = key.split(":")[-2] if ":trend:" in key else None
-        if part in ("all", "human"):
+        if part in ("all", "bot"):
             out[key] = {_s(m): int(score) for m, score in client.zrange(key, 0, -1, withscores=True)}
-        elif part == "bytes":
-            out[key] = {_s(f): int(v) for f, v in client.hgetall(key).items()}
         elif part == "editors":
-            out[key] = {_s(m) for m in client.zrange(key, 0, -1)}
+            out[key] = {_s(f): int(v) for f, v in client.hgetall(key).items()}
         elif key.endswith(":new"):
             out[key] = [orjson.loads(item) for item in client.zrevrange(key, 0, -1)]
     return _without_zeros(out)

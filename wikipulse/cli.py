@@ -175,7 +175,8 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
     from wikipulse.query import trending
 
-    result = asyncio.run(trending(settings, args.domain, args.minutes, args.limit, args.humans, args.namespace))
+    who = "humans" if args.humans else "bots" if args.bots else "all"
+    result = asyncio.run(trending(settings, args.domain, args.minutes, args.limit, who, args.namespace))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -259,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     trend.add_argument("--domain", help="one wiki, e.g. en.wikipedia.org (default: every wiki)")
     trend.add_argument("--minutes", type=int, default=5, help="over the last 5 or 60 minutes (default 5)")
     trend.add_argument("--limit", type=int, default=10, help="how many pages (default 10)")
-    trend.add_argument("--humans", action="store_true", help="edits by humans only (bots left out)")
+    who = trend.add_mutually_exclusive_group()
+    who.add_argument("--humans", action="store_true", help="edits by humans only (bots left out)")
+    who.add_argument("--bots", action="store_true", help="edits by bots only")
     trend.add_argument("--namespace", help="namespaces, e.g. 0 or 0,1 (default: all)")
     new = command("new-pages", cmd_new_pages, "print the newest page creations as JSON, newest first", redis_only)
     new.add_argument("--domain", help="one wiki (default: every wiki)")

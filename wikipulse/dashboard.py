@@ -401,7 +401,7 @@ def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> N
         except SelectionError:
             raise PreventUpdate from None
         lists = clean_filter(who, ns, trend)
-        query = TrendingQuery(layout, int(time.time()), lists.minutes, LIST_SIZE, picked or None, lists.humans, lists.namespaces)
+        query = TrendingQuery(layout, int(time.time()), lists.minutes, LIST_SIZE, picked or None, lists.who, lists.namespaces)
         pipe = client.pipeline(transaction=False)
         query.queue_rank(pipe)
         queue_new_pages(pipe, layout)
@@ -411,13 +411,13 @@ def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> N
         ranked, new, alerts = replies[: -n - 1], replies[-n - 1 : -1], replies[-1]
         query.take_rank(ranked)
         rows = []
-        if query.top and lists.who != "bots":
+        if query.top:
             pipe = client.pipeline(transaction=False)
             query.queue_details(pipe)
             rows = query.take_details(pipe.execute())
         items = take_new_pages(new, LIST_SIZE, picked or None, lists.namespaces, lists.humans, lists.who == "bots")
         return (
-            trending_rows(rows, lists.who),
+            trending_rows(rows),
             new_page_rows(items),
             alert_rows([_parse(fields.get(b"alert", b"")) for _, fields in alerts][:LIST_SIZE]),
         )

@@ -68,15 +68,16 @@ NOTICES = f"{PREFIX}:notices"
 NOTICE_DOMAINS = 50
 
 # Trending pages (trending.py), folded in the same script as the counts. Per domain and minute (event time), in
-# the domain's shard: `all` and `human`, zsets "<namespace>\t<title>" -> edits (everyone, humans only); `bytes`,
-# a hash of the same members -> bytes changed (a member + "\th": by humans; "\trest": edits of pages past the
-# cap); `editors`, a zset of "<namespace>\t<title>\t<b|h><user>" at score 0, read by prefix (ZRANGEBYLEX).
-# Per shard and minute, under the pseudo-domain ALL_DOMAINS: `all` and `human` zsets "<domain>\t<ns>\t<title>".
-# A minute's zset admits its first TREND_CAP pages (TREND_GLOBAL_CAP for the shard's); the edits of others are
-# counted in `rest`. First come, not the top N: which pages are admitted then depends only on the order of the
-# stream, so a replay folds the same lists (exactly-once), and a hot page is almost always among the first.
+# the domain's shard: `all` and `bot`, zsets "<namespace>\t<title>" -> edits (everyone, bots; humans are read as
+# all - bot, ZUNION with weights 1 and -1); `editors`, a hash "<namespace>\t<title>\t<b|h><user>" -> bytes that
+# editor changed on that page ("\trest": edits of pages past the cap), which gives a page's distinct editors and
+# bytes changed. Per shard and minute, under the pseudo-domain ALL_DOMAINS: `all` and `bot` zsets
+# "<domain>\t<ns>\t<title>". A minute's zset admits its first TREND_CAP pages (TREND_GLOBAL_CAP for the shard's);
+# the edits of others are counted in `rest`. First come, not the top N: which pages are admitted then depends only
+# on the order of the stream, so a replay folds the same lists (exactly-once), and a hot page is almost always
+# among the first.
 FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still be folded
-TREND_PARTS = ("all", "human", "bytes", "editors")
+TREND_PARTS = ("all", "bot", "editors")
 TREND_CAP = 1000
 TREND_GLOBAL_CAP = 3000
 TREND_RETENTION = 3600 + 60  # an hour of minutes, and the current one

@@ -50,9 +50,7 @@ def _pretty_bytes(n: int) -> str:
     return f"{n:+,}"
 
 
-def trending_rows(rows: list[Trend], who: str) -> list[html.Tr]:
-    if who == "bots":
-        return [html.Tr(html.Td("Trending counts everyone or humans only: pick one of those.", colSpan=5))]
+def trending_rows(rows: list[Trend]) -> list[html.Tr]:
     if not rows:
         return [html.Tr(html.Td("No edits in this window yet.", colSpan=5))]
     out = [html.Tr([html.Th("page"), html.Th("wiki"), html.Th("edits"), html.Th("editors"), html.Th("bytes")])]

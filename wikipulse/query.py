@@ -101,7 +101,7 @@ def parse_namespaces(text: str | None) -> list[int] | None:
 
 
 async def trending(
-    settings: Settings, domain: str | None, minutes: int, limit: int, humans: bool, namespaces: str | None = None
+    settings: Settings, domain: str | None, minutes: int, limit: int, who: str = "all", namespaces: str | None = None
 ) -> dict[str, Any]:
     from wikipulse.trending import links, read_trending
 
@@ -113,9 +113,10 @@ async def trending(
     now = int(time.time())
     client, layout = await open_client(settings)
     async with client:
-        rows = await read_trending(client, layout, now, minutes, limit, domains, humans, wanted)
+        rows = await read_trending(client, layout, now, minutes, limit, domains, who, wanted)
     return {
-        "domain": domain or keys.ALL_DOMAINS, "minutes": minutes, "humans": humans, "namespaces": wanted, "at": now,
+        "domain": domain or keys.ALL_DOMAINS, "minutes": minutes, "who": who, "humans": who == "humans", "namespaces": wanted,
+        "at": now,
         "pages": [{**row.as_json(), **links(row.domain, row.title)} for row in rows],
     }  # fmt: skip
 

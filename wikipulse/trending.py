@@ -2,15 +2,17 @@
 
 A batch's page edits are summed per (domain, minute, page) in stream order, and sent as one section of
 series.APPLY_SCRIPT's payload (TREND_LUA). The key layout and the admission cap are in keys.py (TREND_*).
-Reading: one ZUNION per domain (or per shard, over all domains) over the minutes asked for ranks the pages;
-then the top pages' bytes (HMGET) and editors (ZRANGEBYLEX by prefix) are read for those minutes only.
+Reading: one ZUNION per domain (or per shard, over all domains) over the minutes asked for ranks the pages
+(humans: everyone's keys at weight 1, bots' at -1); then the editors hashes of the top pages' wikis, for those
+minutes only, give their distinct editors and bytes changed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 from urllib.parse import quote
 
@@ -20,53 +22,55 @@ from wikipulse import keys
 from wikipulse.pages import PageEdit
 
 # The trending and new-pages sections of series.APPLY_SCRIPT's payload `p` (key numbers index KEYS):
-#   p.t: per domain-minute: all, human, bytes, editors key no., expire_at, cap, n, then n pages:
-#        member, edits, human edits, bytes, human bytes, k, k editor members
-#   p.g: per shard-minute: all, human key no., expire_at, cap, n, then n members: member, edits, human edits
+#   p.t: per domain-minute: all, bot, editors key no., expire_at, cap, n, then n pages:
+#        member, edits, bot edits, k, then k pairs: editor field, bytes changed
+#   p.g: per shard-minute: all, bot key no., expire_at, cap, n, then n members: member, edits, bot edits
 #   p.n: new-pages key no., how many to keep, k, then k pairs: event time, JSON item. A sorted set by event time
 #        keeps the newest `keep` whatever order batches are applied in (two consumers of one stream interleave).
-# A page past its minute's cap (keys.TREND_CAP) is counted in the `bytes` hash's "\trest" field only.
+# A page past its minute's cap (keys.TREND_CAP) is counted in the `editors` hash's "\trest" field only. Bots, not
+# humans, are stored (a third of the edits): humans are read as everyone minus bots. An editor's bytes are the
+# page's bytes, so bytes and distinct editors cost one HINCRBY per editor of a page (HINCRBY by 0 still makes the
+# field: an editor who changed no byte is counted).
 TREND_LUA = """
 local t = p['t']
 i = 1
 while i <= #t do
-  local kall, khum, kbytes, keds = KEYS[t[i]], KEYS[t[i + 1]], KEYS[t[i + 2]], KEYS[t[i + 3]]
-  local expire, cap, n = t[i + 4], t[i + 5], t[i + 6]
-  local card, rest, eds = redis.call('ZCARD', kall), 0, {}
-  i = i + 7
+  local kall, kbot, keds = KEYS[t[i]], KEYS[t[i + 1]], KEYS[t[i + 2]]
+  local expire, cap, n = t[i + 3], t[i + 4], t[i + 5]
+  local card, rest = redis.call('ZCARD', kall), 0
+  i = i + 6
   for _ = 1, n do
-    local m, edits, human, bytes, hbytes, k = t[i], t[i + 1], t[i + 2], t[i + 3], t[i + 4], t[i + 5]
+    local m, edits, bot, k = t[i], t[i + 1], t[i + 2], t[i + 3]
     if card < cap or redis.call('ZSCORE', kall, m) then
       if tonumber(redis.call('ZINCRBY', kall, edits, m)) == edits then card = card + 1 end
-      if human > 0 then redis.call('ZINCRBY', khum, human, m) end
-      if bytes ~= 0 then redis.call('HINCRBY', kbytes, m, bytes) end
-      if hbytes ~= 0 then redis.call('HINCRBY', kbytes, m .. '\\th', hbytes) end
-      for j = i + 6, i + 5 + k do eds[#eds + 1] = 0; eds[#eds + 1] = t[j] end
+      if bot > 0 then redis.call('ZINCRBY', kbot, bot, m) end
+      for j = i + 4, i + 2 + 2 * k, 2 do redis.call('HINCRBY', keds, t[j], t[j + 1]) end
     else
       rest = rest + edits
     end
-    i = i + 6 + k
+    i = i + 4 + 2 * k
   end
-  if rest > 0 then redis.call('HINCRBY', kbytes, '\\trest', rest) end
-  for j = 1, #eds, 1000 do redis.call('ZADD', keds, unpack(eds, j, math.min(j + 999, #eds))) end
-  for _, key in ipairs({kall, khum, kbytes, keds}) do redis.call('EXPIREAT', key, expire) end
+  if rest > 0 then redis.call('HINCRBY', keds, '\\trest', rest) end
+  redis.call('EXPIREAT', kall, expire)
+  redis.call('EXPIREAT', kbot, expire)
+  redis.call('EXPIREAT', keds, expire)
 end
 local g = p['g']
 i = 1
 while i <= #g do
-  local kall, khum, expire, cap, n = KEYS[g[i]], KEYS[g[i + 1]], g[i + 2], g[i + 3], g[i + 4]
+  local kall, kbot, expire, cap, n = KEYS[g[i]], KEYS[g[i + 1]], g[i + 2], g[i + 3], g[i + 4]
   local card = redis.call('ZCARD', kall)
   i = i + 5
   for _ = 1, n do
-    local m, edits, human = g[i], g[i + 1], g[i + 2]
+    local m, edits, bot = g[i], g[i + 1], g[i + 2]
     if card < cap or redis.call('ZSCORE', kall, m) then
       if tonumber(redis.call('ZINCRBY', kall, edits, m)) == edits then card = card + 1 end
-      if human > 0 then redis.call('ZINCRBY', khum, human, m) end
+      if bot > 0 then redis.call('ZINCRBY', kbot, bot, m) end
     end
     i = i + 3
   end
   redis.call('EXPIREAT', kall, expire)
-  redis.call('EXPIREAT', khum, expire)
+  redis.call('EXPIREAT', kbot, expire)
 end
 local new = p['n']
 if #new > 0 then
@@ -84,10 +88,8 @@ def member(namespace: int, title: str) -> str:
 @dataclass
 class _Page:
     edits: int = 0
-    human: int = 0
-    bytes: int = 0
-    human_bytes: int = 0
-    editors: dict[str, None] = field(default_factory=dict)  # ordered, distinct
+    bots: int = 0
+    editors: dict[str, int] = field(default_factory=dict)  # "<member>\t<b|h><user>" -> bytes changed, in order
 
 
 @dataclass
@@ -95,7 +97,7 @@ class TrendIncrements:
     """A batch's trending and new-pages work for one shard, in the order of the stream."""
 
     pages: dict[tuple[str, int], dict[str, _Page]] = field(default_factory=dict)  # (domain, minute) -> member -> sums
-    shard_pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # minute -> "domain\tmember" -> [edits, human]
+    shard_pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # minute -> "domain\tmember" -> [edits, bots]
     new_pages: list[int | str] = field(default_factory=list)  # event time, JSON item, ...
 
     def add(self, edit: PageEdit) -> None:
@@ -105,24 +107,20 @@ class TrendIncrements:
         sums = self.pages.setdefault((edit.domain, minute), {}).get(name)
         if sums is None:
             sums = self.pages[(edit.domain, minute)][name] = _Page()
-        human = not edit.bot
-        changed = page.bytes_changed or 0
         sums.edits += 1
-        sums.bytes += changed
-        sums.editors[f"{name}\t{'h' if human else 'b'}{page.user}"] = None
-        if human:
-            sums.human += 1
-            sums.human_bytes += changed
+        sums.bots += edit.bot
+        editor = f"{name}\t{'b' if edit.bot else 'h'}{page.user}"
+        sums.editors[editor] = sums.editors.get(editor, 0) + (page.bytes_changed or 0)
         everywhere = self.shard_pages.setdefault(minute, {}).setdefault(f"{edit.domain}\t{name}", [0, 0])
         everywhere[0] += 1
-        everywhere[1] += human
+        everywhere[1] += edit.bot
         if edit.kind == "new":
             self.new_pages += (edit.time, new_page_item(edit))
 
     def declared(self, shard: keys.Shard) -> list[str]:
         """Every key the section writes, in the order payload() numbers them."""
         out = [shard.trend_key(part, domain, minute) for domain, minute in self.pages for part in keys.TREND_PARTS]
-        out += [shard.trend_key(part, keys.ALL_DOMAINS, minute) for minute in self.shard_pages for part in ("all", "human")]
+        out += [shard.trend_key(part, keys.ALL_DOMAINS, minute) for minute in self.shard_pages for part in ("all", "bot")]
         if self.new_pages:
             out.append(shard.new_pages)
         return out
@@ -132,16 +130,16 @@ class TrendIncrements:
         number = first_key
         t: list[Any] = []
         for (_domain, minute), pages in self.pages.items():
-            t += (number, number + 1, number + 2, number + 3, minute + keys.TREND_RETENTION, keys.TREND_CAP, len(pages))
-            number += 4
+            t += (number, number + 1, number + 2, minute + keys.TREND_RETENTION, keys.TREND_CAP, len(pages))
+            number += 3
             for name, sums in pages.items():
-                t += (name, sums.edits, sums.human, sums.bytes, sums.human_bytes, len(sums.editors), *sums.editors)
+                t += (name, sums.edits, sums.bots, len(sums.editors), *chain.from_iterable(sums.editors.items()))
         g: list[Any] = []
         for minute, members in self.shard_pages.items():
             g += (number, number + 1, minute + keys.TREND_RETENTION, keys.TREND_GLOBAL_CAP, len(members))
             number += 2
-            for name, (edits, human) in members.items():
-                g += (name, edits, human)
+            for name, (edits, bots) in members.items():
+                g += (name, edits, bots)
         n: list[Any] = [number, keys.NEW_PAGES_KEEP, len(self.new_pages) // 2, *self.new_pages] if self.new_pages else []
         return {"t": t, "g": g, "n": n}
 
@@ -190,16 +188,25 @@ def _text(value: bytes | str) -> str:
 
 
 def rank(scored: Iterable[tuple[str, str, float]], limit: int, namespaces: Sequence[int] | None) -> list[tuple[str, str, int]]:
-    """The top `limit` (domain, member, edits), most edits first, then by domain and member (pure)."""
-    kept = [(domain, name, int(score)) for domain, name, score in scored if namespaces is None or int(name.split("\t", 1)[0]) in namespaces]
+    """The top `limit` (domain, member, edits), most edits first, then by domain and member (pure). Members with no
+    edits (humans read as all - bot: a page only bots edited) are left out."""
+    kept = [
+        (domain, name, int(score))
+        for domain, name, score in scored
+        if score > 0 and (namespaces is None or int(name.split("\t", 1)[0]) in namespaces)
+    ]
     kept.sort(key=lambda row: (-row[2], row[0], row[1]))
     return kept[:limit]
+
+
+WHO = ("all", "humans", "bots")
+_EDITOR_MARK = {"all": "", "humans": "h", "bots": "b"}  # the editor fields that count for each
 
 
 @dataclass
 class TrendingQuery:
     """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
-    every domain when None; by humans only if `humans`; in `namespaces` only, unless None.
+    every domain when None; by everyone, humans or bots (`who`, WHO); in `namespaces` only, unless None.
 
     Two pipelined round trips, on any client (the page's is synchronous, read_trending's asynchronous): queue_rank /
     take_rank, then queue_details / take_details for the top pages only."""
@@ -209,18 +216,30 @@ class TrendingQuery:
     minutes: int
     limit: int
     domains: Sequence[str] | None = None
-    humans: bool = False
+    who: str = "all"
     namespaces: Sequence[int] | None = None
     top: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.who not in WHO:
+            raise ValueError(f"who={self.who!r}: one of {', '.join(WHO)}")
+
+    def _ranked(self, shard: keys.Shard, domain: str) -> list[str] | dict[str, int]:
+        """The keys one ZUNION ranks over: everyone's, bots', or everyone's minus bots' (humans)."""
+        if self.who == "bots":
+            return shard.trend_keys("bot", domain, self.now, self.minutes)
+        everyone = shard.trend_keys("all", domain, self.now, self.minutes)
+        if self.who == "all":
+            return everyone
+        return {**dict.fromkeys(everyone, 1), **dict.fromkeys(shard.trend_keys("bot", domain, self.now, self.minutes), -1)}
+
     def queue_rank(self, pipe: Any) -> None:
-        part = "human" if self.humans else "all"
         if self.domains is None:
             for shard in self.layout.all_shards:
-                pipe.zunion(shard.trend_keys(part, keys.ALL_DOMAINS, self.now, self.minutes), withscores=True)
+                pipe.zunion(self._ranked(shard, keys.ALL_DOMAINS), withscores=True)
         else:
             for domain in self.domains:
-                pipe.zunion(self.layout.shard_of(domain).trend_keys(part, domain, self.now, self.minutes), withscores=True)
+                pipe.zunion(self._ranked(self.layout.shard_of(domain), domain), withscores=True)
 
     def take_rank(self, replies: Sequence[Any]) -> None:
         scored: list[tuple[str, str, float]] = []
@@ -241,30 +260,32 @@ class TrendingQuery:
         return by_domain
 
     def queue_details(self, pipe: Any) -> None:
-        """Bytes changed (HMGET) and editors (ZRANGEBYLEX by prefix) of the top pages over the same minutes."""
-        suffix = "\th" if self.humans else ""
-        for domain, names in self._by_domain().items():
-            shard = self.layout.shard_of(domain)
-            for key in shard.trend_keys("bytes", domain, self.now, self.minutes):
-                pipe.hmget(key, [n + suffix for n in names])
-            for key in shard.trend_keys("editors", domain, self.now, self.minutes):
-                for name in names:
-                    pipe.zrangebylex(key, f"[{name}\t", f"({name}\n")  # the members that start with name + tab
+        """The editors hashes (editor -> bytes) of the top pages' wikis over the same minutes."""
+        for domain in self._by_domain():
+            for key in self.layout.shard_of(domain).trend_keys("editors", domain, self.now, self.minutes):
+                pipe.hgetall(key)
 
     def take_details(self, replies: Sequence[Any]) -> list[Trend]:
         answers = iter(replies)
+        mark = _EDITOR_MARK[self.who]
         changed: Counter[tuple[str, str]] = Counter()
         editors: dict[tuple[str, str], set[str]] = {}
         for domain, names in self._by_domain().items():
+            wanted = set(names)
             for _ in range(self.minutes):
-                for name, value in zip(names, next(answers), strict=True):
-                    changed[(domain, name)] += int(value or 0)
-            for _ in range(self.minutes):
-                for name in names:
-                    editors.setdefault((domain, name), set()).update(_editors(next(answers), self.humans))
+                for raw, value in next(answers).items():
+                    name, _, who = _text(raw).rpartition("\t")
+                    if name in wanted and who.startswith(mark):
+                        changed[(domain, name)] += int(value)
+                        editors.setdefault((domain, name), set()).add(who[1:])
         return [
             Trend(
-                domain, int(name.partition("\t")[0]), name.partition("\t")[2], edits, len(editors[(domain, name)]), changed[(domain, name)]
+                domain,
+                int(name.partition("\t")[0]),
+                name.partition("\t")[2],
+                edits,
+                len(editors.get((domain, name), ())),
+                changed[(domain, name)],
             )
             for domain, name, edits in self.top
         ]
@@ -277,11 +298,11 @@ async def read_trending(
     minutes: int,
     limit: int,
     domains: Sequence[str] | None = None,
-    humans: bool = False,
+    who: str = "all",
     namespaces: Sequence[int] | None = None,
 ) -> list[Trend]:
     """TrendingQuery on an asynchronous client."""
-    query = TrendingQuery(layout, now, minutes, limit, domains, humans, namespaces)
+    query = TrendingQuery(layout, now, minutes, limit, domains, who, namespaces)
     pipe = client.pipeline(transaction=False)
     query.queue_rank(pipe)
     query.take_rank(await pipe.execute())
@@ -290,14 +311,6 @@ async def read_trending(
     pipe = client.pipeline(transaction=False)
     query.queue_details(pipe)
     return query.take_details(await pipe.execute())
-
-
-def _editors(members: Iterable[bytes | str], humans: bool) -> Iterator[str]:
-    """User names from editor members "<ns>\t<title>\t<b|h><user>" (humans only if `humans`)."""
-    for raw in members:
-        who = _text(raw).rsplit("\t", 1)[1]
-        if not humans or who.startswith("h"):
-            yield who[1:]
 
 
 def queue_new_pages(pipe: Any, layout: keys.Layout) -> None:
