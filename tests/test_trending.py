@@ -145,6 +145,7 @@ async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aiore
         (["--domain", "not a domain"], "not a domain"),
         (["--limit", "0"], "from 1 to"),
         (["--namespace", "main"], "not namespaces"),
+        (["--humans", "--bots"], "not allowed with"),
     ],
 )
 def test_trending_refuses_what_it_cannot_answer(settings: Settings, args: list[str], message: str) -> None:
