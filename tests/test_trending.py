@@ -111,13 +111,28 @@ async def test_hostile_titles_stay_members_and_read_back(redis_client: aioredis.
     await load_stream(redis_client, lines(events), with_fold=True)
     await run_subscriber(settings, redis_client, len(events))
     schema = re.compile(
-        r"^wp:(trend:\{[a-z0-9.-]+\}:(all|bot|editors):\d+|trend:\{_all\}:(all|bot):\d+|new|ts:.*|\{rank\}:1m:\d+|domains|subscriber:.*)$"
+        r"^wp:(trend:\{[a-z0-9.-]+\}:(all|bot|byeditor):\d+|trend:\{_all\}:(all|bot):\d+|new|ts:.*|\{rank\}:1m:\d+|domains|subscriber:.*)$"
     )
     assert all(schema.match(k.decode()) for k in await redis_client.keys("wp:*")), await redis_client.keys("wp:*")
     got = await read_trending(redis_client, keys.Layout("wiki:events"), NOW, 5, 50)
     cleaned = {re.sub(r"[\x00-\x1f]", "\ufffd", t)[:300] for t in HOSTILE}
     assert {row.title for row in got} == cleaned
     assert all(row.editors == 1 and row.edits == 1 for row in got)
+
+
+async def test_the_previous_releases_trending_keys_do_not_break_the_fold(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """An upgrade on a live Redis: the keys the release before wrote (zsets `human` and `editors`, a hash `bytes`) are
+    still there for an hour. The fold must not touch them (a WRONGTYPE would fail its script midway)."""
+    events = simulated(2_000, 120)
+    layout = keys.Layout("wiki:events")
+    for e in events:
+        shard, minute = layout.shard_of(e["meta"]["domain"]), e["timestamp"] // 60 * 60
+        for part in ("human", "editors"):
+            await redis_client.zadd(shard.trend_key(part, e["meta"]["domain"], minute), {"0\tOld\thUser": 0})
+        await redis_client.hset(shard.trend_key("bytes", e["meta"]["domain"], minute), "0\tOld", 5)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(settings, redis_client, len(events))
+    assert stored_trending(await _sync(redis_client)) == reference_trending(events, layout)
 
 
 async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aioredis.Redis, settings: Settings) -> None:
@@ -134,7 +149,7 @@ async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aiore
     minute = NOW - NOW % 60
     admitted = await redis_client.zrange(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute), 0, -1)
     assert sorted(m.decode() for m in admitted) == sorted(f"0\tPage {i}" for i in range(keys.TREND_CAP))
-    assert await redis_client.hget(keys.UNSHARDED.trend_key("editors", "de.wikipedia.org", minute), "\trest") == b"200"
+    assert await redis_client.hget(keys.UNSHARDED.trend_key("byeditor", "de.wikipedia.org", minute), "\trest") == b"200"
     assert await redis_client.ttl(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute)) > 3000  # an hour of minutes, from its minute
 
 

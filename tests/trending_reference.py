@@ -37,7 +37,7 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
         def key(part: str, where: str = domain) -> str:
             return shard.trend_key(part, where, minute)  # noqa: B023 (used at once)
 
-        edits, editors = out.setdefault(key("all"), {}), out.setdefault(key("editors"), {})
+        edits, editors = out.setdefault(key("all"), {}), out.setdefault(key("byeditor"), {})
         if _admit(edits, name, keys.TREND_CAP):
             edits[name] = edits.get(name, 0) + 1
             editor = f"{name}\t{'b' if e['bot'] else 'h'}{user}"
@@ -87,7 +87,7 @@ def stored_trending(client: redis.Redis[bytes] | Any) -> Contents:
         part = key.split(":")[-2] if ":trend:" in key else None
         if part in ("all", "bot"):
             out[key] = {_s(m): int(score) for m, score in client.zrange(key, 0, -1, withscores=True)}
-        elif part == "editors":
+        elif part == "byeditor":
             out[key] = {_s(f): int(v) for f, v in client.hgetall(key).items()}
         elif key.endswith(":new"):
             out[key] = [orjson.loads(item) for item in client.zrevrange(key, 0, -1)]

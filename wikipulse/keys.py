@@ -69,7 +69,7 @@ NOTICE_DOMAINS = 50
 
 # Trending pages (trending.py), folded in the same script as the counts. Per domain and minute (event time), in
 # the domain's shard: `all` and `bot`, zsets "<namespace>\t<title>" -> edits (everyone, bots; humans are read as
-# all - bot, ZUNION with weights 1 and -1); `editors`, a hash "<namespace>\t<title>\t<b|h><user>" -> bytes that
+# all - bot, ZUNION with weights 1 and -1); `byeditor`, a hash "<namespace>\t<title>\t<b|h><user>" -> bytes that
 # editor changed on that page ("\trest": edits of pages past the cap), which gives a page's distinct editors and
 # bytes changed. Per shard and minute, under the pseudo-domain ALL_DOMAINS: `all` and `bot` zsets
 # "<domain>\t<ns>\t<title>". A minute's zset admits its first TREND_CAP pages (TREND_GLOBAL_CAP for the shard's);
@@ -77,7 +77,9 @@ NOTICE_DOMAINS = 50
 # on the order of the stream, so a replay folds the same lists (exactly-once), and a hot page is almost always
 # among the first.
 FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and still be folded
-TREND_PARTS = ("all", "bot", "editors")
+# Parts are never reused with another type: the release before kept zsets at `human` and `editors` and a hash at
+# `bytes`, and a command on a key of the wrong type fails the apply script midway (scripts do not roll back).
+TREND_PARTS = ("all", "bot", "byeditor")
 TREND_CAP = 1000
 TREND_GLOBAL_CAP = 3000
 TREND_RETENTION = 3600 + 60  # an hour of minutes, and the current one

@@ -27,7 +27,7 @@ from wikipulse.pages import PageEdit
 #   p.g: per shard-minute: all, bot key no., expire_at, cap, n, then n members: member, edits, bot edits
 #   p.n: new-pages key no., how many to keep, k, then k pairs: event time, JSON item. A sorted set by event time
 #        keeps the newest `keep` whatever order batches are applied in (two consumers of one stream interleave).
-# A page past its minute's cap (keys.TREND_CAP) is counted in the `editors` hash's "\trest" field only. Bots, not
+# A page past its minute's cap (keys.TREND_CAP) is counted in the `byeditor` hash's "\trest" field only. Bots, not
 # humans, are stored (a third of the edits): humans are read as everyone minus bots. An editor's bytes are the
 # page's bytes, so bytes and distinct editors cost one HINCRBY per editor of a page (HINCRBY by 0 still makes the
 # field: an editor who changed no byte is counted).
@@ -262,7 +262,7 @@ class TrendingQuery:
     def queue_details(self, pipe: Any) -> None:
         """The editors hashes (editor -> bytes) of the top pages' wikis over the same minutes."""
         for domain in self._by_domain():
-            for key in self.layout.shard_of(domain).trend_keys("editors", domain, self.now, self.minutes):
+            for key in self.layout.shard_of(domain).trend_keys("byeditor", domain, self.now, self.minutes):
                 pipe.hgetall(key)
 
     def take_details(self, replies: Sequence[Any]) -> list[Trend]:
