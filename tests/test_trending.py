@@ -20,7 +20,7 @@ from tests.trending_reference import reference_trending, stored_trending
 from wikipulse import keys
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
-from wikipulse.trending import read_new_pages, read_trending
+from wikipulse.trending import TrendingQuery, read_new_pages, read_trending
 
 NOW = int(time.time())
 
@@ -183,3 +183,8 @@ async def test_trending_cli_prints_json(redis_client: aioredis.Redis, settings: 
     out = orjson.loads(run.stdout)
     assert [p["title"] for p in out["pages"]] == [p["title"] for p in expected_top(events, int(time.time()), 60, 3, None, "all", None)]
     assert out["pages"][0]["history"].startswith(f"https://{out['pages'][0]['domain']}/w/index.php?title=")
+
+
+def test_a_query_refuses_an_unknown_who() -> None:
+    with pytest.raises(ValueError, match="one of all, humans, bots"):
+        TrendingQuery(keys.Layout("wiki:events"), NOW, 5, 10, who="robots")

@@ -199,14 +199,13 @@ def rank(scored: Iterable[tuple[str, str, float]], limit: int, namespaces: Seque
     return kept[:limit]
 
 
-WHO = ("all", "humans", "bots")
 _EDITOR_MARK = {"all": "", "humans": "h", "bots": "b"}  # the editor fields that count for each
 
 
 @dataclass
 class TrendingQuery:
     """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
-    every domain when None; by everyone, humans or bots (`who`, WHO); in `namespaces` only, unless None.
+    every domain when None; by everyone, humans or bots (`who`, keys.WHO); in `namespaces` only, unless None.
 
     Two pipelined round trips, on any client (the page's is synchronous, read_trending's asynchronous): queue_rank /
     take_rank, then queue_details / take_details for the top pages only."""
@@ -221,8 +220,8 @@ class TrendingQuery:
     top: list[tuple[str, str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.who not in WHO:
-            raise ValueError(f"who={self.who!r}: one of {', '.join(WHO)}")
+        if self.who not in keys.WHO:
+            raise ValueError(f"who={self.who!r}: one of {', '.join(keys.WHO)}")
 
     def _ranked(self, shard: keys.Shard, domain: str) -> list[str] | dict[str, int]:
         """The keys one ZUNION ranks over: everyone's, bots', or everyone's minus bots' (humans)."""

@@ -43,7 +43,7 @@ class SelectionError(ValueError):
     """A value from the browser that may not become part of a Redis key."""
 
 
-WHO = ("all", "humans", "bots")
+WHO = keys.WHO
 
 
 @dataclass(frozen=True)
