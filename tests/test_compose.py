@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -89,3 +92,21 @@ def test_the_cluster_override_runs_three_persistent_masters_and_points_every_sta
         env = services[name]["environment"]
         assert env["REDIS_URL"].startswith("redis://redis-") and env["SHARDS"] == "3" and set(env) <= ENV_NAMES
         assert services[name]["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+
+
+def test_the_lock_matches_the_pipfile_as_docker_deploy_requires() -> None:
+    """`pipenv install --deploy` (the Dockerfile) refuses a lock whose recorded Pipfile hash is stale; the hash is
+    pipenv's own (plette): SHA-256 of the Pipfile's sources, requires and both package tables as sorted, compact JSON."""
+    pipfile = tomllib.loads((ROOT / "Pipfile").read_text())
+    lock = json.loads((ROOT / "Pipfile.lock").read_text())
+    data = {
+        "_meta": {"sources": pipfile["source"], "requires": pipfile.get("requires", {})},
+        "default": pipfile.get("packages", {}),
+        "develop": pipfile.get("dev-packages", {}),
+    }
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert lock["_meta"]["hash"]["sha256"] == digest, "Pipfile.lock is stale: run `pipenv lock`"
+    for section, table in (("default", "packages"), ("develop", "dev-packages")):
+        assert {name.lower() for name in pipfile[table]} <= set(lock[section]), section
+    # The benchmark's baseline is a dev package only: the image does not carry it.
+    assert "aiohttp-sse-client" not in lock["default"] and "aiohttp-sse-client" in lock["develop"]
