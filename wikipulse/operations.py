@@ -41,17 +41,49 @@ SCRAPE_ERRORS = (*REDIS_ERRORS, RedisClusterException)
 ROLES = ("publisher", "subscriber", "archiver")
 
 
+# On Redis 6.2 (the embedded default) XINFO GROUPS has no `lag`: a group behind the stream's end has its entries
+# counted here, up to LAG_COUNT_MAX (about 5 minutes of the live feed; an XRANGE of them, in Redis, costs ~10 ms),
+# beyond which the lag is left out and wikipulse_group_lag_seconds tells how far behind it is. Redis 7 counts itself.
+LAG_COUNT_MAX = 10_000
+# KEYS: stream. ARGV: the group's last delivered id, how many entries after it to count at most (0: none).
+# Returns {the entries after it, counted (LAG_COUNT_MAX + 1: more), the first one's id}.
+LAG_SCRIPT = """
+local first = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', 1)
+if #first == 0 then return {0} end
+local n, at, most = 0, ARGV[1], tonumber(ARGV[2])
+while n < most do
+  local chunk = redis.call('XRANGE', KEYS[1], '(' .. at, '+', 'COUNT', math.min(1000, most - n))
+  if #chunk == 0 then break end
+  n = n + #chunk
+  at = chunk[#chunk][1]
+end
+return {n, first[1][1]}
+"""
+
+
+@dataclass
+class Group:
+    """One consumer group on one stream, as a scrape found it."""
+
+    stream: str
+    name: str
+    pending: int
+    delivered: str  # the last entry delivered to it
+    lag: int | None  # entries not yet delivered to it; None: unknown
+    lag_seconds: float = 0.0  # how long the oldest entry not yet delivered to it has waited
+
+
 @dataclass
 class Scrape:
-    """What one scrape read from Redis, decoded. Hashes are decode_hash()'s; groups are XINFO GROUPS rows."""
+    """What one scrape read from Redis, decoded. Hashes are decode_hash()'s."""
 
     publisher: dict[str, Any]
     archiver: dict[str, Any]
     subscribers: list[dict[str, Any]]  # one per shard
     routers: list[dict[str, Any]]  # one per shard (sharded only)
     webhook: dict[str, Any]
-    streams: dict[str, int]  # stream -> XLEN
-    groups: list[tuple[str, dict[str, Any]]]  # (stream, XINFO GROUPS row)
+    streams: dict[str, int]  # stream -> entries
+    groups: list[Group]
     roles_up: dict[str, bool] = field(default_factory=dict)  # role -> its lease(s) held now
 
 
@@ -68,19 +100,35 @@ def _rows(reply: Any) -> list[dict[str, Any]]:
     return reply if isinstance(reply, list) else []
 
 
-def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings) -> Scrape:
+def _ms(entry_id: str) -> int:
+    """The milliseconds part of a stream id (its time, for the ids XADD makes)."""
+    head = entry_id.partition("-")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _groups(stream: str, info: Any, rows: Any) -> list[Group]:
+    """The groups of one stream from its XINFO STREAM and XINFO GROUPS replies (either an error: none yet)."""
+    info = info if isinstance(info, dict) else {}
+    last = _text(info.get("last-generated-id") or "0-0")
+    groups = []
+    for row in _rows(rows):
+        delivered = _text(row.get("last-delivered-id") or "0-0")
+        lag = row.get("lag") if isinstance(row.get("lag"), int) else (0 if delivered == last else None)
+        groups.append(Group(stream, _text(row["name"]), int(row.get("pending") or 0), delivered, lag))
+    return groups
+
+
+def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings, now: float) -> Scrape:
     """Everything a scrape shows, in two pipelined round trips (on a cluster, one per master each, at once)."""
     shards = layout.all_shards
-    ingest = layout.stream
-    streams = [ingest, *(shard.stream for shard in shards)] if layout.sharded else [ingest]
+    streams = [layout.stream, *(shard.stream for shard in shards)] if layout.sharded else [layout.stream]
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(layout.publisher.stats)
-    pipe.hgetall(layout.archiver_stats)
-    pipe.hgetall(keys.ALERT_WEBHOOK_STATE)
+    for key in (layout.publisher.stats, layout.archiver_stats, keys.ALERT_WEBHOOK_STATE):
+        pipe.hgetall(key)
     pipe.exists(layout.publisher.lease)
     pipe.exists(layout.archiver_lease(settings.archive_group))
     for stream in streams:
-        pipe.xlen(stream)
+        pipe.xinfo_stream(stream)
         pipe.xinfo_groups(stream)
     for shard in shards:
         pipe.hgetall(shard.stats)
@@ -93,14 +141,12 @@ def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings) -> 
         if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
             raise reply
     publisher, archiver, webhook, publisher_lease, archiver_lease = replies[:5]
-    at = 5
-    lengths: dict[str, int] = {}
-    groups: list[tuple[str, dict[str, Any]]] = []
-    for stream in streams:
-        length, rows = replies[at : at + 2]
-        at += 2
-        lengths[stream] = length if isinstance(length, int) else 0
-        groups += [(stream, row) for row in _rows(rows)]
+    at = 5 + 2 * len(streams)
+    stream_replies = replies[5:at]
+    lengths = {
+        stream: int(info["length"]) if isinstance(info, dict) else 0 for stream, info in zip(streams, stream_replies[::2], strict=True)
+    }
+    groups = [g for i, stream in enumerate(streams) for g in _groups(stream, stream_replies[2 * i], stream_replies[2 * i + 1])]
     per_shard = 4 if layout.sharded else 2
     subscribers, routers, consumers, routers_up = [], [], [], []
     for i, shard in enumerate(shards):
@@ -110,18 +156,31 @@ def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings) -> 
         if layout.sharded:
             routers.append(_hash(part[2]))
             routers_up.append(part[3] == 1)
-    # A subscriber is up when every shard has a consumer whose name's lease is held (lease.py): a lapsed lease
-    # means the process that held it stopped renewing it.
-    pipe = client.pipeline(transaction=False)
-    for names in consumers:
-        for lease in names:
-            pipe.exists(lease)
-    held = iter(pipe.execute() if any(consumers) else [])
-    shards_served = [any([next(held) == 1 for _ in names]) for names in consumers]
+    shards_served = _second_round(client, consumers, [g for g in groups if g.lag != 0], now)
     roles_up = {"publisher": publisher_lease == 1, "subscriber": all(shards_served), "archiver": archiver_lease == 1}
     if layout.sharded:
         roles_up["router"] = all(routers_up)
     return Scrape(_hash(publisher), _hash(archiver), subscribers, routers, _hash(webhook), lengths, groups, roles_up)
+
+
+def _second_round(client: SyncClient, consumers: list[list[str]], behind: list[Group], now: float) -> list[bool]:
+    """Whether each shard has a consumer whose name's lease is held (lease.py: a lapsed lease means its process stopped
+    renewing it); and the lag of the groups behind their stream's end (filled in)."""
+    leases = [lease for names in consumers for lease in names]
+    if not leases and not behind:
+        return [False for _ in consumers]
+    pipe = client.pipeline(transaction=False)
+    for lease in leases:
+        pipe.exists(lease)
+    for group in behind:
+        pipe.eval(LAG_SCRIPT, 1, group.stream, group.delivered, 0 if group.lag is not None else LAG_COUNT_MAX + 1)
+    replies = pipe.execute()
+    held = iter(replies[: len(leases)])
+    for group, (counted, *first) in zip(behind, replies[len(leases) :], strict=True):
+        if group.lag is None and counted <= LAG_COUNT_MAX:
+            group.lag = int(counted)
+        group.lag_seconds = max(0.0, now - _ms(_text(first[0])) / 1000) if first else 0.0
+    return [any([next(held) == 1 for _ in names]) for names in consumers]
 
 
 def _number(value: Any) -> float | None:
@@ -171,17 +230,17 @@ def families(scrape: Scrape, now: float) -> Iterator[Metric]:
     )
     lost: dict[str, float] = {}
     for counts in (pub, *scrape.routers):
-        for group, n in trimmed_unread(counts).items():
-            lost[group] = lost.get(group, 0.0) + n
-    for group, total in sorted(lost.items()):
-        trimmed.add_metric([group], total)
+        for name, n in trimmed_unread(counts).items():
+            lost[name] = lost.get(name, 0.0) + n
+    for name, total in sorted(lost.items()):
+        trimmed.add_metric([name], total)
     yield trimmed
     webhook = CounterMetricFamily("wikipulse_alert_webhook_posts_total", "spike alerts posted to ALERT_WEBHOOK", labels=["outcome"])
     for outcome in ("delivered", "failed"):
         webhook.add_metric([outcome], _sum([scrape.webhook], outcome))
     yield webhook
 
-    length = GaugeMetricFamily("wikipulse_stream_length", "entries in the stream (XLEN)", labels=["stream"])
+    length = GaugeMetricFamily("wikipulse_stream_length", "entries in the stream", labels=["stream"])
     for stream, n in scrape.streams.items():
         length.add_metric([stream], n)
     yield length
@@ -189,12 +248,17 @@ def families(scrape: Scrape, now: float) -> Iterator[Metric]:
     pending = GaugeMetricFamily(
         "wikipulse_group_pending", "entries delivered to the group, not yet acknowledged", labels=["stream", "group"]
     )
-    for stream, row in scrape.groups:
-        labels = [stream, _text(row["name"])]
-        pending.add_metric(labels, row.get("pending") or 0)
-        if isinstance(row.get("lag"), int):  # Redis 7; None when Redis cannot tell (after an XDEL within the group's range)
-            lag.add_metric(labels, row["lag"])
+    lag_seconds = GaugeMetricFamily(
+        "wikipulse_group_lag_seconds", "how long the oldest entry not yet delivered to the group has waited", labels=["stream", "group"]
+    )
+    for group in scrape.groups:
+        labels = [group.stream, group.name]
+        pending.add_metric(labels, group.pending)
+        lag_seconds.add_metric(labels, group.lag_seconds)
+        if group.lag is not None:  # unknown: past LAG_COUNT_MAX on Redis 6.2, or Redis 7 cannot tell (an XDEL)
+            lag.add_metric(labels, group.lag)
     yield lag
+    yield lag_seconds
     yield pending
     ingest = _number(pub.get("lag_seconds"))
     yield GaugeMetricFamily(
@@ -227,11 +291,12 @@ class PipelineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("wikipulse_push_pages", "pages this dashboard process pushes updates to", value=self.hub.pages)
         try:
-            scrape = read_scrape(self.client, self.layout, self.settings)
+            now = time.time()
+            scrape = read_scrape(self.client, self.layout, self.settings, now)
         except SCRAPE_ERRORS:
             yield GaugeMetricFamily("wikipulse_redis_up", "1 if this scrape could read Redis", value=0)
             return
-        yield from families(scrape, time.time())
+        yield from families(scrape, now)
 
 
 def readiness(client: SyncClient, hub: NoticeHub) -> str | None:
