@@ -349,3 +349,35 @@ async def test_an_unreachable_feed_is_said_once_with_the_way_to_run_offline(
     assert len(said) == 1, said
     assert "cannot be reached" in said[0] and "python -m wikipulse up --simulate" in said[0] and s.stream_url in said[0]
     assert sum("still unreachable" in r.getMessage() for r in caplog.records) >= 7  # the retries: at debug level only
+
+
+def test_the_scrape_on_a_redis_cluster_reads_every_master(tmp_path: Path) -> None:
+    """Three masters, three shards, each shard's keys on its own master: one scrape reads them all (Redis 7 there,
+    so the groups' lag is Redis's own)."""
+    import redis.cluster
+
+    from wikipulse.redis_server import LocalCluster
+
+    with LocalCluster(tmp_path / "cluster", masters=3) as cluster:
+        client = redis.cluster.RedisCluster.from_url(cluster.url)
+        layout = keys.Layout("wiki:events", shards=3, cluster=True)
+        settings = Settings.from_args(environ={}, redis_url=cluster.url, shards=3)
+        client.hset(layout.publisher.stats, mapping={"published": 6})
+        for i, shard in enumerate(layout.all_shards):
+            client.xadd(shard.stream, {"data": "a"})
+            client.xadd(shard.stream, {"data": "b"})
+            client.xgroup_create(shard.stream, "wikipulse", id="0")
+            client.xreadgroup("wikipulse", f"c{i}", {shard.stream: ">"}, count=1)
+            client.set(shard.consumer_lease("wikipulse", f"c{i}"), "token")
+            client.set(shard.router_lease, "token")
+            client.hset(shard.stats, mapping={"folded": i + 1})
+        from prometheus_client import generate_latest
+
+        m = parse(generate_latest(registry_for(client, layout, settings, NoticeHub(cluster.url))).decode())
+        client.close()
+    assert m[("wikipulse_published_events_total", ())] == 6 and m[("wikipulse_folded_events_total", ())] == 1 + 2 + 3
+    for shard in layout.all_shards:
+        assert m[("wikipulse_stream_length", (("stream", shard.stream),))] == 2
+        assert m[("wikipulse_group_lag", (("group", "wikipulse"), ("stream", shard.stream)))] == 1
+        assert m[("wikipulse_group_pending", (("group", "wikipulse"), ("stream", shard.stream)))] == 1
+    assert m[("wikipulse_role_up", (("role", "subscriber"),))] == 1 and m[("wikipulse_role_up", (("role", "router"),))] == 1

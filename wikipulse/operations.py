@@ -42,14 +42,11 @@ ROLES = ("publisher", "subscriber", "archiver")
 
 
 # On Redis 6.2 (the embedded default) XINFO GROUPS has no `lag`: a group behind the stream's end has its entries
-# counted here, up to LAG_COUNT_MAX (about 5 minutes of the live feed; an XRANGE of them, in Redis, costs ~10 ms),
-# beyond which the lag is left out and wikipulse_group_lag_seconds tells how far behind it is. Redis 7 counts itself.
+# counted, in Redis, up to LAG_COUNT_MAX (about 5 minutes of the live feed; ~10 ms of Redis's time), beyond which the
+# lag is left out and wikipulse_group_lag_seconds tells how far behind it is. Redis 7 counts itself.
 LAG_COUNT_MAX = 10_000
-# KEYS: stream. ARGV: the group's last delivered id, how many entries after it to count at most (0: none).
-# Returns {the entries after it, counted (LAG_COUNT_MAX + 1: more), the first one's id}.
+# KEYS: stream. ARGV: the group's last delivered id, how many entries after it to count at most.
 LAG_SCRIPT = """
-local first = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', 1)
-if #first == 0 then return {0} end
 local n, at, most = 0, ARGV[1], tonumber(ARGV[2])
 while n < most do
   local chunk = redis.call('XRANGE', KEYS[1], '(' .. at, '+', 'COUNT', math.min(1000, most - n))
@@ -57,7 +54,7 @@ while n < most do
   n = n + #chunk
   at = chunk[#chunk][1]
 end
-return {n, first[1][1]}
+return n
 """
 
 
@@ -165,7 +162,7 @@ def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings, now
 
 def _second_round(client: SyncClient, consumers: list[list[str]], behind: list[Group], now: float) -> list[bool]:
     """Whether each shard has a consumer whose name's lease is held (lease.py: a lapsed lease means its process stopped
-    renewing it); and the lag of the groups behind their stream's end (filled in)."""
+    renewing it); and how far behind are the groups not at their stream's end (filled in)."""
     leases = [lease for names in consumers for lease in names]
     if not leases and not behind:
         return [False for _ in consumers]
@@ -173,13 +170,14 @@ def _second_round(client: SyncClient, consumers: list[list[str]], behind: list[G
     for lease in leases:
         pipe.exists(lease)
     for group in behind:
-        pipe.eval(LAG_SCRIPT, 1, group.stream, group.delivered, 0 if group.lag is not None else LAG_COUNT_MAX + 1)
+        pipe.xrange(group.stream, f"({group.delivered}", "+", count=1)  # the oldest entry not yet delivered to it
     replies = pipe.execute()
     held = iter(replies[: len(leases)])
-    for group, (counted, *first) in zip(behind, replies[len(leases) :], strict=True):
-        if group.lag is None and counted <= LAG_COUNT_MAX:
-            group.lag = int(counted)
-        group.lag_seconds = max(0.0, now - _ms(_text(first[0])) / 1000) if first else 0.0
+    for group, oldest in zip(behind, replies[len(leases) :], strict=True):
+        group.lag_seconds = max(0.0, now - _ms(_text(oldest[0][0])) / 1000) if oldest else 0.0
+        if group.lag is None:  # Redis 6.2: counted here (a script: on a cluster, pipelines take no scripts)
+            counted = int(client.eval(LAG_SCRIPT, 1, group.stream, group.delivered, LAG_COUNT_MAX + 1))
+            group.lag = counted if counted <= LAG_COUNT_MAX else None
     return [any([next(held) == 1 for _ in names]) for names in consumers]
 
 

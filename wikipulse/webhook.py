@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.connect import Client
 from wikipulse.lease import FENCE_LUA, Lease, LeaseLost, fenced_error
-from wikipulse.retry import REDIS_ERRORS, Backoff, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,9 @@ class AlertWebhook:
                             await self.post_alerts(session, backoff)
                         finally:
                             keeper.cancel()
-                    except REDIS_ERRORS as exc:
+                    except (*REDIS_ERRORS, RedisFull) as exc:  # the position is kept: the alert is posted after it
                         delay = backoff.next_delay()
-                        logger.warning("alert webhook: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                        logger.warning("alert webhook: Redis unavailable or full (%s); retrying in %.1fs", exc, delay)
                         await pause_before_retry(delay)
                     except LeaseLost as exc:
                         logger.error("alert webhook: %s; standing by", exc)
