@@ -3,8 +3,8 @@
 It runs in the subscriber's process beside the folds and never in their way: a task of its own with its own HTTP
 session, reading the alerts stream only. One poster at a time over every process (its lease). It keeps its position
 (the last alert handled) in Redis, written in one script with the lease check, so a restart or a takeover neither
-posts again what was handled nor skips what was raised meanwhile. The one window left: a crash after a post returned
-and before its position was written posts that alert once more; the `id` in the body (and the X-Wikipulse-Alert-Id
+posts again what was handled nor skips what was raised meanwhile. The one window left: a crash (or Redis failing)
+after a post returned and before its position was written posts that alert once more; the `id` in the body (and the X-Wikipulse-Alert-Id
 header) lets a receiver drop it. A post that fails is retried with backoff, ATTEMPTS in all, each within `timeout`
 seconds; one that still fails, or is refused (a 4xx but 408 and 429), is logged and counted as `failed`, and the
 poster goes on to the next alert: a dead webhook must not hold back every alert after it.
