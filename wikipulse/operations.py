@@ -4,9 +4,10 @@
 redis_exporter does for streams: the publisher's, subscribers' (every shard's), router's and archiver's counters, the
 streams' lengths, every consumer group's lag and pending entries (XINFO GROUPS), what trimming took unread, and which
 roles hold their leases. So one scrape of one dashboard sees the whole pipeline, on one Redis or a cluster, whichever
-process wrote it. Two pipelined round trips a scrape (the second only asks whether the consumers found hold their
-leases). Names follow the Prometheus conventions: the `wikipulse_` prefix, base units, `_total` counters, and labels
-of bounded values only (stage, reason, group, stream, role): never a title, a user or a domain.
+process wrote it. Two pipelined round trips a scrape (the second asks whether the consumers found hold their leases,
+and how old the oldest entry is that a group behind has not been delivered); 0.1-0.3 ms on one Redis. Names follow
+the Prometheus conventions: the `wikipulse_` prefix, base units, `_total` counters, and labels of bounded values only
+(stage, reason, group, stream, role, outcome): never a title, a user or a domain.
 
 `/healthz` answers 200 while the process serves HTTP at all; `/readyz` 503 until it can serve the page: Redis answers,
 and while pages are open, the notice subscription (push.NoticeHub) is held. Neither is ever the page's HTML: the routes
@@ -38,7 +39,6 @@ METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 SCRAPE_ERRORS = (*REDIS_ERRORS, RedisClusterException)
-ROLES = ("publisher", "subscriber", "archiver")
 
 
 # On Redis 6.2 (the embedded default) XINFO GROUPS has no `lag`: a group behind the stream's end has its entries
