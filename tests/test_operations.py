@@ -381,3 +381,30 @@ def test_the_scrape_on_a_redis_cluster_reads_every_master(tmp_path: Path) -> Non
         assert m[("wikipulse_group_lag", (("group", "wikipulse"), ("stream", shard.stream)))] == 1
         assert m[("wikipulse_group_pending", (("group", "wikipulse"), ("stream", shard.stream)))] == 1
     assert m[("wikipulse_role_up", (("role", "subscriber"),))] == 1 and m[("wikipulse_role_up", (("role", "router"),))] == 1
+
+
+@pytest.mark.browser
+def test_push_pages_counts_the_open_pages_of_this_process(ops_dash: str) -> None:
+    """Two real pages in headless Chromium: the scrape says 2 while they are pushed to, 0 once they are closed."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        contexts = [browser.new_context() for _ in range(2)]
+        for context in contexts:
+            context.new_page().goto(ops_dash + "/")
+        deadline = time.monotonic() + 30
+        while scrape(ops_dash)[("wikipulse_push_pages", ())] != 2:  # each page's websocket callback has started
+            assert time.monotonic() < deadline, "the pages were never pushed to"
+            time.sleep(0.2)
+        assert get(ops_dash + "/readyz")[0] == 200  # the notice subscription is held
+        for context in contexts:
+            context.close()
+        browser.close()
+    deadline = time.monotonic() + 30
+    while scrape(ops_dash)[("wikipulse_push_pages", ())] != 0:
+        assert time.monotonic() < deadline, "closed pages still counted"
+        time.sleep(0.2)
