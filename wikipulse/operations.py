@@ -44,8 +44,8 @@ SCRAPE_ERRORS = (*REDIS_ERRORS, RedisClusterException)
 # On Redis 6.2 (the embedded default) XINFO GROUPS has no `lag`: a group behind the stream's end has its entries
 # counted, in Redis, up to LAG_COUNT_MAX, beyond which the lag is left out and wikipulse_group_lag_seconds tells how
 # far behind it is. Redis serves nothing else while it counts, and XRANGE hands Lua each entry's ~1 KB: in chunks of
-# 100, 1,000 entries cost it 2.7 ms, 10,000 cost 83 ms (chunks of 1,000: 8.9 and 172 ms; the garbage grows faster
-# than the count). Redis 7 counts itself, for nothing.
+# 100, 1,000 entries cost it 2.7-4.6 ms, 10,000 cost 83 ms (chunks of 1,000: 8.9 and 172 ms; the garbage grows
+# faster than the count; bench/bench_metrics.py). Redis 7 counts itself, for nothing.
 LAG_COUNT_MAX = 1000
 # KEYS: stream. ARGV: the group's last delivered id, how many entries after it to count at most.
 LAG_SCRIPT = """
