@@ -72,6 +72,15 @@ def test_dashboard_published_on_loopback_only() -> None:
     assert "healthcheck" in dash
 
 
+def test_the_dashboard_health_check_asks_readyz_which_can_fail() -> None:
+    """Any path of the page answers 200 with its HTML: the check must ask the route that answers 503 when the
+    dashboard cannot serve (tests/test_operations.py: through a Redis outage)."""
+    from wikipulse.operations import READY_PATH
+
+    test = compose()["services"]["dash"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"] and f"http://127.0.0.1:8050{READY_PATH}'" in test[-1]
+
+
 def test_dockerfile_copies_what_the_services_run() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for path in ("wikipulse", "publisher.py", "subscriber.py", "archiver.py", "dash_app.py", "Pipfile.lock"):

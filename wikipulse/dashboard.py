@@ -24,6 +24,7 @@ from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
 from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
 from wikipulse.lists_view import LIST_SIZE, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
+from wikipulse.operations import register_operations
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
@@ -257,6 +258,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     hub = NoticeHub(settings.redis_url)
     register_selection_callbacks(app, client, layout)
     register_push(app, hub)
+    register_operations(app, client, layout, settings, hub)  # /metrics, /healthz, /readyz (operations.py)
     register_lists(app, client, layout)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))

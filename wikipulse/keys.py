@@ -98,6 +98,13 @@ def alert_marker(domain: str, minute: int) -> str:
     return f"{PREFIX}:{{alerts}}:raised:{domain}:{minute}"
 
 
+# The alert webhook (webhook.py, ALERT_WEBHOOK): one poster at a time (its lease) reads ALERTS and posts each alert
+# once; its hash keeps `position` (the last entry handled: a restart neither posts again nor skips) and the
+# counters `delivered` and `failed`. In the alerts' slot: the position is written in one script with the lease check.
+ALERT_WEBHOOK_STATE = f"{PREFIX}:{{alerts}}:webhook"
+ALERT_WEBHOOK_LEASE = f"{PREFIX}:{{alerts}}:webhook:lease"
+
+
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
 # (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
 # already; entries that other writers add without it are folded from their JSON.

@@ -34,6 +34,7 @@ from wikipulse.sse import ServerSentEvent, SSEDecoder
 logger = logging.getLogger(__name__)
 
 HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)  # no route, refused, no DNS: no network?
 THROTTLE_STATUSES = (429, 503)
 
 
@@ -102,6 +103,7 @@ class Publisher:
         self._inflight: asyncio.Future[None] | None = None
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
         self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
+        self._said_unreachable = False  # said once that the feed cannot be reached; the retries after it are quiet
 
     # ---- state ---------------------------------------------------------------------------
     async def load_state(self) -> None:
@@ -246,6 +248,7 @@ class Publisher:
                     raise Rejected400(f"HTTP 400: {body}")
                 raise StreamError(f"HTTP {resp.status}: {body}")
             logger.info("connected to %s (Last-Event-ID %s)", s.stream_url, "sent" if self.position else "none")
+            self._said_unreachable = False
             self.connected.set()
             try:
                 await self._read(resp)
@@ -346,6 +349,8 @@ class Publisher:
             await self.lease.wait_until_held("the publisher lease")
             await self._wait_for_redis()  # the other publisher moved the position on
             return self._log_reconnect(0.0, "took the lease over")
+        except UNREACHABLE as exc:
+            return self._unreachable(backoff.next_delay(), exc)
         except (StreamError, *HTTP_ERRORS) as exc:
             if self.events_this_connection:
                 backoff.reset()  # that connection worked: its end is routine, not a failure in a row
@@ -357,6 +362,20 @@ class Publisher:
         logger.warning(
             "reconnecting in %.1fs: %s (resume from %s)", delay, reason, "stored position" if self.position else "--since or now"
         )
+        return delay
+
+    def _unreachable(self, delay: float, exc: Exception) -> float:
+        """The feed cannot be reached (no network, a wrong URL): said once, clearly, with the way to run offline; the
+        retries after it are quiet until a connection is made."""
+        if self._said_unreachable:
+            logger.debug("the feed is still unreachable (%s: %s); again in %.1fs", type(exc).__name__, exc, delay)
+            return delay
+        self._said_unreachable = True
+        logger.warning(
+            "the feed at %s cannot be reached (%s: %s): no network? Retrying quietly (at most every %gs) until it answers. "
+            "To run offline, on simulated events: python -m wikipulse up --simulate",
+            self.settings.stream_url, type(exc).__name__, exc, self.settings.backoff_cap,
+        )  # fmt: skip
         return delay
 
     async def _wait_for_redis(self) -> None:

@@ -113,6 +113,7 @@ class Settings:
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
+    alert_webhook: str = _opt("ALERT_WEBHOOK", "URL each spike alert is POSTed to as JSON, by the subscriber (empty: none)", "")
 
     def shard_indexes(self) -> list[int]:
         """The shards this subscriber folds: settings.shard ('0,2'), or every shard."""
@@ -191,6 +192,7 @@ class Settings:
             raise SettingsError(f"shards must be at most {MAX_SHARDS}, not {self.shards}")
         self.shard_indexes()
         check_redis_url(self.redis_url)
+        check_webhook_url(self.alert_webhook)
         self.retention_seconds()
         if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
             raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
@@ -231,6 +233,21 @@ def check_redis_url(url: str) -> None:
     if parts.scheme != "unix" and db and not db.isdigit():
         raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} (the path must be a database number)")
     del port
+
+
+def check_webhook_url(url: str) -> None:
+    """Empty (no webhook), or an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as exc:
+        raise SettingsError(f"alert_webhook: not a URL: {redact_url_loosely(url)} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"alert_webhook: not an http(s) URL with a host: {redact_url_loosely(url)}")
 
 
 def redact_url_loosely(url: str) -> str:

@@ -36,6 +36,7 @@ from wikipulse.settings import OperatorError, Settings
 from wikipulse.spikes import CHECK_EVERY, SpikeWatch
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trending import fold_pages
+from wikipulse.webhook import AlertWebhook
 
 logger = logging.getLogger(__name__)
 
@@ -484,8 +485,11 @@ async def run_subscriber(settings: Settings) -> None:
             )
         stats_tasks = [asyncio.create_task(log_stats(subscriber, settings.stats_interval)) for subscriber in subscribers]
         stats_tasks += [asyncio.create_task(watch_spikes(client, subscriber)) for subscriber in subscribers]
+        # The webhook's poster runs beside the folds (a failed post never holds them up); were it to fail in a way
+        # it does not handle, the process fails with it (gather) rather than go on with it dead unseen.
+        webhook = [AlertWebhook(settings, client).run()] if settings.alert_webhook else []
         try:
-            await asyncio.gather(*(sub.run_stream() if settings.source == "stream" else sub.run_pubsub() for sub in subscribers))
+            await asyncio.gather(*(sub.run_stream() if settings.source == "stream" else sub.run_pubsub() for sub in subscribers), *webhook)
         finally:
             for task in stats_tasks:
                 task.cancel()
