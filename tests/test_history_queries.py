@@ -92,9 +92,10 @@ def test_every_crafted_value_gets_a_clear_message(search: str, message: str) -> 
 
 @pytest.mark.parametrize("value", [[], ["x"], {"a": 1}, 5, 2.5, True, "x" * 10_000, "2026-11-01T00:00"])
 def test_any_json_from_the_browser_is_refused_or_read_never_a_crash(value: Any) -> None:
-    for args in ((value, None, None, None), (None, value, None, None), (None, None, value, None), (None, None, None, value)):
+    for at in range(4):
+        args = [value if i == at else None for i in range(4)]
         try:
-            sel = clean_selection(*args, default_last=TODAY)
+            sel = clean_selection(args[0], args[1], args[2], args[3], TODAY)
         except HistoryError:
             continue
         assert isinstance(sel, HistorySelection)
