@@ -104,12 +104,12 @@ def page_rows(rows: list[dict[str, Any]]) -> list[html.Tr]:
 def editor_rows(rows: list[dict[str, Any]]) -> list[html.Tr]:
     if not rows:
         return [html.Tr(html.Td("No edits in this range.", colSpan=5))]
-    out = [html.Tr([html.Th("editor"), html.Th("wiki"), html.Th("edits"), html.Th("pages created"), html.Th("")])]
+    out = [html.Tr([html.Th("editor"), html.Th("wiki"), html.Th("edits"), html.Th("pages created"), html.Th("bot")])]
     for row in rows:
         domain, user = str(row.get("site", "")), str(row.get("editor", ""))
         url = contributions_url(domain, user) if is_valid_domain(domain) else None
         cells = [_link(user[:60], url, "history-user"), domain[:80], f"{int(row['edits']):,}", f"{int(row['created']):,}",
-                 "bot" if row.get("bot") else ""]  # fmt: skip
+                 "yes" if row.get("bot") else ""]  # fmt: skip
         out.append(html.Tr([html.Td(c) for c in cells]))
     return out
 
@@ -198,7 +198,7 @@ def load(ask: Ask, search: Any, today: date) -> tuple[Any, ...]:
 
 def show(ask: Ask, sel: HistorySelection) -> tuple[Any, ...]:
     """The selection's total, graph, top pages and top editors, or what kept the archive from answering."""
-    resolution = f" · one bar a {sel.bucket.name}"
+    resolution = f" · one bar per {sel.bucket.name}"
     try:
         total = total_of(ask(total_sql(sel)))
         figure = graph_figure(ask(graph_sql(sel)), sel)
