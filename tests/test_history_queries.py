@@ -221,3 +221,38 @@ def test_the_queries_answer_exactly_what_the_events_say(archive: Any, domains: t
     assert pages == expected_top(picked, "title")
     editors = [(r["site"], r["editor"], r["edits"]) for r in ask(opened, top_editors_sql(sel))]
     assert editors == expected_top(picked, "user")
+
+
+# ---- the page's callbacks as plain functions (history_page.load and show), with a plain function for the archive -----
+
+
+def test_the_page_says_plainly_when_no_archive_runs_and_refuses_a_bad_address() -> None:
+    from wikipulse.history_page import load, show
+    from wikipulse.query import ArchiveNotRunning
+
+    def nothing(sql: str) -> list[dict[str, Any]]:
+        raise ArchiveNotRunning("no archiver answers on 127.0.0.1:8124 (ARCHIVE_PORT) and no CLICKHOUSE_URL is set")
+
+    domains, _, since, until, by, ready, note, refused = load(nothing, "?domains=en.wikipedia.org&by=%C2%B2", TODAY)
+    assert note.startswith("No archive is running") and refused.startswith("Refused the address: by: '²' is not one of")
+    assert (domains, since, until, by, ready) == ([], "2026-11-02", "2026-12-01", "type", True)  # the default selection
+    total, figure, pages, editors, message, _ = show(nothing, HistorySelection((), NOV_1, DEC_1))
+    assert total == "–" and figure["data"] == pages == editors == [] and message.startswith("No archive is running")
+
+    def timeout(sql: str) -> list[dict[str, Any]]:
+        raise TimeoutError("timed out")
+
+    assert show(timeout, HistorySelection((), NOV_1, DEC_1))[4] == "The archive did not answer: timed out"
+
+
+def test_hostile_rows_from_the_archive_become_text_and_quoted_links() -> None:
+    from wikipulse.history_page import editor_rows, page_rows
+
+    rows = page_rows([{"site": "en.wikipedia.org", "page": "<script>x</script> & é", "edits": 3, "created": 1, "by_bots": 0},
+                      {"site": "evil.example/x?", "page": "T", "edits": 1, "created": 0, "by_bots": 0}])  # fmt: skip
+    link = rows[1].children[0].children
+    assert link.children == "<script>x</script> & é" and link.rel == "noopener noreferrer"
+    assert link.href == "https://en.wikipedia.org/w/index.php?title=%3Cscript%3Ex%3C%2Fscript%3E_%26_%C3%A9&action=history"
+    assert rows[2].children[0].children == "T"  # a wiki that is no host name gets no link at all
+    editor = editor_rows([{"site": "de.wikipedia.org", "editor": "Zoë Bot/x", "edits": 2, "created": 0, "bot": True}])[1]
+    assert editor.children[0].children.href == "https://de.wikipedia.org/wiki/Special:Contributions/Zo%C3%AB_Bot%2Fx"

@@ -249,7 +249,7 @@ class Extent:
     def text(self) -> str:
         if self.first is None or self.last is None or not self.rows:
             return "The archive holds no events yet."
-        return f"The archive holds {self.rows:,} rows from {self.first} to {self.last}."
+        return f"The archive holds events from {self.first} to {self.last} ({self.rows:,} rows, re-delivered copies until merged)."
 
 
 def extent_of(rows: list[dict[str, Any]]) -> Extent:
