@@ -23,6 +23,8 @@ from dash.exceptions import PreventUpdate
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
 from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
+from wikipulse.history_page import PATH as HISTORY_PATH
+from wikipulse.history_page import mount_history
 from wikipulse.lists_view import LIST_SIZE, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.operations import register_operations
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
@@ -160,7 +162,11 @@ def serve_layout() -> html.Div:
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
             html.H1(
-                ["wikipulse · the live pulse of the Wikimedia wikis", html.Span("polling every 2 s", id="push-status", className="push")]
+                [
+                    "wikipulse · the live pulse of the Wikimedia wikis",
+                    html.Span("polling every 2 s", id="push-status", className="push"),
+                    html.A("history →", id="history-link", href=HISTORY_PATH, className="push"),
+                ]
             ),
             html.Div(
                 [
@@ -260,6 +266,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     register_push(app, hub)
     register_operations(app, client, layout, settings, hub)  # /metrics, /healthz, /readyz (operations.py)
     register_lists(app, client, layout)
+    mount_history(app, settings, CSS)  # /history: its own page (history_page.py)
 
     @app.callback(Output("window", "options"), Input("resolution", "value"))
     def window_options(resolution: Any) -> list[str]:

@@ -135,9 +135,15 @@ async def new_pages(settings: Settings, domain: str | None, limit: int, humans: 
 # ---- the archive (ClickHouse) ------------------------------------------------------------------
 
 
-def archive_query(settings: Settings, sql: str) -> bytes:
+class ArchiveNotRunning(OperatorError):
+    """No archiver answers queries and no ClickHouse server is configured (a reader that may not open the directory)."""
+
+
+def archive_query(settings: Settings, sql: str, embedded: bool = True) -> bytes:
     """A read-only statement's rows as JSON lines. While the archiver runs it holds the embedded engine (one
-    process at a time), so the query goes to its endpoint on 127.0.0.1; otherwise straight to ClickHouse."""
+    process at a time), so the query goes to its endpoint on 127.0.0.1; otherwise straight to ClickHouse.
+    `embedded=False` (a long-running reader: the History page) never opens the embedded directory itself, which
+    would keep the archiver from it: with no archiver listening, ArchiveNotRunning."""
     from wikipulse.archive import Archive, ArchiveUnavailable, check_read_only, connect, json_lines
 
     statement = check_read_only(sql)
@@ -145,6 +151,10 @@ def archive_query(settings: Settings, sql: str) -> bytes:
         answer = _ask_archiver(settings.archive_port, statement)
         if answer is not None:
             return answer
+        if not embedded:
+            raise ArchiveNotRunning(
+                f"no archiver answers on 127.0.0.1:{settings.archive_port} (ARCHIVE_PORT) and no CLICKHOUSE_URL is set"
+            )
     try:
         archive = Archive(connect(settings))
     except ArchiveUnavailable as exc:
