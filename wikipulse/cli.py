@@ -107,10 +107,10 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def make_simulator(args: argparse.Namespace) -> Simulator:
     """Events stamped at the rate they are served, so event time keeps pace with the clock
     (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
-    from wikipulse.simulate import LIVE_RATE, Simulator, Spike
+    from wikipulse.simulate import FEED_LAG, LIVE_RATE, Simulator, Spike
 
     rate = args.rate if args.rate > 0 else LIVE_RATE
-    start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else 3.0)
+    start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else FEED_LAG)
     if not getattr(args, "spike", None):
         return Simulator(seed=args.seed, start=start, rate=rate)
     domain, _, after = args.spike.partition("@")
@@ -132,7 +132,9 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
             for i in range(count):
                 out.write(orjson.dumps(sim.event(i)) + b"\n")
         return 0
-    return run_until_signal(lambda: serve(SimulatedSource(sim, count), _server_options(args), args.host, args.port))
+    live = args.start is None  # a resumed feed stays live (never stamped ahead of the clock), unless a --start was given
+    source = SimulatedSource(sim, count, live)
+    return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
 
 
 def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:

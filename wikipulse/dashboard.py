@@ -37,6 +37,7 @@ from wikipulse.view import (
     Selection,
     SelectionError,
     Snapshot,
+    ahead_notice,
     clean_selection,
     default_domains,
     header,
@@ -531,7 +532,7 @@ def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     options = domain_options(hour, sel)
     stale = stale_seconds(snap)
     banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
-    banner = " ".join(filter(None, (banner, trimmed_notice(snap))))
+    banner = " ".join(filter(None, (banner, trimmed_notice(snap), ahead_notice(snap))))
     banner_style = {"display": "block"} if banner else {"display": "none"}
     figure = make_figure(snap, sel, zoom)
     if snap.buckets:
