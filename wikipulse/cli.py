@@ -301,8 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     except OperatorError as exc:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
-    except (RedisError, OSError) as exc:  # the one-shot commands (counts, stats): the long-running ones retry
+    except RedisError as exc:  # the one-shot commands (counts, stats): the long-running ones retry
         sys.stderr.write(f"{parser.prog} {args.command}: error: Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}\n")
+    except OSError as exc:  # not Redis's (redis-py raises its own errors for its connections): a file, a socket elsewhere
+        sys.stderr.write(f"{parser.prog} {args.command}: error: {type(exc).__name__}: {exc}\n")
     return 1
 
 

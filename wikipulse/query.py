@@ -155,6 +155,9 @@ def archive_query(settings: Settings, sql: str) -> bytes:
         archive.close()
 
 
+ARCHIVER_TIMEOUT = 60.0  # seconds `sql` and `history` wait for the archiver's answer
+
+
 def _ask_archiver(port: int, statement: str) -> bytes | None:
     """The archiver's answer, or None when no archiver listens (then the caller opens the archive itself)."""
     import urllib.error
@@ -162,8 +165,10 @@ def _ask_archiver(port: int, statement: str) -> bytes | None:
 
     request = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=statement.encode(), method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=ARCHIVER_TIMEOUT) as response:
             return bytes(response.read())
+    except TimeoutError:
+        raise OperatorError(f"the archiver on 127.0.0.1:{port} did not answer within {ARCHIVER_TIMEOUT:g} s (a slow query?)") from None
     except urllib.error.HTTPError as failure:
         with failure:
             raise OperatorError(failure.read().decode(errors="replace")[:500]) from None

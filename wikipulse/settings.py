@@ -191,6 +191,7 @@ class Settings:
             raise SettingsError(f"shards must be at most {MAX_SHARDS}, not {self.shards}")
         self.shard_indexes()
         check_redis_url(self.redis_url)
+        check_clickhouse_url(self.clickhouse_url)
         self.retention_seconds()
         if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
             raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
@@ -231,6 +232,23 @@ def check_redis_url(url: str) -> None:
     if parts.scheme != "unix" and db and not db.isdigit():
         raise SettingsError(f"not a Redis URL: {redact_url_loosely(url)} (the path must be a database number)")
     del port
+
+
+def check_clickhouse_url(url: str) -> None:
+    """Empty (the embedded engine), or http(s)://[user:password@]host[:port][/database]: clickhouse-connect reads
+    anything else (`notaurl`) as localhost:8123, silently."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return
+    hint = "use http://user:password@host:8123/database, or leave it empty for the embedded engine"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (it raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise SettingsError(f"clickhouse_url: not a ClickHouse URL: {redact_url_loosely(url)} ({exc}; {hint})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/").count("/"):
+        raise SettingsError(f"clickhouse_url: not a ClickHouse URL: {redact_url_loosely(url)} ({hint})")
 
 
 def redact_url_loosely(url: str) -> str:
