@@ -191,6 +191,25 @@ def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse import keys
+    from wikipulse.connect import open_client
+    from wikipulse.shards import change_shards
+
+    async def run() -> dict[str, Any]:
+        client, layout = await open_client(settings)
+        async with client:
+            if args.set is None:
+                raw = await client.get(keys.SHARDS_RECORD)
+                return {"shards": None if raw is None else int(raw)}
+            if args.set < 1:
+                raise SettingsError(f"--set {args.set}: at least 1")
+            return (await change_shards(client, settings, args.set, layout.cluster)).as_json()
+
+    sys.stdout.write(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
@@ -273,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--namespace", default="0", help="namespaces, e.g. 0,2, or all (default 0: articles)")
 
     command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
+    shards = command(
+        "shards",
+        cmd_shards,
+        "print the deployment's shard count recorded in Redis; --set N changes it, every process stopped (README: Changing SHARDS)",
+        ("redis_url", "cluster", "shards", "stream", "group", "log_level"),
+    )
+    shards.add_argument("--set", type=int, metavar="N", help="record N shards: the fold starts again from what the ingest stream holds")
 
     sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ARCHIVE)
     sql.add_argument(

@@ -27,6 +27,7 @@ from wikipulse.lists_view import LIST_SIZE, WHO_LABELS, alert_marks, alert_rows,
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
+from wikipulse.shards import check_shards_sync
 from wikipulse.status import decode_hash
 from wikipulse.trending import TrendingQuery, queue_new_pages, take_new_pages
 from wikipulse.trimming import TRIMMED_UNREAD
@@ -250,6 +251,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     cluster = is_cluster_sync(settings)
     layout = keys.Layout(settings.stream, settings.shards, cluster)
     client = client or open_sync_client(settings, cluster, socket_timeout=5, socket_connect_timeout=5)
+    check_shards_sync(client, settings)  # another shard count would read other keys than the pipeline writes
     # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
     app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi")
     app.layout = serve_layout

@@ -32,6 +32,10 @@ REJECTED_KEEP = 100  # rejected frames kept for inspection
 # publisher stands by until it lapses; the write script is fenced by it.
 PUBLISHER_LEASE = f"{PREFIX}:publisher:lease"
 
+# The deployment's shard count (settings.shards), as a string: recorded by the first process that writes, and every
+# process that depends on it refuses another count (shards.py); `python -m wikipulse shards --set N` changes it.
+SHARDS_RECORD = f"{PREFIX}:shards"
+
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 # Counter bumped by every claim of idle entries (XAUTOCLAIM, in one script with it). A batch read
 # while it held E and applied while it still holds E cannot have lost entries to another consumer,

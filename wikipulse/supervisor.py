@@ -20,10 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from wikipulse.connect import open_client
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, answers, free_port, is_local
 from wikipulse.retry import backoff_delay
 from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.shards import check_shards
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,13 @@ async def start_redis(plan: Plan) -> RedisServer | None:
     return server
 
 
+async def check_shards_of(settings: Settings) -> None:
+    """Refuse here, in one line, a shard count the Redis does not hold: else every child would refuse and be restarted."""
+    client, _ = await open_client(settings)
+    async with client:
+        await check_shards(client, settings)
+
+
 async def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -183,6 +192,7 @@ async def _run_up(plan: Plan, lock: FolderLock) -> None:
     children: list[Child] = []
     tasks: list[asyncio.Task[None]] = []
     try:
+        await check_shards_of(settings)
         feed_port = free_port()
         args = feed_args(plan, feed_port)
         if args is not None:
