@@ -86,6 +86,9 @@ FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and
 TREND_PARTS = ("all", "bot", "byeditor")
 TREND_CAP = 1000
 TREND_GLOBAL_CAP = 3000
+# A minute's byeditor hash admits its first 2,000 (page, editor) fields; the edits of later editors of its pages are
+# counted in `rest_editors` (one page-minute of a flood reached 61,000 fields, 10 MB, kept an hour).
+TREND_EDITOR_CAP = 2000
 TREND_RETENTION = 3600 + 60  # an hour of minutes, and the current one
 TREND_WINDOWS = (5, 60)  # minutes the lists are asked over
 NEW_PAGES_KEEP = 500  # page creations kept per shard (every namespace; readers filter)
