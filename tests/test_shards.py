@@ -4,6 +4,7 @@ with `shards --set N`, without counting an event twice (SHARDS 1 -> 3 -> 1 used 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,9 +20,9 @@ import redis.asyncio as aioredis
 
 from wikipulse import keys
 from wikipulse.connect import open_client
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.settings import Settings
-from wikipulse.shards import is_fold_key, is_lease
+from wikipulse.redis_server import LocalCluster, RedisServer, free_port
+from wikipulse.settings import OperatorError, Settings
+from wikipulse.shards import change_shards, check_shards, is_fold_key, is_lease
 from wikipulse.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,8 @@ async def test_another_shard_count_is_refused_and_changed_on_purpose_without_dou
         assert await redis_client.get(keys.SHARDS_RECORD) == b"1"  # recorded by the first writer
         # Every role that depends on the count refuses another one, in one line naming the fix.
         for role in (("subscribe",), ("publish",), ("archive", "--archive-dir", str(redis_server.data_dir / "archive")),
-                     ("counts", "_all"), ("stats",), ("trending",), ("dash", "--port", str(free_port()))):  # fmt: skip
+                     ("counts", "_all"), ("stats",), ("trending",), ("new-pages",), ("dash", "--port", str(free_port())),
+                     ("up", "--simulate", "--data-dir", str(redis_server.data_dir / "up"))):  # fmt: skip
             line = one_line(wikipulse(url, 3, *role))
             assert "is a deployment of SHARDS=1, not 3" in line and "shards --set 3" in line, (role, line)
         # The change on purpose is refused while the pipeline runs.
@@ -153,3 +155,28 @@ def test_what_a_change_drops_and_keeps(sharded: bool) -> None:
     leases = {layout.publisher.lease, layout.archiver_lease("archiver"), shard.consumer_lease("wikipulse", "host")}
     leases |= {shard.router_lease} if sharded else set()
     assert {k for k in fold + kept if is_lease(k)} == leases
+
+
+async def test_a_change_on_a_cluster_drops_the_fold_of_every_master(tmp_path: Path) -> None:
+    """On a 3-master cluster: SCAN and UNLINK reach every master; the publisher's keys keep their names (a cluster's
+    layout is sharded whatever the count); the router's group is destroyed, the archiver's kept."""
+    with LocalCluster(tmp_path / "cluster", masters=3, appendonly=False) as cluster:
+        settings = Settings.from_args(environ={}, redis_url=cluster.url, shards=3)
+        client, layout = await open_client(settings)
+        async with client:
+            await check_shards(client, settings)  # records 3
+            fold = [shard.stats for shard in layout.all_shards] + [shard.series_key("en.wikipedia.org", keys.RESOLUTIONS[0], 0)
+                                                                    for shard in layout.all_shards]  # fmt: skip
+            for key in fold:
+                await client.hset(key, "x", 1)
+            await client.set(layout.publisher.position, "[position]")
+            await client.xgroup_create(layout.stream, layout.router_group, id="0", mkstream=True)
+            await client.xgroup_create(layout.stream, "archiver", id="0")
+            with pytest.raises(OperatorError, match="not 2"):
+                await check_shards(client, dataclasses.replace(settings, shards=2))
+            change = await change_shards(client, settings, 2, cluster=True)
+            assert (change.was, change.removed, change.renamed, change.groups_destroyed) == (3, len(fold), [], [layout.router_group])
+            assert [k for k in fold if await client.exists(k)] == []
+            assert await client.get(layout.publisher.position) == b"[position]"
+            assert [g["name"] for g in await client.xinfo_groups(layout.stream)] == [b"archiver"]
+            await check_shards(client, dataclasses.replace(settings, shards=2))
