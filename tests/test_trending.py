@@ -185,6 +185,26 @@ async def test_a_minutes_editors_are_capped_in_the_order_of_the_stream(redis_cli
     ]  # every edit counted; the editors past the cap are not told apart
 
 
+async def test_both_caps_at_once(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """Pages past their cap (`rest` is a field of the same hash, and not an editor) and then editors past theirs."""
+    base = simulated(1, 30)[0]
+    minute = NOW - NOW % 60
+    events = []
+    fillers = [(f"Page {p}", "Filler") for p in range(keys.TREND_CAP + 5)]
+    flood = [("Page 0", f"User {u}") for u in range(keys.TREND_EDITOR_CAP - keys.TREND_CAP + 100)]
+    for i, (title, user) in enumerate(fillers + flood):
+        e = copy.deepcopy(base)
+        e["meta"].update(id=f"both-{i}", domain="de.wikipedia.org")
+        e.update(type="edit", title=title, namespace=0, timestamp=minute, bot=i % 3 == 0, user=user)
+        e["length"] = {"old": 10, "new": 10 + i % 7}
+        events.append(e)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(dataclasses.replace(settings, batch_size=250), redis_client, len(events))
+    assert stored_trending(await _sync(redis_client)) == reference_trending(events, keys.Layout("wiki:events"))
+    editors = await redis_client.hgetall(keys.UNSHARDED.trend_key("byeditor", "de.wikipedia.org", minute))
+    assert (len(editors), editors[b"\trest"], editors[b"\trest_editors"]) == (keys.TREND_EDITOR_CAP + 2, b"5", b"100")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -55,8 +55,9 @@ while i <= #t do
     end
     i = i + 3
   end
-  -- fields: at least the editor fields keds holds (each admitted entry counts one, new or not), exact after a recount
-  local k, fields, erest = t[i], editor_fields(keds), 0
+  -- fields: at least the editor fields keds holds (HLEN counts the two rest fields too, and each admitted entry one,
+  -- new or not); exact after a recount, which only a minute near its cap needs
+  local k, fields, erest = t[i], redis.call('HLEN', keds), 0
   i = i + 1
   for _ = 1, k do
     local f, b = t[i + 1], t[i + 2]
