@@ -123,6 +123,8 @@ async def test_another_shard_count_is_refused_and_changed_on_purpose_without_dou
     report = orjson.loads(changed.stdout)
     assert (report["was"], report["shards"], report["groups_destroyed"]) == (1, 3, ["wikipulse"])
     assert orjson.loads(wikipulse(url, 3, "shards").stdout) == {"shards": 3}
+    same = orjson.loads(wikipulse(url, 3, "shards", "--set", "3").stdout)  # the count it has: nothing is dropped
+    assert (same["was"], same["fold_keys_removed"], same["groups_destroyed"]) == (3, 0, [])
     with pipeline(url, 3, 2 * PHASE):  # the new layout folds the ingest stream again, then the new events
         status = await folded(url, 3, 2 * PHASE)
         assert (status["published"], status["folded"], status["duplicates"]) == (2 * PHASE, 2 * PHASE, 0)

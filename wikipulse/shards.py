@@ -137,6 +137,9 @@ async def change_shards(client: Client, settings: Settings, new: int, cluster: b
             "stop every process first (a killed one's lease lapses within LEASE_TTL)"
         )
     change = Change(was, new)
+    if (was or settings.shards) == new:  # the same layout: record it, and keep the fold
+        await client.set(keys.SHARDS_RECORD, new)
+        return change
     old = keys.Layout(settings.stream, was or settings.shards, cluster)
     layout = keys.Layout(settings.stream, new, cluster)
     for group in dict.fromkeys((settings.group, old.router_group, layout.router_group)):
