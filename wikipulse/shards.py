@@ -150,7 +150,7 @@ async def change_shards(client: Client, settings: Settings, new: int, cluster: b
             pass
     doomed = [k for k in found if is_fold_key(k, settings.stream)]
     for chunk in _chunks(doomed, 1000):
-        await client.unlink(*chunk)  # a cluster client splits it by slot (its pipeline dropped them silently)
+        await client.unlink(*chunk)  # a cluster client splits it by slot (its async pipeline's unlink is a coroutine: queues nothing)
     change.removed = len(doomed)
     for before, after in zip(ingest_prefixes(old), ingest_prefixes(layout), strict=True):
         if before == after:
