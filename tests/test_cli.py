@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -54,6 +56,9 @@ def test_a_range_over_the_bucket_cap_is_a_clear_error(redis_server: RedisServer)
         (("publish", "--batch-size", "0"), ("batch_size",)),
         (("subscribe", "--claim-idle", "-1"), ("claim_idle",)),
         (("dash", "--port", "70000"), ("port",)),
+        (("sql", "SELECT 1", "--clickhouse-url", "notaurl"), ("not a ClickHouse URL: notaurl",)),  # was: localhost, silently
+        (("sql", "SELECT 1", "--clickhouse-url", "http://u:secret@:8123/db"), ("not a ClickHouse URL",)),
+        (("sql", "SELECT 1", "--clickhouse-url", "clickhouse://u:secret@host"), ("not a ClickHouse URL",)),
     ],
 )
 def test_bad_arguments_are_one_clear_line(args: tuple[str, ...], words: tuple[str, ...]) -> None:
@@ -86,3 +91,24 @@ async def test_publisher_refuses_an_evicting_redis_in_one_line(redis_client: aio
         assert result.returncode == 1
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+def test_an_archive_directory_that_is_a_file_is_named_not_blamed_on_redis(tmp_path: Path) -> None:
+    """It was "Redis at redis://…: FileExistsError"."""
+    (tmp_path / "archive").write_text("")
+    result = wikipulse("sql", "SELECT 1", "--archive-dir", str(tmp_path / "archive"), "--archive-port", str(free_port()))
+    one_clear_line(result, "FileExistsError", str(tmp_path / "archive"))
+    assert result.returncode == 1 and "Redis" not in result.stderr
+
+
+def test_a_slow_archiver_is_named_not_blamed_on_redis(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An archiver that takes longer than `sql` waits: it was "Redis at redis://…: TimeoutError: timed out"."""
+    from wikipulse import cli, query
+
+    monkeypatch.setattr(query, "ARCHIVER_TIMEOUT", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
+        port = silent.getsockname()[1]
+        assert cli.main(["sql", "SELECT 1", "--archive-port", str(port)]) == 1
+    error = capsys.readouterr().err
+    said = f"python -m wikipulse sql: error: the archiver on 127.0.0.1:{port} did not answer within 0.5 s (a slow query?)"
+    assert error.splitlines() == [said]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
 
 import orjson
@@ -10,6 +14,8 @@ import pytest
 
 from wikipulse.cli import build_parser, make_simulator
 from wikipulse.events import Accepted, Canary, validate
+from wikipulse.eventstreams import PATH, SimulatedSource, event_id
+from wikipulse.redis_server import free_port
 from wikipulse.settings import SettingsError
 from wikipulse.simulate import Simulator, Spike
 
@@ -59,3 +65,54 @@ def test_an_injected_spike_is_its_wiki_at_twenty_times_its_rate_for_two_minutes(
 def test_spike_option_refuses_an_unknown_wiki() -> None:
     with pytest.raises(SettingsError, match="no wiki"):
         make_simulator(build_parser().parse_args(["simulate", "--spike", "nowhere.example.org@30"]))
+
+
+def _first_events(port: int, last_event_id: bytes, n: int) -> list[dict[str, object]]:
+    """The first n events a real client gets from a local feed, resuming after `last_event_id`."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", headers={"Last-Event-ID": last_event_id.decode()})
+    events: list[dict[str, object]] = []
+    with urllib.request.urlopen(request, timeout=10) as stream:
+        while len(events) < n:
+            line = stream.readline()
+            if line.startswith(b"data: "):
+                events.append(orjson.loads(line[6:]))
+    return events
+
+
+def test_a_resumed_simulation_stays_live() -> None:
+    """`up --simulate` a second time: the publisher resumes the feed at its stored position. Event N used to be stamped
+    at the new feed's start + N / rate: after a first run of 20,000 events at 100/s, 200 s ahead of the clock (after
+    an hour's run, every event `future`, never shown). Now a resumed feed is stamped behind the clock, at its rate."""
+    port = free_port()
+    feed = subprocess.Popen(
+        [sys.executable, "-m", "wikipulse", "simulate", "--rate", "100", "--port", str(port)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the feed did not start"
+                time.sleep(0.1)
+        resumed = _first_events(port, event_id(19_999), 200)
+        now = time.time()
+        assert [e["meta"]["offset"] for e in resumed] == list(range(5_000_020_000, 5_000_020_200))  # type: ignore[index]
+        stamps = [float(e["timestamp"]) for e in resumed]  # type: ignore[arg-type]
+        assert max(stamps) <= now, f"stamped {max(stamps) - now:.0f} s ahead of the clock"
+        assert min(stamps) > now - 30  # and live, not an hour back
+        again = _first_events(port, event_id(20_199), 1)[0]  # a reconnect goes on from there, never ahead
+        assert now - 30 < float(again["timestamp"]) <= time.time()  # type: ignore[arg-type]
+    finally:
+        feed.terminate()
+        feed.wait(10)
+
+
+def test_a_simulation_with_a_start_keeps_its_clock() -> None:
+    """With --start (the scenarios' reference folds) event i is stamped start + i / rate, resumed or not."""
+    args = build_parser().parse_args(["simulate", "--rate", "100", "--start", str(time.time() + 3600)])
+    sim = make_simulator(args)
+    source = SimulatedSource(sim, None, live=args.start is None)
+    assert orjson.loads(source.data(100))["timestamp"] == int(sim.start + 1)

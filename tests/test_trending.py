@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import re
 import subprocess
 import sys
@@ -151,6 +152,57 @@ async def test_a_minute_admits_its_first_pages_up_to_the_cap(redis_client: aiore
     assert sorted(m.decode() for m in admitted) == sorted(f"0\tPage {i}" for i in range(keys.TREND_CAP))
     assert await redis_client.hget(keys.UNSHARDED.trend_key("byeditor", "de.wikipedia.org", minute), "\trest") == b"200"
     assert await redis_client.ttl(keys.UNSHARDED.trend_key("all", "de.wikipedia.org", minute)) > 3000  # an hour of minutes, from its minute
+
+
+async def test_a_minutes_editors_are_capped_in_the_order_of_the_stream(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """One page-minute's byeditor hash reached 61,000 fields (10 MB, kept an hour). Now it admits its first
+    TREND_EDITOR_CAP (page, editor) fields and counts later editors' edits in `rest_editors`. Two pages' new editors
+    alternate across the cap, in batches of 300 (the fold groups a batch by page; the cap must follow the stream)."""
+    base = simulated(1, 30)[0]
+    minute = NOW - NOW % 60
+    events = []
+    for i in range(keys.TREND_EDITOR_CAP + 400):
+        e = copy.deepcopy(base)
+        e["meta"].update(id=f"editor-{i}", domain="de.wikipedia.org")
+        e.update(type="edit", title=f"Page {i % 2}", namespace=0, timestamp=minute, bot=False, user=f"User {i}")
+        e["length"] = {"old": 10, "new": 10 + i % 7}
+        events.append(e)
+    for i in range(100):  # editors admitted before the cap go on counting
+        e = copy.deepcopy(events[i])
+        e["meta"]["id"] = f"again-{i}"
+        events.append(e)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(dataclasses.replace(settings, batch_size=300), redis_client, len(events))
+    layout = keys.Layout("wiki:events")
+    assert stored_trending(await _sync(redis_client)) == reference_trending(events, layout)
+    editors = await redis_client.hgetall(keys.UNSHARDED.trend_key("byeditor", "de.wikipedia.org", minute))
+    assert len(editors) == keys.TREND_EDITOR_CAP + 1 and editors[b"\trest_editors"] == b"400"
+    assert {f"0\tPage {i % 2}\thUser {i}".encode() for i in range(keys.TREND_EDITOR_CAP)} == editors.keys() - {b"\trest_editors"}
+    top = await read_trending(redis_client, layout, NOW, 5, 2, ["de.wikipedia.org"])
+    assert [(row.title, row.edits, row.editors) for row in top] == [
+        ("Page 0", (keys.TREND_EDITOR_CAP + 400) // 2 + 50, keys.TREND_EDITOR_CAP // 2),
+        ("Page 1", (keys.TREND_EDITOR_CAP + 400) // 2 + 50, keys.TREND_EDITOR_CAP // 2),
+    ]  # every edit counted; the editors past the cap are not told apart
+
+
+async def test_both_caps_at_once(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """Pages past their cap (`rest` is a field of the same hash, and not an editor) and then editors past theirs."""
+    base = simulated(1, 30)[0]
+    minute = NOW - NOW % 60
+    events = []
+    fillers = [(f"Page {p}", "Filler") for p in range(keys.TREND_CAP + 5)]
+    flood = [("Page 0", f"User {u}") for u in range(keys.TREND_EDITOR_CAP - keys.TREND_CAP + 100)]
+    for i, (title, user) in enumerate(fillers + flood):
+        e = copy.deepcopy(base)
+        e["meta"].update(id=f"both-{i}", domain="de.wikipedia.org")
+        e.update(type="edit", title=title, namespace=0, timestamp=minute, bot=i % 3 == 0, user=user)
+        e["length"] = {"old": 10, "new": 10 + i % 7}
+        events.append(e)
+    await load_stream(redis_client, lines(events), with_fold=True)
+    await run_subscriber(dataclasses.replace(settings, batch_size=250), redis_client, len(events))
+    assert stored_trending(await _sync(redis_client)) == reference_trending(events, keys.Layout("wiki:events"))
+    editors = await redis_client.hgetall(keys.UNSHARDED.trend_key("byeditor", "de.wikipedia.org", minute))
+    assert (len(editors), editors[b"\trest"], editors[b"\trest_editors"]) == (keys.TREND_EDITOR_CAP + 2, b"5", b"100")
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,38 @@ def wait_for_count(client: redis.Redis, key: str, counter: str, n: int, timeout:
         assert time.monotonic() < deadline, f"{key} {counter} did not reach {n} within {timeout} s"
         time.sleep(0.2)
     return value
+
+
+def test_a_second_up_in_the_same_folder_is_refused_with_one_line_naming_the_first(tmp_path: Path) -> None:
+    """Before: the second printed the first's URL as its own, its dashboard failed to bind, and it ran on, with no
+    Redis and a crash-looping publisher, once the first stopped."""
+    redis_port, dash_port, archive_port = free_port(), free_port(), free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**os.environ, "REDIS_URL": url, "DASH_PORT": str(dash_port), "ARCHIVE_PORT": str(archive_port), "LOG_LEVEL": "WARNING"}
+    command = [sys.executable, "-m", "wikipulse", "up", "--simulate", "--rate", "100", "--data-dir", str(tmp_path)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None
+        started = time.monotonic()
+        while "wikipulse is up" not in first.stdout.readline():
+            assert first.poll() is None and time.monotonic() - started < 60, "the first up did not start"
+        second = subprocess.run(command, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert second.returncode == 1
+        assert second.stdout == ""  # no URL of its own
+        lines = second.stderr.splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"pid {first.pid}" in lines[0] and f"http://127.0.0.1:{dash_port}/" in lines[0] and "another `up`" in lines[0]
+        # The first runs on untouched, and stops cleanly.
+        client = redis.Redis.from_url(url)
+        folded = wait_for_count(client, "wp:subscriber:stats", "folded", 1, 20)
+        wait_for_count(client, "wp:subscriber:stats", "folded", folded + 50, 20)
+        client.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/", timeout=10) as page:
+            assert page.status == 200
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if first.stdout is not None:
+            first.stdout.close()

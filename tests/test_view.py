@@ -211,3 +211,20 @@ def test_list_links_quote_what_the_feed_sends() -> None:
     assert url["diff"] == "https://en.wikipedia.org/w/index.php?diff=5"
     row = trending_rows([Trend("en.wikipedia.org", 0, hostile, 3, 2, -5)])[1]
     assert row.children[0].children.children == hostile  # a text child: React escapes it
+
+
+def test_events_stamped_ahead_of_the_clock_are_said_on_the_page() -> None:
+    """A resumed simulation, or a feed whose clock is off: its events land in buckets the page does not show yet,
+    and the page used to show an empty graph and a negative lag only."""
+    now = 1_000_000.0
+    sel = Selection(("en.wikipedia.org",))
+
+    def banner(lag: float) -> tuple[str, dict[str, str]]:
+        rendered = render(Snapshot(now=now, buckets=[], series={}, publisher={"last_publish_at": now, "lag_seconds": lag}), sel)
+        return rendered[7], rendered[8]
+
+    assert banner(-87.7) == ("Events arrive stamped 88 s ahead of this clock: the graph shows them only once their time comes.",
+                             {"display": "block"})  # fmt: skip
+    assert "3,600 s ahead" in banner(-3600)[0] and "counted as `future` and not shown" in banner(-3600)[0]
+    assert banner(-20.0) == ("", {"display": "none"})  # the simulator's meta.dt, up to 27 s ahead of a live simulation
+    assert banner(4.0) == ("", {"display": "none"})

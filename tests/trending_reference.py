@@ -16,6 +16,9 @@ Contents = dict[str, Any]  # key -> {member: score} | {editor field: bytes} | [n
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_REST = {"\trest", "\trest_editors"}  # the byeditor hash's counters of what its caps left out: not editors
+
+
 def _admit(zset: dict[str, int], member: str, cap: int) -> bool:
     return member in zset or len(zset) < cap
 
@@ -41,7 +44,10 @@ def reference_trending(events: Iterable[dict[str, Any]], layout: keys.Layout) ->
         if _admit(edits, name, keys.TREND_CAP):
             edits[name] = edits.get(name, 0) + 1
             editor = f"{name}\t{'b' if e['bot'] else 'h'}{user}"
-            editors[editor] = editors.get(editor, 0) + changed
+            if editor in editors or len(editors) - sum(k in editors for k in _REST) < keys.TREND_EDITOR_CAP:
+                editors[editor] = editors.get(editor, 0) + changed
+            else:
+                editors["\trest_editors"] = editors.get("\trest_editors", 0) + 1
             if e["bot"]:
                 bots = out.setdefault(key("bot"), {})
                 bots[name] = bots.get(name, 0) + 1

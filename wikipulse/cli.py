@@ -108,10 +108,10 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def make_simulator(args: argparse.Namespace) -> Simulator:
     """Events stamped at the rate they are served, so event time keeps pace with the clock
     (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
-    from wikipulse.simulate import LIVE_RATE, Simulator, Spike
+    from wikipulse.simulate import FEED_LAG, LIVE_RATE, Simulator, Spike
 
     rate = args.rate if args.rate > 0 else LIVE_RATE
-    start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else 3.0)
+    start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else FEED_LAG)
     if not getattr(args, "spike", None):
         return Simulator(seed=args.seed, start=start, rate=rate)
     domain, _, after = args.spike.partition("@")
@@ -133,7 +133,9 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
             for i in range(count):
                 out.write(orjson.dumps(sim.event(i)) + b"\n")
         return 0
-    return run_until_signal(lambda: serve(SimulatedSource(sim, count), _server_options(args), args.host, args.port))
+    live = args.start is None  # a resumed feed stays live (never stamped ahead of the clock), unless a --start was given
+    source = SimulatedSource(sim, count, live)
+    return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
 
 
 def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
@@ -187,6 +189,25 @@ def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
 
     result = asyncio.run(new_pages(settings, args.domain, args.limit, args.humans, args.namespace))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse import keys
+    from wikipulse.connect import open_client
+    from wikipulse.shards import change_shards
+
+    async def run() -> dict[str, Any]:
+        client, layout = await open_client(settings)
+        async with client:
+            if args.set is None:
+                raw = await client.get(keys.SHARDS_RECORD)
+                return {"shards": None if raw is None else int(raw)}
+            if args.set < 1:
+                raise SettingsError(f"--set {args.set}: at least 1")
+            return (await change_shards(client, settings, args.set, layout.cluster)).as_json()
+
+    sys.stdout.write(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 
@@ -272,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--namespace", default="0", help="namespaces, e.g. 0,2, or all (default 0: articles)")
 
     command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
+    shards = command(
+        "shards",
+        cmd_shards,
+        "print the deployment's shard count recorded in Redis; --set N changes it, every process stopped (README: Changing SHARDS)",
+        ("redis_url", "cluster", "shards", "stream", "group", "log_level"),
+    )
+    shards.add_argument("--set", type=int, metavar="N", help="record N shards: the fold starts again from what the ingest stream holds")
 
     sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ARCHIVE)
     sql.add_argument(
@@ -300,8 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     except OperatorError as exc:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
-    except (RedisError, OSError) as exc:  # the one-shot commands (counts, stats): the long-running ones retry
+    except RedisError as exc:  # the one-shot commands (counts, stats): the long-running ones retry
         sys.stderr.write(f"{parser.prog} {args.command}: error: Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}\n")
+    except OSError as exc:  # not Redis's (redis-py raises its own errors for its connections): a file, a socket elsewhere
+        sys.stderr.write(f"{parser.prog} {args.command}: error: {type(exc).__name__}: {exc}\n")
     return 1
 
 

@@ -30,6 +30,7 @@ from wikipulse.operations import register_operations
 from wikipulse.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
+from wikipulse.shards import check_shards_sync
 from wikipulse.status import decode_hash
 from wikipulse.trending import TrendingQuery, queue_new_pages, take_new_pages
 from wikipulse.trimming import TRIMMED_UNREAD
@@ -40,6 +41,7 @@ from wikipulse.view import (
     Selection,
     SelectionError,
     Snapshot,
+    ahead_notice,
     clean_selection,
     default_domains,
     header,
@@ -256,6 +258,7 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     cluster = is_cluster_sync(settings)
     layout = keys.Layout(settings.stream, settings.shards, cluster)
     client = client or open_sync_client(settings, cluster, socket_timeout=5, socket_connect_timeout=5)
+    check_shards_sync(client, settings)  # another shard count would read other keys than the pipeline writes
     # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
     app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi")
     app.layout = serve_layout
@@ -540,7 +543,7 @@ def render(snap: Snapshot, sel: Selection, zoom: Any = None) -> tuple[Any, ...]:
     options = domain_options(hour, sel)
     stale = stale_seconds(snap)
     banner = "" if stale is None else ("No events have arrived yet." if stale == float("inf") else f"Stale: no events for {int(stale)} s.")
-    banner = " ".join(filter(None, (banner, trimmed_notice(snap))))
+    banner = " ".join(filter(None, (banner, trimmed_notice(snap), ahead_notice(snap))))
     banner_style = {"display": "block"} if banner else {"display": "none"}
     figure = make_figure(snap, sel, zoom)
     if snap.buckets:

@@ -73,13 +73,18 @@ class ReplaySource:
 
 
 class SimulatedSource:
-    def __init__(self, sim: Simulator, count: int | None = None) -> None:
-        self.sim, self.count = sim, count
+    """`live`: event times follow the clock, however far a client resumes (Simulator.keep_live); else they are a
+    function of the simulator's fixed start alone (a --start given, the tests' reference folds)."""
+
+    def __init__(self, sim: Simulator, count: int | None = None, live: bool = False) -> None:
+        self.sim, self.count, self.live = sim, count, live
 
     def __len__(self) -> int:
         return self.count if self.count is not None else 1 << 62
 
     def data(self, offset: int) -> bytes:
+        if self.live:
+            self.sim.keep_live(offset, time.time())
         return orjson.dumps(self.sim.event(offset))
 
     def seek_time(self, ms: int) -> int:

@@ -32,6 +32,10 @@ REJECTED_KEEP = 100  # rejected frames kept for inspection
 # publisher stands by until it lapses; the write script is fenced by it.
 PUBLISHER_LEASE = f"{PREFIX}:publisher:lease"
 
+# The deployment's shard count (settings.shards), as a string: recorded by the first process that writes, and every
+# process that depends on it refuses another count (shards.py); `python -m wikipulse shards --set N` changes it.
+SHARDS_RECORD = f"{PREFIX}:shards"
+
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 # Counter bumped by every claim of idle entries (XAUTOCLAIM, in one script with it). A batch read
 # while it held E and applied while it still holds E cannot have lost entries to another consumer,
@@ -82,6 +86,9 @@ FUTURE_TOLERANCE = 300  # seconds ahead of the clock an event may be stamped and
 TREND_PARTS = ("all", "bot", "byeditor")
 TREND_CAP = 1000
 TREND_GLOBAL_CAP = 3000
+# A minute's byeditor hash admits its first 2,000 (page, editor) fields; the edits of later editors of its pages are
+# counted in `rest_editors` (one page-minute of a flood reached 61,000 fields, 10 MB, kept an hour).
+TREND_EDITOR_CAP = 2000
 TREND_RETENTION = 3600 + 60  # an hour of minutes, and the current one
 TREND_WINDOWS = (5, 60)  # minutes the lists are asked over
 NEW_PAGES_KEEP = 500  # page creations kept per shard (every namespace; readers filter)

@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 
 from wikipulse.retry import REDIS_ERRORS, Backoff, pause_before_retry
 from wikipulse.settings import OperatorError, Settings, redact_url
+from wikipulse.shards import check_shards
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,13 @@ async def maxmemory_policy(client: aioredis.Redis) -> str | None:
 
 
 async def check_redis(client: aioredis.Redis, settings: Settings) -> None:
-    """Wait for Redis to answer, then refuse an evicting one (OperatorError) unless allow_eviction."""
+    """Wait for Redis to answer, then refuse an evicting one (OperatorError) unless allow_eviction, and a shard count
+    other than the deployment's (shards.py; recorded here by the first writer)."""
+    await _check_policy(client, settings)
+    await check_shards(client, settings)
+
+
+async def _check_policy(client: aioredis.Redis, settings: Settings) -> None:
     backoff = Backoff(settings.backoff_cap)
     while True:
         try:

@@ -6,11 +6,12 @@ import time
 from typing import Any
 
 from wikipulse import keys
-from wikipulse.connect import open_client
+from wikipulse.connect import Client, open_client
 from wikipulse.events import is_valid_domain
 from wikipulse.eventstreams import parse_since
 from wikipulse.series import bucket_range, read_series
 from wikipulse.settings import OperatorError, Settings, SettingsError
+from wikipulse.shards import check_shards
 from wikipulse.status import read_status
 
 BY = {"type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
@@ -45,13 +46,25 @@ def bounded_range(res: keys.Resolution, since: str | None, until: str | None, re
     return start, end
 
 
+async def open_reader(settings: Settings) -> tuple[Client, keys.Layout]:
+    """open_client for a command that only reads: it refuses a shard count other than the deployment's (shards.py),
+    which would read other keys than the pipeline writes."""
+    client, layout = await open_client(settings)
+    try:
+        await check_shards(client, settings, record=False)
+    except BaseException:
+        await client.aclose()
+        raise
+    return client, layout
+
+
 async def counts(settings: Settings, domain: str, resolution: str, since: str | None, until: str | None, by: str | None) -> dict[int, Any]:
     if domain not in (keys.ALL_DOMAINS, keys.OTHER_DOMAINS) and not is_valid_domain(domain):
         raise SettingsError(f"not a domain: {domain!r}")
     res = keys.RESOLUTION_BY_NAME[resolution]
     start, end = bounded_range(res, since, until, settings.retention_seconds()[res.name], int(time.time()))
     dims = BY[by] if by else ("",)
-    client, layout = await open_client(settings)
+    client, layout = await open_reader(settings)
     async with client:
         series = (await read_series(client, [domain], res, start, end, dims, layout))[domain]
     out: dict[int, Any] = {}
@@ -66,7 +79,7 @@ async def counts(settings: Settings, domain: str, resolution: str, since: str | 
 
 
 async def stats(settings: Settings) -> dict[str, Any]:
-    client, layout = await open_client(settings)
+    client, layout = await open_reader(settings)
     async with client:
         if not await client.exists(settings.stream):
             raise OperatorError(f"no stream {settings.stream!r} in this Redis: has the publisher run, and is --stream right?")
@@ -111,7 +124,7 @@ async def trending(
         raise SettingsError(f"--limit {limit}: from 1 to {MAX_LIMIT}")
     domains, wanted = _domains(domain), parse_namespaces(namespaces)
     now = int(time.time())
-    client, layout = await open_client(settings)
+    client, layout = await open_reader(settings)
     async with client:
         rows = await read_trending(client, layout, now, minutes, limit, domains, who, wanted)
     return {
@@ -126,7 +139,7 @@ async def new_pages(settings: Settings, domain: str | None, limit: int, humans: 
 
     if not 1 <= limit <= keys.NEW_PAGES_KEEP:
         raise SettingsError(f"--limit {limit}: from 1 to {keys.NEW_PAGES_KEEP}")
-    client, layout = await open_client(settings)
+    client, layout = await open_reader(settings)
     async with client:
         items = await read_new_pages(client, layout, limit, _domains(domain), parse_namespaces(namespaces), humans)
     return [{**item, **links(item["domain"], item["title"], item["revision"])} for item in items]
@@ -165,6 +178,9 @@ def archive_query(settings: Settings, sql: str, embedded: bool = True) -> bytes:
         archive.close()
 
 
+ARCHIVER_TIMEOUT = 60.0  # seconds `sql` and `history` wait for the archiver's answer
+
+
 def _ask_archiver(port: int, statement: str) -> bytes | None:
     """The archiver's answer, or None when no archiver listens (then the caller opens the archive itself)."""
     import urllib.error
@@ -172,8 +188,10 @@ def _ask_archiver(port: int, statement: str) -> bytes | None:
 
     request = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=statement.encode(), method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=ARCHIVER_TIMEOUT) as response:
             return bytes(response.read())
+    except TimeoutError:
+        raise OperatorError(f"the archiver on 127.0.0.1:{port} did not answer within {ARCHIVER_TIMEOUT:g} s (a slow query?)") from None
     except urllib.error.HTTPError as failure:
         with failure:
             raise OperatorError(failure.read().decode(errors="replace")[:500]) from None

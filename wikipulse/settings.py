@@ -193,6 +193,7 @@ class Settings:
         self.shard_indexes()
         check_redis_url(self.redis_url)
         check_webhook_url(self.alert_webhook)
+        check_clickhouse_url(self.clickhouse_url)
         self.retention_seconds()
         if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
             raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
@@ -235,19 +236,33 @@ def check_redis_url(url: str) -> None:
     del port
 
 
-def check_webhook_url(url: str) -> None:
-    """Empty (no webhook), or an http(s) URL with a host."""
+def check_http_url(name: str, url: str, what: str = "an http(s) URL with a host", hint: str = "", path_depth: int | None = None) -> None:
+    """Empty, or an http(s) URL with a host (and at most `path_depth` path segments); SettingsError naming `name`."""
     from urllib.parse import urlsplit
 
     if not url:
         return
+    why = f"not {what}: {redact_url_loosely(url)}"
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises on a port that is not a number)
+        parts.port  # noqa: B018 (it raises ValueError for a port that is not a number)
     except ValueError as exc:
-        raise SettingsError(f"alert_webhook: not a URL: {redact_url_loosely(url)} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"alert_webhook: not an http(s) URL with a host: {redact_url_loosely(url)}")
+        raise SettingsError(f"{name}: {why} ({exc}){hint}") from None
+    too_deep = path_depth is not None and len(parts.path.strip("/").split("/")) > max(path_depth, 1)
+    if parts.scheme not in ("http", "https") or not parts.hostname or too_deep:
+        raise SettingsError(f"{name}: {why}{hint}")
+
+
+def check_webhook_url(url: str) -> None:
+    """Empty (no webhook), or an http(s) URL with a host."""
+    check_http_url("alert_webhook", url)
+
+
+def check_clickhouse_url(url: str) -> None:
+    """Empty (the embedded engine), or http(s)://[user:password@]host[:port][/database]: clickhouse-connect reads
+    anything else (`notaurl`) as localhost:8123, silently."""
+    hint = " (use http://user:password@host:8123/database, or leave it empty for the embedded engine)"
+    check_http_url("clickhouse_url", url, "a ClickHouse URL", hint, path_depth=1)
 
 
 def redact_url_loosely(url: str) -> str:

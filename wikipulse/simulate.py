@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 LIVE_RATE = 35.0  # events/s of the live feed; spaces the simulated event times
+FEED_LAG = 3.0  # seconds a live simulation's events are stamped behind the clock, like the live feed's ingest lag
 
 _LANGS = [
     "en",
@@ -213,6 +214,15 @@ class Simulator:
 
     def timestamp(self, i: int) -> float:
         return self._slot(i)[0]
+
+    def keep_live(self, i: int, now: float) -> None:
+        """Never serve event i stamped ahead of `now`: if it would be, move the clock back (never forward) so that it is
+        stamped FEED_LAG behind. A feed resumed at offset i (the publisher's stored position) was stamped start + i/rate,
+        so a second run was ahead of the clock by the first run's length (after an hour: every event `future`).
+        Events keep their ids and contents (the dedup window works on meta.id); only their times move."""
+        ahead = self.timestamp(i) - (now - FEED_LAG)
+        if ahead > FEED_LAG:
+            self.start -= ahead
 
     def index_at(self, t: float) -> int:
         """The first event stamped at or after t (nearly: out-of-order events aside)."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,10 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from wikipulse.connect import open_client
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, answers, free_port, is_local
 from wikipulse.retry import backoff_delay
-from wikipulse.settings import Settings, SettingsError, redact_url
+from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.shards import check_shards
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,47 @@ class Child:
             await process.wait()
 
 
+class FolderLock:
+    """One `up` per folder. A second `up` in the same folder would find the first's Redis answering, print the first's
+    URL as its own, fail to bind the dashboard's port and, once the first stops, run on with no Redis. The live `up`
+    holds an exclusive flock on DATA_DIR/up.lock (the kernel lets go when the process dies, however it dies) and
+    writes its pid and URL into it, so that the second can say who holds the folder."""
+
+    NAME = "up.lock"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or OperatorError naming the `up` that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").split() or ["?"]
+            os.close(fd)
+            where = f", dashboard at {holder[1]}" if len(holder) > 1 else ", still starting"
+            raise OperatorError(
+                f"another `up` runs in {self.path.parent} (pid {holder[0]}{where}): use that one, stop it first, "
+                "or give this one another --data-dir"
+            ) from None
+        self.fd = fd
+        self.note()
+
+    def note(self, url: str = "") -> None:
+        """What a second `up` is told: this process's pid and, once it is up, its dashboard's URL."""
+        assert self.fd is not None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()} {url}".strip().encode() + b"\n", 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the lock goes with it; the file stays (removing it would race a third `up`)
+            self.fd = None
+
+
 def feed_args(plan: Plan, port: int) -> list[str] | None:
     common = ["--port", str(port), "--rate", str(plan.rate)]
     if plan.simulate:
@@ -111,6 +156,13 @@ async def start_redis(plan: Plan) -> RedisServer | None:
     return server
 
 
+async def check_shards_of(settings: Settings) -> None:
+    """Refuse here, in one line, a shard count the Redis does not hold: else every child would refuse and be restarted."""
+    client, _ = await open_client(settings)
+    async with client:
+        await check_shards(client, settings)
+
+
 async def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -126,11 +178,21 @@ async def wait_for_port(port: int, timeout: float = 20.0) -> None:
 
 
 async def run_up(plan: Plan) -> None:
+    lock = FolderLock(plan.data_dir)
+    lock.acquire()
+    try:
+        await _run_up(plan, lock)
+    finally:
+        lock.release()
+
+
+async def _run_up(plan: Plan, lock: FolderLock) -> None:
     settings = plan.settings
     redis_server = await start_redis(plan)
     children: list[Child] = []
     tasks: list[asyncio.Task[None]] = []
     try:
+        await check_shards_of(settings)
         feed_port = free_port()
         args = feed_args(plan, feed_port)
         if args is not None:
@@ -148,6 +210,7 @@ async def run_up(plan: Plan) -> None:
                 await wait_for_port(feed_port)
         await wait_for_port(settings.port, 60.0)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+        lock.note(f"http://{host}:{settings.port}/")
         print(
             f"wikipulse is up: dashboard at http://{host}:{settings.port}/  (feed: {settings.stream_url}; Ctrl-C stops everything)",
             flush=True,

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 from urllib.parse import quote
 
@@ -22,35 +21,64 @@ from wikipulse import keys
 from wikipulse.pages import PageEdit
 
 # The trending and new-pages sections of series.APPLY_SCRIPT's payload `p` (key numbers index KEYS):
-#   p.t: per domain-minute: all, bot, editors key no., expire_at, cap, n, then n pages:
-#        member, edits, bot edits, k, then k pairs: editor field, bytes changed
+#   p.t: per domain-minute: all, bot, editors key no., expire_at, cap, editors cap, n, then n pages: member, edits,
+#        bot edits; then k, then k editor entries in the order of the stream: page no. (1..n), editor field, bytes
+#        changed, edits
 #   p.g: per shard-minute: all, bot key no., expire_at, cap, n, then n members: member, edits, bot edits
 #   p.n: new-pages key no., how many to keep, k, then k pairs: event time, JSON item. A sorted set by event time
 #        keeps the newest `keep` whatever order batches are applied in (two consumers of one stream interleave).
-# A page past its minute's cap (keys.TREND_CAP) is counted in the `byeditor` hash's "\trest" field only. Bots, not
-# humans, are stored (a third of the edits): humans are read as everyone minus bots. An editor's bytes are the
-# page's bytes, so bytes and distinct editors cost one HINCRBY per editor of a page (HINCRBY by 0 still makes the
-# field: an editor who changed no byte is counted).
+# A page past its minute's cap (keys.TREND_CAP) is counted in the `byeditor` hash's "\trest" field only; an editor of
+# an admitted page past the hash's cap of editor fields (keys.TREND_EDITOR_CAP), in "\trest_editors" only. Both caps
+# admit first come, in the order of the stream (the editors are sent in it, not grouped by page), so a replay split
+# into other batches admits the same. Bots, not humans, are stored (a third of the edits): humans are read as everyone
+# minus bots. An editor's bytes are the page's bytes, so bytes and distinct editors cost one HINCRBY per editor of a
+# page (HINCRBY by 0 still makes the field: an editor who changed no byte is counted).
 TREND_LUA = """
+local function editor_fields(keds)
+  return redis.call('HLEN', keds) - redis.call('HEXISTS', keds, '\\trest') - redis.call('HEXISTS', keds, '\\trest_editors')
+end
 local t = p['t']
 i = 1
 while i <= #t do
   local kall, kbot, keds = KEYS[t[i]], KEYS[t[i + 1]], KEYS[t[i + 2]]
-  local expire, cap, n = t[i + 3], t[i + 4], t[i + 5]
-  local card, rest = redis.call('ZCARD', kall), 0
-  i = i + 6
-  for _ = 1, n do
-    local m, edits, bot, k = t[i], t[i + 1], t[i + 2], t[i + 3]
+  local expire, cap, ecap, n = t[i + 3], t[i + 4], t[i + 5], t[i + 6]
+  local card, rest, admitted = redis.call('ZCARD', kall), 0, {}
+  i = i + 7
+  for j = 1, n do
+    local m, edits, bot = t[i], t[i + 1], t[i + 2]
     if card < cap or redis.call('ZSCORE', kall, m) then
       if tonumber(redis.call('ZINCRBY', kall, edits, m)) == edits then card = card + 1 end
       if bot > 0 then redis.call('ZINCRBY', kbot, bot, m) end
-      for j = i + 4, i + 2 + 2 * k, 2 do redis.call('HINCRBY', keds, t[j], t[j + 1]) end
+      admitted[j] = true
     else
       rest = rest + edits
     end
-    i = i + 4 + 2 * k
+    i = i + 3
+  end
+  -- fields: at least the editor fields keds holds (HLEN counts the two rest fields too, and each admitted entry one,
+  -- new or not); exact after a recount, which only a minute near its cap needs
+  local k, fields, erest = t[i], redis.call('HLEN', keds), 0
+  i = i + 1
+  for _ = 1, k do
+    local f, b = t[i + 1], t[i + 2]
+    if admitted[t[i]] then
+      if fields < ecap or redis.call('HEXISTS', keds, f) == 1 then
+        redis.call('HINCRBY', keds, f, b)
+        fields = fields + 1
+      else
+        fields = editor_fields(keds)
+        if fields < ecap then
+          redis.call('HINCRBY', keds, f, b)
+          fields = fields + 1
+        else
+          erest = erest + t[i + 3]
+        end
+      end
+    end
+    i = i + 4
   end
   if rest > 0 then redis.call('HINCRBY', keds, '\\trest', rest) end
+  if erest > 0 then redis.call('HINCRBY', keds, '\\trest_editors', erest) end
   redis.call('EXPIREAT', kall, expire)
   redis.call('EXPIREAT', kbot, expire)
   redis.call('EXPIREAT', keds, expire)
@@ -87,16 +115,24 @@ def member(namespace: int, title: str) -> str:
 
 @dataclass
 class _Page:
+    number: int  # 1.. in the order of the minute's pages in this batch
     edits: int = 0
     bots: int = 0
-    editors: dict[str, int] = field(default_factory=dict)  # "<member>\t<b|h><user>" -> bytes changed, in order
+
+
+@dataclass
+class _Minute:
+    """One domain-minute's pages and editors in a batch, each in the order of its first edit."""
+
+    pages: dict[str, _Page] = field(default_factory=dict)  # member -> sums
+    editors: dict[str, list[int]] = field(default_factory=dict)  # "<member>\t<b|h><user>" -> [page no., bytes, edits]
 
 
 @dataclass
 class TrendIncrements:
     """A batch's trending and new-pages work for one shard, in the order of the stream."""
 
-    pages: dict[tuple[str, int], dict[str, _Page]] = field(default_factory=dict)  # (domain, minute) -> member -> sums
+    pages: dict[tuple[str, int], _Minute] = field(default_factory=dict)  # (domain, minute) -> its pages and editors
     shard_pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # minute -> "domain\tmember" -> [edits, bots]
     new_pages: list[int | str] = field(default_factory=list)  # event time, JSON item, ...
 
@@ -104,13 +140,20 @@ class TrendIncrements:
         minute = edit.time - edit.time % keys.RANK_STEP
         page = edit.page
         name = member(page.namespace, page.title)
-        sums = self.pages.setdefault((edit.domain, minute), {}).get(name)
+        here = self.pages.get((edit.domain, minute))
+        if here is None:
+            here = self.pages[(edit.domain, minute)] = _Minute()
+        sums = here.pages.get(name)
         if sums is None:
-            sums = self.pages[(edit.domain, minute)][name] = _Page()
+            sums = here.pages[name] = _Page(len(here.pages) + 1)
         sums.edits += 1
         sums.bots += edit.bot
         editor = f"{name}\t{'b' if edit.bot else 'h'}{page.user}"
-        sums.editors[editor] = sums.editors.get(editor, 0) + (page.bytes_changed or 0)
+        seen = here.editors.get(editor)
+        if seen is None:
+            seen = here.editors[editor] = [sums.number, 0, 0]
+        seen[1] += page.bytes_changed or 0
+        seen[2] += 1
         everywhere = self.shard_pages.setdefault(minute, {}).setdefault(f"{edit.domain}\t{name}", [0, 0])
         everywhere[0] += 1
         everywhere[1] += edit.bot
@@ -129,11 +172,15 @@ class TrendIncrements:
         """The t, g and n sections, their keys numbered from first_key on in declared() order."""
         number = first_key
         t: list[Any] = []
-        for (_domain, minute), pages in self.pages.items():
-            t += (number, number + 1, number + 2, minute + keys.TREND_RETENTION, keys.TREND_CAP, len(pages))
+        for (_domain, minute), here in self.pages.items():
+            expire = minute + keys.TREND_RETENTION
+            t += (number, number + 1, number + 2, expire, keys.TREND_CAP, keys.TREND_EDITOR_CAP, len(here.pages))
             number += 3
-            for name, sums in pages.items():
-                t += (name, sums.edits, sums.bots, len(sums.editors), *chain.from_iterable(sums.editors.items()))
+            for name, sums in here.pages.items():
+                t += (name, sums.edits, sums.bots)
+            t.append(len(here.editors))
+            for editor, (page_number, changed, edits) in here.editors.items():
+                t += (page_number, editor, changed, edits)
         g: list[Any] = []
         for minute, members in self.shard_pages.items():
             g += (number, number + 1, minute + keys.TREND_RETENTION, keys.TREND_GLOBAL_CAP, len(members))

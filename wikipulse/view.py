@@ -286,6 +286,26 @@ def trimmed_notice(snap: Snapshot) -> str:
     )
 
 
+# Seconds ahead of the clock the newest event's meta.dt may be before the page says so: the simulator stamps meta.dt
+# up to 30 s after the change, which a live simulation stamps 3 s back (simulate.FEED_LAG).
+AHEAD_SAID = 30.0
+
+
+def ahead_notice(snap: Snapshot) -> str:
+    """Events stamped ahead of the clock (the publisher's ingest lag below zero: the feed's clock, or this machine's, is
+    off) land in buckets the page does not show yet; over keys.FUTURE_TOLERANCE ahead, the fold counts them as
+    `future` and leaves them out. Said on the page, which would otherwise just look empty."""
+    lag = snap.publisher.get("lag_seconds")
+    if not isinstance(lag, (int, float)) or -lag <= AHEAD_SAID:
+        return ""
+    fate = (
+        f"over {keys.FUTURE_TOLERANCE // 60} min ahead, they are counted as `future` and not shown (`stats`)"
+        if -lag > keys.FUTURE_TOLERANCE
+        else "the graph shows them only once their time comes"
+    )
+    return f"Events arrive stamped {-lag:,.0f} s ahead of this clock: {fate}."
+
+
 def stale_seconds(snap: Snapshot) -> float | None:
     """Seconds since the last event was published, when that is over STALE_AFTER (else None)."""
     last = snap.publisher.get("last_publish_at")
