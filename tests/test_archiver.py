@@ -249,7 +249,8 @@ async def test_an_unavailable_clickhouse_holds_the_archiver_back_and_nothing_els
 async def test_the_same_archive_on_a_clickhouse_server(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
     s = dataclasses.replace(archive_settings, clickhouse_url=os.environ["WIKIPULSE_TEST_CLICKHOUSE_URL"])
     archive = Archive(connect(s))
-    archive.client.command("DROP TABLE IF EXISTS events")
+    for table in ("events", "events_v2", "events_v1"):
+        archive.client.command(f"DROP TABLE IF EXISTS {table}")
     archive.ensure_schema()
     await load_stream(redis_client, calibrated_lines()[:1000], with_fold=True)
     await archive_all(s, redis_client, archive)
@@ -326,6 +327,8 @@ def test_typed_columns_hold_the_real_events_fields(opened: Archive) -> None:
         }  # fmt: skip
         assert {k: got[k] for k in expected} == expected, i
         assert int(got["event_time"].replace(tzinfo=UTC).timestamp()) == e["timestamp"]
+    raws = dict(opened.client.query("SELECT stream_id, raw FROM events", column_formats={"raw": "bytes"}).result_rows)
+    assert [raws[f"{i}-0"] for i in range(len(lines))] == lines  # the event as it came, byte for byte
 
 
 def test_hostile_values_are_archived_and_read_back(opened: Archive) -> None:
