@@ -327,7 +327,8 @@ def test_typed_columns_hold_the_real_events_fields(opened: Archive) -> None:
         }  # fmt: skip
         assert {k: got[k] for k in expected} == expected, i
         assert int(got["event_time"].replace(tzinfo=UTC).timestamp()) == e["timestamp"]
-    raws = dict(opened.client.query("SELECT stream_id, raw FROM events", column_formats={"raw": "bytes"}).result_rows)
+    result = opened.client.query("SELECT stream_id, raw FROM events", column_formats={"raw": "bytes"})
+    raws: dict[str, bytes] = {row[0]: row[1] for row in result.result_rows}
     assert [raws[f"{i}-0"] for i in range(len(lines))] == lines  # the event as it came, byte for byte
 
 

@@ -249,14 +249,14 @@ class Archiver:
         except TimeoutError:
             busy = f"the archive is busy: {QUERY_SLOTS} queries running for more than {QUERY_WAIT:.0f} s; retry later"
             return web.Response(status=429, text=busy)
+        work = asyncio.get_running_loop().run_in_executor(self.query_thread, archive.query_json, sql)
+        work.add_done_callback(lambda _: slots.put_nowait(archive))  # free when the query ends, even if the request did not wait
         try:
-            body = await asyncio.get_running_loop().run_in_executor(self.query_thread, archive.query_json, sql)
+            body = await asyncio.shield(work)
         except QueryRefused as exc:  # 413: the answer would be too large; 422: the query itself ran past a limit
             return web.Response(status=413 if exc.limit.startswith("max_result") else 422, text=str(exc))
         except (SettingsError, OperatorError) as exc:
             return web.Response(status=400, text=str(exc))
-        finally:
-            slots.put_nowait(archive)
         return web.Response(body=body, content_type="application/x-ndjson")
 
     def close(self) -> None:
