@@ -45,8 +45,9 @@ CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds t
 # gets about one part a second, not one per read.
 MIN_INSERT_INTERVAL = 1.0
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
-# Queries at once beside the inserts (each a handle and a thread; on 2 cores two heavy queries slowed a 20,000-event
-# insert from ~0.05 to ~0.1-0.2 s), and how long a query waits for a free slot before it is refused (HTTP 429).
+# Queries at once beside the inserts, each a handle and a thread: they share the CPU, not a lock (a 20,000-event
+# insert: 0.42 s alone, 1.1 s beside one 1e11-row scan, 2.6 s beside two, on 2 loaded cores; BENCHMARKS.md), and
+# how long a query waits for a free slot before it is refused (HTTP 429).
 QUERY_SLOTS = 2
 QUERY_WAIT = 5.0
 
