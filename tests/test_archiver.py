@@ -472,7 +472,8 @@ async def test_a_heavy_query_neither_stops_the_inserts_nor_runs_past_its_limits(
 async def test_an_archive_of_the_release_before_keeps_working(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
     """The old table, made with the old CREATE, holds 1,000 events and one batch whose insert landed before its
     XACK (the old archiver was killed). The new archiver starts on it: the old rows read as before through
-    `events`, the pending batch is not archived twice, new events land in the new table, all through `sql`."""
+    `events`, the pending batch is not archived twice, new events land in the new table, all through `sql`; its
+    old TTL (400d, DateTime arithmetic) becomes a century's in DateTime64, which deletes nothing."""
     from bench import archive_baseline
 
     s = archive_settings
@@ -482,6 +483,7 @@ async def test_an_archive_of_the_release_before_keeps_working(redis_client: aior
     await redis_client.xgroup_create(s.stream, s.archive_group, id="0")
     old = await asyncio.to_thread(connect, s)  # unchanged since the release before
     old.command(archive_baseline.CREATE)
+    old.command(f"ALTER TABLE events MODIFY TTL {archive_baseline.ttl_clause(400)}")  # ARCHIVE_RETENTION=400d then
     archiver = Archiver(s, redis_client)
     for acked in (True, False):  # a batch archived and acknowledged, then one archived and left pending
         batch = await archiver.read(">", 1000 if acked else 600)
@@ -497,6 +499,7 @@ async def test_an_archive_of_the_release_before_keeps_working(redis_client: aior
     old_rows = old.query(f"SELECT {columns} FROM events ORDER BY meta_id").result_rows
     old.close()
     await load_stream(redis_client, lines[1600:], with_fold=True)
+    s = dataclasses.replace(s, archive_retention="36500d")  # now "keep a century", past 2106
     process = _spawn(s)
     try:
         await wait_for(lambda: _acked_all(redis_client, s), 60, "every entry acknowledged")
@@ -511,3 +514,9 @@ async def test_an_archive_of_the_release_before_keeps_working(redis_client: aior
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(process.wait, 30)
+    archive = await asyncio.to_thread(connect, s)  # the century's TTL applied to both tables: nothing goes
+    try:
+        _merge_all(Archive(archive))
+        assert archive.query("SELECT count() FROM events").result_rows == [(3000,)]
+    finally:
+        archive.close()
