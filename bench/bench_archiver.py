@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
 
 from bench import archive_baseline
+from bench.archiver_throughput import archive_stream
 from bench.common import redis_server
-from wikipulse import keys
 from wikipulse.archive import (
     _E,
     ALIASES,
@@ -41,30 +40,8 @@ from wikipulse.archive import (
     connect,
     daily_counts_sql,
 )
-from wikipulse.archiver import Archiver
-from wikipulse.fold import summary_of
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
-
-
-async def archive_stream(settings: Settings, lines: list[bytes]) -> float:
-    """Events/s of the archiver over `lines` loaded into the stream first."""
-    async with aioredis.Redis.from_url(settings.redis_url) as client:
-        pipe = client.pipeline(transaction=False)
-        for line in lines:
-            pipe.xadd(settings.stream, {keys.DATA_FIELD: line, keys.FOLD_FIELD: summary_of(orjson.loads(line))})
-        await pipe.execute()
-        archiver = Archiver(settings, client)
-        await archiver.open_archive()
-        await archiver.ensure_group()
-        started = time.perf_counter()
-        task = asyncio.create_task(archiver.consume())
-        while int(await client.hget(keys.ARCHIVER_STATS, "archived") or 0) < len(lines):
-            await asyncio.sleep(0.01)
-        elapsed = time.perf_counter() - started
-        task.cancel()
-        archiver.close()
-    return len(lines) / elapsed
 
 
 def one_at_a_time(archive: Archive, lines: list[bytes]) -> float:
