@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wikipulse.archive import TABLE, Archive, connect
+from wikipulse.archive import DATA_TABLE, TABLE, Archive, connect
 from wikipulse.history_queries import HistorySelection, graph_sql, top_editors_sql, top_pages_sql, total_sql
 from wikipulse.settings import Settings
 
@@ -44,7 +44,7 @@ def generate(archive: Archive, n: int) -> float:
     user = "concat('User ', toString(toUInt32(pow(2, (cityHash64(number, 6) % 1000000) / 62500.0))))"
     started = time.perf_counter()
     archive.client.command(
-        f"INSERT INTO {TABLE} (stream_id, raw, event_time, domain, type, bot, namespace, title, user) "
+        f"INSERT INTO {DATA_TABLE} (stream_id, raw, event_time, domain, type, bot, namespace, title, user) "
         f"SELECT concat(toString(number), '-0'), '', toDateTime64({START} + intDiv(number * {YEAR}, {n}), 3, 'UTC'), {domain}, {kind}, "
         f"cityHash64(number, 7) % 100 < 32, {namespace}, {title}, {user} "
         f"FROM (SELECT number, cityHash64(number, 1) % 100 AS r, cityHash64(number, 2) % 100 AS s, cityHash64(number, 4) % 100 AS u "

@@ -249,7 +249,8 @@ async def test_an_unavailable_clickhouse_holds_the_archiver_back_and_nothing_els
 async def test_the_same_archive_on_a_clickhouse_server(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
     s = dataclasses.replace(archive_settings, clickhouse_url=os.environ["WIKIPULSE_TEST_CLICKHOUSE_URL"])
     archive = Archive(connect(s))
-    archive.client.command("DROP TABLE IF EXISTS events")
+    for table in ("events", "events_v2", "events_v1"):
+        archive.client.command(f"DROP TABLE IF EXISTS {table}")
     archive.ensure_schema()
     await load_stream(redis_client, calibrated_lines()[:1000], with_fold=True)
     await archive_all(s, redis_client, archive)
@@ -326,6 +327,9 @@ def test_typed_columns_hold_the_real_events_fields(opened: Archive) -> None:
         }  # fmt: skip
         assert {k: got[k] for k in expected} == expected, i
         assert int(got["event_time"].replace(tzinfo=UTC).timestamp()) == e["timestamp"]
+    result = opened.client.query("SELECT stream_id, raw FROM events", column_formats={"raw": "bytes"})
+    raws: dict[str, bytes] = {row[0]: row[1] for row in result.result_rows}
+    assert [raws[f"{i}-0"] for i in range(len(lines))] == lines  # the event as it came, byte for byte
 
 
 def test_hostile_values_are_archived_and_read_back(opened: Archive) -> None:
@@ -343,3 +347,176 @@ def test_hostile_values_are_archived_and_read_back(opened: Archive) -> None:
     times = {row[names.index("meta_id")]: row[names.index("event_time")].isoformat() for row in rows}
     assert times == {"1": "1970-01-01T00:00:00", "2": "1970-01-01T00:00:00", "3": "1970-01-01T00:00:00",
                      "4": "2024-05-01T10:00:00", "5": "1970-01-01T00:00:00"}  # fmt: skip
+
+
+# ---- issue 22: retention, odd timestamps, queries beside the inserts, the release before's archive ----------
+
+
+def _event(base: bytes, n: int, timestamp: int) -> bytes:
+    """A real event as another event: its own meta.id, and the given `timestamp` (meta.dt too)."""
+    e = orjson.loads(base)
+    e["meta"]["id"] = f"ev-{n}"
+    e["meta"]["dt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(timestamp, 0)))
+    e["timestamp"] = timestamp
+    return orjson.dumps(e)
+
+
+def _merge_all(archive: Archive) -> None:
+    """Merge every part of every table now, so a TTL is applied (ClickHouse would in time)."""
+    names = archive.client.query("SELECT name FROM system.tables WHERE database = currentDatabase() AND engine LIKE '%MergeTree'")
+    for (name,) in names.result_rows:
+        archive.client.command(f"OPTIMIZE TABLE {name} FINAL")
+
+
+@pytest.mark.parametrize(("retention", "kept"), [("1d", ["now"]), ("29500d", ["now", "2y", "1970"]), ("36500d", ["now", "2y", "1970"])])
+def test_retention_at_its_edges_keeps_what_it_says(archive_settings: Settings, retention: str, kept: list[str]) -> None:
+    """A day keeps today's events only; 80 or 100 years (past 2106, where DateTime wraps) keep every event, also
+    on an archive that existed before the restart with that retention."""
+    base = calibrated_lines()[0]
+    now = int(time.time())
+    raws = {"now": _event(base, 1, now - 60), "2y": _event(base, 2, now - 2 * 365 * 86400), "1970": _event(base, 3, 0)}
+    archive = Archive(connect(archive_settings))
+    try:
+        archive.ensure_schema()
+        ids = [f"{i}-0".encode() for i in range(len(raws))]
+        archive.insert(ids, list(raws.values()), batch_token(ids))
+        archive.ensure_schema(retention)  # the restart with ARCHIVE_RETENTION set
+        _merge_all(archive)
+        names = {row[0] for row in archive.query("SELECT meta_id FROM events")[1]}
+        assert names == {orjson.loads(raws[k])["meta"]["id"] for k in kept}
+    finally:
+        archive.close()
+
+
+async def test_a_retention_past_the_range_is_refused_with_one_line(archive_settings: Settings) -> None:
+    out = await cli(archive_settings, "archive", "--archive-retention", "400000d")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "archive_retention must be at most 365000d" in out.stderr.splitlines()[-1], out.stderr
+
+
+async def test_a_batch_spanning_two_centuries_is_archived_and_the_archiver_moves_on(
+    redis_client: aioredis.Redis, archive_settings: Settings, opened: Archive
+) -> None:
+    """2,300 events a month apart (2001 to 2192: ClickHouse refuses more than 100 partitions in one insert by default,
+    and the archiver retried that batch forever), then 500 ordinary ones: every one archived."""
+    base = calibrated_lines()[0]
+    odd = [_event(base, n, 978_307_200 + n * 2_629_800) for n in range(2300)]
+    normal = [line for line in calibrated_lines()[:600] if b'"canary"' not in line][:500]
+    await load_stream(redis_client, odd, with_fold=True)
+    await load_stream(redis_client, normal, with_fold=True)
+    await archive_all(archive_settings, redis_client, opened)
+    assert opened.query("SELECT count(), uniqExact(meta_id) FROM events FINAL")[1] == [(2800, 2800)]
+    years = opened.query("SELECT min(toYear(event_time)), max(toYear(event_time)) FROM events")[1]
+    assert years == [(2001, 2192)]  # the times as they were, only the partitions are bounded
+
+
+def _post(port: int, sql: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=sql.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as failure:
+        with failure:
+            return failure.code, failure.read().decode()
+
+
+async def test_a_heavy_query_neither_stops_the_inserts_nor_runs_past_its_limits(
+    redis_client: aioredis.Redis, archive_settings: Settings
+) -> None:
+    """A person's query scanning 1e11 generated rows through the archiver's endpoint: batches keep being archived
+    and acknowledged within a bound while it runs, it is refused at max_execution_time (one line from `sql`), and
+    a result too large for the limits is refused at once (HTTP 413), not built in the archiver's memory."""
+    from aiohttp import web
+
+    s = archive_settings
+    archiver = Archiver(s, redis_client)
+    archiver.query_limits = {"max_execution_time": 10}  # QUERY_LIMITS' 30 s, shorter for the test
+    await archiver.open_archive()
+    await archiver.ensure_group()
+    runner = web.AppRunner(archiver.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", s.archive_port).start()
+    task = asyncio.create_task(archiver.consume())
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line]
+    try:
+        heavy = asyncio.create_task(cli(s, "sql", "SELECT sum(cityHash64(number)) FROM numbers(100000000000)"))
+        await asyncio.sleep(2.0)  # the CLI started, the query runs
+        lags: list[float] = []
+        for i in range(20):
+            if heavy.done():
+                break
+            await load_stream(redis_client, lines[i * 100 : (i + 1) * 100], with_fold=True)
+            started = time.monotonic()
+            await wait_for(lambda: _acked_all(redis_client, s), 5, f"chunk {i} acknowledged beside the query", task)
+            lags.append(time.monotonic() - started)
+        assert len(lags) >= 3, lags  # acknowledged while the query ran
+        out = await heavy
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert "max_execution_time" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert max(lags) < 5, lags
+        started = time.monotonic()
+        status, text = await asyncio.to_thread(_post, s.archive_port, "SELECT number, toString(number) FROM numbers(10000000)")
+        assert status == 413 and "max_result_rows" in text, (status, text)
+        assert time.monotonic() - started < 10
+        status, text = await asyncio.to_thread(_post, s.archive_port, "SELECT count() AS n FROM events")
+        assert (status, orjson.loads(text)) == (200, {"n": len(lags) * 100})
+    finally:
+        await stop(task)
+        await runner.cleanup()
+        await asyncio.to_thread(archiver.close)
+
+
+async def test_an_archive_of_the_release_before_keeps_working(redis_client: aioredis.Redis, archive_settings: Settings) -> None:
+    """The old table, made with the old CREATE, holds 1,000 events and one batch whose insert landed before its
+    XACK (the old archiver was killed). The new archiver starts on it: the old rows read as before through
+    `events`, the pending batch is not archived twice, new events land in the new table, all through `sql`; its
+    old TTL (400d, DateTime arithmetic) becomes a century's in DateTime64, which deletes nothing."""
+    from bench import archive_baseline
+
+    s = archive_settings
+    columns = "meta_id, event_time, domain, type, bot, namespace, title, user"
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line][:3000]
+    await load_stream(redis_client, lines[:1600], with_fold=True)
+    await redis_client.xgroup_create(s.stream, s.archive_group, id="0")
+    old = await asyncio.to_thread(connect, s)  # unchanged since the release before
+    old.command(archive_baseline.CREATE)
+    old.command(f"ALTER TABLE events MODIFY TTL {archive_baseline.ttl_clause(400)}")  # ARCHIVE_RETENTION=400d then
+    archiver = Archiver(s, redis_client)
+    for acked in (True, False):  # a batch archived and acknowledged, then one archived and left pending
+        batch = await archiver.read(">", 1000 if acked else 600)
+        ids = [entry_id for entry_id, _ in batch]
+        await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch))
+        rows = [[entry_id, dict(zip((f or [])[::2], (f or [])[1::2], strict=True))[b"data"]] for entry_id, f in batch]
+        settings = archive_baseline.INSERT_SETTINGS | {"insert_deduplication_token": batch_token(ids)}
+        old.insert("events", rows, column_names=["stream_id", "raw"], settings=settings)
+        if acked:
+            await redis_client.xack(s.stream, s.archive_group, *ids)
+            await redis_client.lpop(keys.archiver_batches(s.archive_group))
+    await archiver.reader.close()
+    old_rows = old.query(f"SELECT {columns} FROM events ORDER BY meta_id").result_rows
+    old.close()
+    await load_stream(redis_client, lines[1600:], with_fold=True)
+    s = dataclasses.replace(s, archive_retention="36500d")  # now "keep a century", past 2106
+    process = _spawn(s)
+    try:
+        await wait_for(lambda: _acked_all(redis_client, s), 60, "every entry acknowledged")
+        out = await cli(s, "sql", "SELECT count() AS n, uniqExact(meta_id) AS ids FROM events")  # without FINAL
+        assert orjson.loads(out.stdout) == {"n": 3000, "ids": 3000}, out.stderr
+        out = await cli(s, "sql", f"SELECT {columns} FROM events WHERE _table = 'events_v1' ORDER BY meta_id")
+        assert [tuple(orjson.loads(line).values()) for line in out.stdout.splitlines()] == [
+            (r[0], r[1].replace(tzinfo=UTC).isoformat(), *r[2:]) for r in old_rows
+        ], out.stderr
+        out = await cli(s, "sql", "SELECT _table AS t, count() AS n FROM events GROUP BY t ORDER BY t")
+        assert [orjson.loads(line) for line in out.stdout.splitlines()] == [{"t": "events_v1", "n": 1600}, {"t": "events_v2", "n": 1400}]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+    archive = await asyncio.to_thread(connect, s)  # the century's TTL applied to both tables: nothing goes
+    try:
+        _merge_all(Archive(archive))
+        assert archive.query("SELECT count() FROM events").result_rows == [(3000,)]
+    finally:
+        archive.close()

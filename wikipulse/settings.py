@@ -43,6 +43,27 @@ def parse_duration(text: str) -> int:
         raise SettingsError(f"not a duration: {text!r} (use e.g. 90s, 5m, 6h, 7d)") from None
 
 
+# The archive's TTL is DateTime64 arithmetic (event_time + N days), which cannot wrap; past about a thousand
+# years a retention means "forever", which is the empty setting (archive.ttl_clause).
+MAX_ARCHIVE_RETENTION_DAYS = 365_000
+
+
+def archive_retention_days(text: str) -> int | None:
+    """ARCHIVE_RETENTION ('400d', '36500d') in whole days, None for empty (keep everything); SettingsError outside
+    1 day .. MAX_ARCHIVE_RETENTION_DAYS."""
+    if not text.strip():
+        return None
+    seconds = parse_duration(text)
+    if seconds < 86400:
+        raise SettingsError(f"archive_retention must be at least a day, not {text!r}")
+    if seconds // 86400 > MAX_ARCHIVE_RETENTION_DAYS:
+        raise SettingsError(
+            f"archive_retention must be at most {MAX_ARCHIVE_RETENTION_DAYS}d (about 1,000 years), not {text!r}: "
+            "leave it empty to keep everything"
+        )
+    return seconds // 86400
+
+
 def parse_retention(text: str) -> dict[str, int]:
     """'10s=6h,1m=7d,1h=400d' -> {'10s': 21600, ...}; an empty string keeps the defaults."""
     from wikipulse.keys import RESOLUTION_BY_NAME
@@ -195,8 +216,7 @@ class Settings:
         check_webhook_url(self.alert_webhook)
         check_clickhouse_url(self.clickhouse_url)
         self.retention_seconds()
-        if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
-            raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
+        archive_retention_days(self.archive_retention)
 
 
 def _convert(name: str, raw: Any, default: Any) -> Any:
