@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wikipulse.archive import DATA_TABLE, TABLE, Archive, connect
+from wikipulse.archive import DATA_TABLE, Archive, connect
 from wikipulse.history_queries import HistorySelection, graph_sql, top_editors_sql, top_pages_sql, total_sql
 from wikipulse.settings import Settings
 
@@ -100,12 +100,12 @@ def main() -> None:
         try:
             archive.ensure_schema()
             loaded = generate(archive, args.events)
-            parts = f"SELECT count(), sum(rows), sum(bytes_on_disk) FROM system.parts WHERE table = '{TABLE}' AND active"
+            parts = f"SELECT count(), sum(rows), sum(bytes_on_disk) FROM system.parts WHERE table = '{DATA_TABLE}' AND active"
             count, rows, size = archive.client.query(parts).result_rows[0]
             print(f"{rows:,} events over 365 days generated in {loaded:.0f} s: {count} parts, {size / 1e6:,.0f} MB")
             measure(archive, args.runs, f"as inserted ({count} parts)")
             started = time.perf_counter()
-            archive.client.command(f"OPTIMIZE TABLE {TABLE} FINAL")
+            archive.client.command(f"OPTIMIZE TABLE {DATA_TABLE} FINAL")
             count = archive.client.query(parts).result_rows[0][0]
             measure(archive, args.runs, f"merged ({count} parts, OPTIMIZE FINAL took {time.perf_counter() - started:.0f} s)")
         finally:
