@@ -28,11 +28,11 @@ from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect, json_lines
-from wikipulse.connect import Client, open_client
+from wikipulse.connect import Client, open_client, refresh
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
 from wikipulse.streams import Entry, StreamReader
 
@@ -85,6 +85,7 @@ class Archiver:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
         self.totals: Counter[str] = Counter()
         self.backoff = Backoff(settings.backoff_cap)
+        self.outage = Outage(logger, "archiver")
         self.reader = StreamReader(client, settings.stream, settings.archive_group, CONSUMER)
 
     async def call(self, fn: Any, *args: Any) -> Any:
@@ -124,7 +125,10 @@ class Archiver:
                     await self.ensure_group()
                     await self.consume()
                 except REDIS_ERRORS as exc:
-                    await self._pause(f"Redis unavailable ({exc})")
+                    delay = self.backoff.next_delay()
+                    self.outage.failed(exc, delay)
+                    await pause_before_retry(delay)
+                    await refresh(self.client)  # on a cluster, the slot may have moved: the reader reconnects to its node
                 except ArchiveUnavailable as exc:
                     await self._pause(f"ClickHouse unavailable ({exc}): the batch stays pending, nothing is acknowledged")
                 except ResponseError as exc:
@@ -144,8 +148,12 @@ class Archiver:
         await pause_before_retry(delay)
 
     async def read(self, cursor: str, count: int) -> list[Entry]:
+        """The next batch, once a replica of the stream's master has it (streams.StreamReader): a failover must not
+        take entries away whose rows are archived, for the publisher would write them again."""
         await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
         entries, _ = await self.reader.receive()
+        if entries:
+            await self.reader.confirm()
         return entries
 
     async def consume(self) -> None:
@@ -213,6 +221,7 @@ class Archiver:
         await pipe.execute()
         self.totals.update(counters)
         self.backoff.reset()
+        self.outage.over()
 
     # ---- read-only queries, for the processes that cannot open the embedded directory ----------
     def app(self) -> web.Application:

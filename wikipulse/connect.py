@@ -3,23 +3,28 @@
 Every process builds its client and the deployment's key layout (keys.Layout) here. On a cluster the client is
 redis-py's RedisCluster: it follows MOVED/ASK, routes each command and script by its keys' slot, and splits a
 non-transactional pipeline per node. The hot paths that keep a connection of their own (streams.StreamReader,
-series.SeriesWriter, the pub/sub reader) take it from the node that serves their key's slot (raw_connection).
+series.SeriesWriter, router.ShardWriter, the pub/sub reader) take it from the node that serves their key's slot
+(raw_connection, NodeConnection), and make it again from the slot map as it is after an error (refresh): after a
+failover, that is the new master. A write whose acknowledgement lives on another master waits for a replica of its own
+first (ReplicaWait).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import redis
 import redis.asyncio as aioredis
 import redis.cluster
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from wikipulse.keys import Layout
-from wikipulse.retry import REDIS_ERRORS
+from wikipulse.retry import REDIS_ERRORS, ReplicaBehind, drop
 from wikipulse.settings import OperatorError, Settings, redact_url
 
 # Either client: both have the commands, pipelines and scripts wikipulse uses.
@@ -54,6 +59,7 @@ async def open_client(settings: Settings, **options: Any) -> tuple[Client, Layou
     if not cluster:
         return aioredis.Redis.from_url(settings.redis_url, **kwargs), layout
     client = RedisCluster.from_url(settings.redis_url, **kwargs)
+    _survive_resets(client)
     try:
         await client.initialize()
     except (*REDIS_ERRORS, redis.exceptions.RedisClusterException) as exc:
@@ -82,6 +88,49 @@ def is_cluster_sync(settings: Settings) -> bool:
         return False  # the page starts anyway and says Redis is down; restart it once Redis is there
 
 
+class _SurvivesResets:
+    """redis-py's cluster client answers a connection error on one node (a master that died) by closing every
+    connection it holds, to learn the slot map again: a command another task has in flight on one of them then fails
+    with `AttributeError: 'NoneType' object has no attribute 'writelines'` (or `readline`), which no retry loop can
+    tell from a bug. That connection was closed under the command: say so, as the ConnectionError it is."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await cast(Any, super()).send_packed_command(command, check_health)
+        except AttributeError as exc:
+            raise _closed_under_us(exc) from None
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await cast(Any, super()).read_response(*args, **kwargs)
+        except AttributeError as exc:
+            raise _closed_under_us(exc) from None
+
+
+class _ClusterConnection(_SurvivesResets, Connection):  # type: ignore[misc]
+    pass
+
+
+class _ClusterSSLConnection(_SurvivesResets, SSLConnection):  # type: ignore[misc]
+    pass
+
+
+def _closed_under_us(exc: AttributeError) -> Exception:
+    if "'NoneType' object has no attribute" not in str(exc):
+        return exc  # not a closed connection's reader or writer: a real bug, raised as it is
+    closed: Exception = RedisConnectionError("the connection was closed while in use (the cluster client is re-learning the slot map)")
+    return closed
+
+
+def _survive_resets(client: RedisCluster) -> None:
+    """Make the cluster client's connections _SurvivesResets: those of the nodes it knows and of those it learns."""
+    ssl = client.connection_kwargs.get("connection_class") is SSLConnection
+    cls = _ClusterSSLConnection if ssl else _ClusterConnection
+    client.connection_kwargs["connection_class"] = cls  # the nodes manager makes every node it learns with these
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = cls
+
+
 def raw_connection(client: Client, key: str) -> Connection:
     """A new connection of its own to the server that holds `key`, with the client's options (TLS, password,
     timeouts). On a cluster, the node that serves key's slot now; a caller that meets MOVED makes a new one."""
@@ -90,6 +139,77 @@ def raw_connection(client: Client, key: str) -> Connection:
         connection: Connection = node.connection_class(**node.connection_kwargs)
         return connection
     return client.connection_pool.make_connection()
+
+
+class NodeConnection:
+    """A connection of its own to the server that holds `key`. Dropped after an error, it is made again on its next use,
+    from the client's slot map as it is then: after a failover (and refresh), to the new master of the slot."""
+
+    def __init__(self, client: Client, key: str) -> None:
+        self.client, self.key = client, key
+        self._connection: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        if self._connection is None:
+            self._connection = raw_connection(self.client, self.key)
+        return self._connection
+
+    async def drop(self) -> None:
+        """Close it, with any reply still on its way (see retry.drop)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await drop(connection)
+
+
+# How long a write whose acknowledgement lives elsewhere waits for a replica to confirm it. A healthy replica on the
+# same network confirms within a millisecond or two; longer is a replica that fell behind (or is going away).
+REPLICA_WAIT_MS = 2000
+REPLICAS_TTL = 5.0  # seconds a master's count of replicas is trusted before ROLE is asked again
+
+
+class ReplicaWait:
+    """Making a write on a cluster master survive a failover of that master before its effect is acknowledged
+    elsewhere (on another master, or in ClickHouse). Replication is asynchronous: a master can acknowledge a write and
+    die before any replica has it, and the replica that replaces it knows nothing of it. `WAIT 1 <ms>` on the
+    connection that wrote returns once a replica has everything that connection wrote.
+
+    How many replicas to ask for: a master without one (a cluster run without replicas, or a new master whose old one
+    has not rejoined) has nothing to wait for, and WAIT would hold each write for the whole timeout; so the master's
+    online replicas are counted (ROLE, through the cluster client) every REPLICAS_TTL seconds. On one Redis, nothing
+    waits (its acknowledgements and effects fail together)."""
+
+    def __init__(self, client: Client, key: str) -> None:
+        self.client, self.key = client, key
+        self._replicas, self._counted_at = 0, -1e9
+
+    async def wanted(self) -> int:
+        """How many replicas WAIT should ask for now: 1, or 0 (WAIT need not be sent)."""
+        if not isinstance(self.client, RedisCluster):
+            return 0
+        if time.monotonic() - self._counted_at > REPLICAS_TTL:
+            await self._count()
+        return min(1, self._replicas)
+
+    def command(self, wanted: int) -> bytes:
+        return pack(("WAIT", wanted, REPLICA_WAIT_MS))
+
+    async def check(self, wanted: int, confirmed: int) -> None:
+        """WAIT answered `confirmed`; raise ReplicaBehind when a replica that is there did not confirm in time."""
+        if confirmed >= wanted:
+            return
+        await self._count()  # the replica may have gone (a failover under way): nothing left to wait for
+        if self._replicas:
+            raise ReplicaBehind(f"no replica of the master of {self.key!r} confirmed the write within {REPLICA_WAIT_MS} ms")
+
+    async def _count(self) -> None:
+        assert isinstance(self.client, RedisCluster)
+        node = self.client.get_node_from_key(self.key)
+        role = await self.client.execute_command("ROLE", target_nodes=node)
+        # A master answers [b"master", offset, [[ip, port, offset], ...]] with its online replicas; after a failover the
+        # node may be a replica now: its slot moved, and the write is routed again from the new slot map.
+        self._replicas = len(role[2]) if role and role[0] in (b"master", "master") else 0
+        self._counted_at = time.monotonic()
 
 
 async def refresh(client: Client) -> None:
