@@ -1,6 +1,10 @@
-"""A master of a real Redis Cluster (3 masters + 3 replicas, Debian's redis-server 7) killed -9 under the running
-pipeline: the publisher (and its router), the subscriber and the archiver ride through it by themselves, and every key
-equals the reference fold; then the killed master rejoins as a replica and takes over again, still exact."""
+"""Masters of a real Redis Cluster (3 masters + 3 replicas, Debian's redis-server 7, cluster-node-timeout 2 s) killed
+-9 under the running pipeline, the publisher (with its router), the subscriber and the archiver each as its entry point
+runs it: every process rides through by itself, and every key equals the reference fold, every event archived once.
+
+A plain failover (the replica had everything), the killed master rejoining as a replica and taking over again, and
+failovers that lose writes: the replica had fallen behind (stopped, its master's writes waiting in the master's output
+buffer) when its master died, as asynchronous replication allows."""
 
 from __future__ import annotations
 
@@ -9,12 +13,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import ServeFn
@@ -34,13 +39,13 @@ pytestmark = pytest.mark.slow
 
 SHARDS = 3
 EVENTS = 9996  # calibrated_lines() without its canaries
-RATE = 1500.0  # events/s from the feed: the run lasts long enough to kill a master in its middle
+BACKLOG = 16 << 20  # bytes written to a master while its replica is stopped: far more than the sockets' buffers hold
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     # cluster-node-timeout 2 s, as the issue's cluster: a master is replaced about 3-4 s after it died.
-    with LocalCluster(tmp_path / "cluster", masters=3, replicas=1, node_timeout_ms=2000) as c:
+    with LocalCluster(tmp_path_factory.mktemp("failover"), masters=3, replicas=1, node_timeout_ms=2000) as c:
         yield c
 
 
@@ -61,92 +66,105 @@ def failover_settings(cluster: LocalCluster, settings: Settings, tmp_path: Path)
 
 
 @pytest.fixture
-async def client(failover_settings: Settings) -> AsyncIterator[Any]:
+async def client(cluster: LocalCluster, failover_settings: Settings) -> AsyncIterator[Any]:
+    pytest.importorskip("chdb")
+    await asyncio.to_thread(cluster.wait_ok)  # whole again after the test before
     client, _ = await open_client(failover_settings)
     assert isinstance(client, RedisCluster)
+    await client.flushall(target_nodes=RedisCluster.PRIMARIES)
     yield client
     await client.aclose()
 
 
-async def folded(client: Any, layout: keys.Layout) -> int:
-    with contextlib.suppress(Exception):  # the cluster may be failing over: the next poll asks again
-        return sum([int(await client.hget(shard.stats, "folded") or 0) for shard in layout.all_shards])
-    return -1
-
-
-async def archived(client: Any, layout: keys.Layout) -> int:
+async def stat(client: Any, key: str, name: str) -> int:
+    """A counter, or -1 while the master that holds it is failing over (the next poll asks again)."""
     with contextlib.suppress(Exception):
-        return int(await client.hget(layout.archiver_stats, "archived") or 0)
+        return int(await client.hget(key, name) or 0)
     return -1
 
 
-async def published(client: Any, layout: keys.Layout) -> int:
-    with contextlib.suppress(Exception):
-        return int(await client.hget(layout.publisher.stats, "published") or 0)
-    return -1
+class Run:
+    """The pipeline's entry points as `python -m wikipulse publisher|subscriber|archiver` run them, each with its own
+    client, in this process (their logs are captured), against the cluster."""
 
+    def __init__(self, cluster: LocalCluster, client: Any, s: Settings) -> None:
+        self.cluster, self.client, self.s = cluster, client, s
+        self.layout = keys.Layout(s.stream, SHARDS, cluster=True)
+        self.tasks = {
+            "publisher": asyncio.create_task(run_publisher(s)),
+            "subscriber": asyncio.create_task(run_subscriber(s)),
+            "archiver": asyncio.create_task(run_archiver(s)),
+        }
 
-def processes(s: Settings) -> dict[str, asyncio.Task[None]]:
-    """The pipeline's entry points, as `python -m wikipulse ...` runs them (each its own client)."""
-    return {
-        "publisher": asyncio.create_task(run_publisher(s)),
-        "subscriber": asyncio.create_task(run_subscriber(s)),
-        "archiver": asyncio.create_task(run_archiver(s)),
-    }
+    async def until(self, check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not await check():
+            for name, task in self.tasks.items():
+                if task.done():
+                    task.result()  # a crash surfaces with its own traceback
+                    raise AssertionError(f"the {name} ended before {what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.05)
 
+    async def published(self) -> int:
+        return await stat(self.client, self.layout.publisher.stats, "published")
 
-async def wait_all(tasks: dict[str, asyncio.Task[None]], check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        for name, task in tasks.items():
-            if task.done():
-                task.result()  # a crash surfaces with its own traceback
-                raise AssertionError(f"the {name} ended before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+    async def until_published(self, n: int) -> None:
+        async def check() -> bool:
+            return await self.published() >= n
 
+        await self.until(check, f"{n} events published")
 
-async def kill_when_published(cluster: LocalCluster, client: Any, layout: keys.Layout, tasks: dict[str, asyncio.Task[None]],
-                              at: int, key: str) -> int:  # fmt: skip
-    """Kill -9 the master of `key`'s slot once `at` events are published; the index of the master that replaces it."""
-    await wait_all(tasks, lambda: _at_least(published(client, layout), at), 60, f"{at} events published")
-    victim = cluster.master_of(key)
-    cluster.kill(victim)
-    return await asyncio.to_thread(cluster.wait_failover, key)
+    async def folded(self) -> int:
+        counts = [await stat(self.client, shard.stats, "folded") for shard in self.layout.all_shards]
+        return -1 if -1 in counts else sum(counts)
 
+    async def done(self) -> bool:
+        return await self.folded() >= EVENTS and await stat(self.client, self.layout.archiver_stats, "archived") >= EVENTS
 
-async def _at_least(value: Any, n: int) -> bool:
-    return int(await value) >= n
+    async def kill_master_of(self, key: str) -> tuple[int, int]:
+        """Kill -9 the master of `key`'s slot; (its index, the index of the replica that replaced it)."""
+        victim = self.cluster.master_of(key)
+        self.cluster.kill(victim)
+        return victim, await asyncio.to_thread(self.cluster.wait_failover, key)
 
+    async def kill_master_of_a_lagging_replica(self, key: str, settle: float) -> int:
+        """Stop the replica of `key`'s master, write BACKLOG bytes in that slot (they fill the replication sockets, so
+        what the master writes next stays in its output buffer), let the pipeline write on for `settle` seconds, then
+        kill -9 the master and let the stopped replica replace it: what the master wrote since it stopped is lost."""
+        master = self.cluster.master_of(key)
+        replica = self.cluster.replica_of(master)
+        self.cluster.pause(replica)
+        try:
+            tag = key[key.index("{") + 1 : key.index("}")] if "{" in key else key
+            await self.client.set(f"{{{tag}}}:test:backlog", b"x" * BACKLOG)
+            await asyncio.sleep(settle)
+            buffered = await self._replica_output(master)
+            assert buffered > 0, "the replica kept up: the test would lose nothing"
+            self.cluster.kill(master)
+        finally:
+            self.cluster.resume(replica)
+        return await asyncio.to_thread(self.cluster.wait_failover, key)
 
-def assert_quiet(records: list[logging.LogRecord]) -> None:
-    """A failover is an event of note, logged as such: never a traceback."""
-    tracebacks = [r for r in records if r.exc_info and r.name.startswith("wikipulse")]
-    assert not tracebacks, [r.getMessage() for r in tracebacks]
+    async def _replica_output(self, master: int) -> int:
+        """Bytes the master holds for its replica, not yet in the socket."""
+        async with aioredis.Redis(port=self.cluster.nodes[master].port) as node:
+            listed = await node.execute_command("CLIENT", "LIST", "TYPE", "replica")
+        text = listed.decode() if isinstance(listed, bytes) else str(listed)
+        return sum(int(part.split("=")[1]) for part in text.split() if part.startswith("omem="))
 
+    async def finish(self) -> None:
+        try:
+            await self.until(self.done, "every event folded and archived", timeout=90)
+        finally:
+            for task in self.tasks.values():
+                await stop(task)
 
-async def test_a_master_killed_mid_run_loses_nothing_and_doubles_nothing(
-    cluster: LocalCluster, client: Any, failover_settings: Settings, eventstreams: ServeFn, caplog: pytest.LogCaptureFixture
-) -> None:
-    pytest.importorskip("chdb")
-    caplog.set_level(logging.INFO)
-    _, url = await eventstreams(calibrated_source(), ServerOptions(rate=RATE))
-    s = dataclasses.replace(failover_settings, stream_url=url)
-    layout = keys.Layout(s.stream, SHARDS, cluster=True)
-    expected = reference_fold([orjson.loads(line) for line in calibrated_lines()], time.time())
-    tasks = processes(s)
-    try:
-        # The ingest stream's master: the publisher's batches, the router's reads and the archiver's are all on it.
-        await kill_when_published(cluster, client, layout, tasks, EVENTS // 3, s.stream)
-        await wait_all(tasks, lambda: _done(client, layout), 90, "every event folded and archived")
-    finally:
-        for task in tasks.values():
-            await stop(task)
-    assert_same(await stored_counts(client), expected)
-    assert await archived(client, layout) == EVENTS
-    assert archive_rows(s) == (EVENTS, EVENTS)  # without FINAL: each event once
-    assert_quiet(caplog.records)
+    async def assert_exact(self, expected: Any) -> None:
+        assert_same(await stored_counts(self.client), expected)
+        assert await stat(self.client, self.layout.archiver_stats, "archived") == EVENTS
+        assert archive_rows(self.s) == (EVENTS, EVENTS)  # without FINAL: each event once
 
 
 def archive_rows(s: Settings) -> tuple[int, int]:
@@ -160,5 +178,73 @@ def archive_rows(s: Settings) -> tuple[int, int]:
         archive.close()
 
 
-async def _done(client: Any, layout: keys.Layout) -> bool:
-    return await folded(client, layout) >= EVENTS and await archived(client, layout) >= EVENTS
+def assert_quiet(records: list[logging.LogRecord]) -> None:
+    """A failover is an event of note, logged in a line or two per process: never a traceback, never a line a retry."""
+    ours = [r for r in records if r.name.startswith("wikipulse") and r.levelno >= logging.WARNING]
+    tracebacks = [r.getMessage() for r in ours if r.exc_info]
+    assert not tracebacks, tracebacks
+    retries = [r.getMessage() for r in ours if "retrying in" in r.getMessage()]
+    assert not retries, retries[:5]
+
+
+def expected_counts() -> Any:
+    return reference_fold([orjson.loads(line) for line in calibrated_lines()], time.time())
+
+
+async def test_a_master_killed_mid_run_then_rejoining_and_taking_over_again(
+    cluster: LocalCluster, client: Any, failover_settings: Settings, eventstreams: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingest stream's master (the publisher's batches, the router's and the archiver's reads, and one shard) is
+    killed; its replica takes over. It is started again and rejoins as that one's replica; then the new master is
+    killed, and the rejoined one takes over with everything."""
+    caplog.set_level(logging.INFO)
+    _, url = await eventstreams(calibrated_source(), ServerOptions(rate=600))
+    run = Run(cluster, client, dataclasses.replace(failover_settings, stream_url=url))
+    killed = successor = -1
+    try:
+        await run.until_published(EVENTS // 5)
+        killed, successor = await run.kill_master_of(run.s.stream)
+        cluster.start_node(killed)
+        await asyncio.to_thread(cluster.wait_ok)  # rejoined as a replica, in sync
+        assert cluster.master_of(run.s.stream) == successor and cluster.replica_of(successor) == killed
+        await run.until_published(await run.published() + 300)
+        again, taken_over_by = await run.kill_master_of(run.s.stream)
+        assert (again, taken_over_by) == (successor, killed)
+        await run.finish()
+    finally:
+        with contextlib.suppress(Exception):
+            for index in (killed, successor):
+                if index >= 0 and cluster.nodes[index] not in cluster.live():
+                    cluster.start_node(index)
+    await run.assert_exact(expected_counts())
+    assert_quiet(caplog.records)
+
+
+async def test_failovers_that_lose_writes_lose_no_event_and_double_none(
+    cluster: LocalCluster, client: Any, failover_settings: Settings, eventstreams: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twice a master dies with writes its replica never received. The ingest stream's: it loses the publisher's last
+    batches, which the router and the archiver must not have acted on (copied, archived), for the publisher writes
+    them again. Then a shard stream's master: it loses the router's last copies, which the router must not have
+    acknowledged on the ingest stream."""
+    caplog.set_level(logging.INFO)
+    _, url = await eventstreams(calibrated_source(), ServerOptions(rate=1000))
+    run = Run(cluster, client, dataclasses.replace(failover_settings, stream_url=url))
+    killed: list[int] = []
+    try:
+        await run.until_published(EVENTS // 4)
+        killed.append(cluster.master_of(run.s.stream))
+        await run.kill_master_of_a_lagging_replica(run.s.stream, settle=0.5)
+        await run.until_published(EVENTS // 2)
+        ingest_master = cluster.master_of(run.s.stream)
+        shard = next(sh for sh in run.layout.all_shards if cluster.master_of(sh.stream) != ingest_master)
+        killed.append(cluster.master_of(shard.stream))
+        await run.kill_master_of_a_lagging_replica(shard.stream, settle=1.0)
+        await run.finish()
+    finally:
+        with contextlib.suppress(Exception):
+            for index in killed:
+                if cluster.nodes[index] not in cluster.live():
+                    cluster.start_node(index)
+    await run.assert_exact(expected_counts())
+    assert_quiet(caplog.records)

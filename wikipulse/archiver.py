@@ -153,7 +153,7 @@ class Archiver:
         await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
         entries, _ = await self.reader.receive()
         if entries:
-            await self.reader.confirm()
+            await self.reader.confirm(entries[-1][0])
         return entries
 
     async def consume(self) -> None:

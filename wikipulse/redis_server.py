@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -242,6 +243,23 @@ class LocalCluster:
     def kill(self, index: int) -> None:
         """SIGKILL node `index`, as a crash would: what it had not yet sent its replicas is gone with it."""
         self.nodes[index].kill()
+
+    def replica_of(self, index: int) -> int:
+        """The index of a replica of master `index` (its first one, as the master lists them)."""
+        with redis.Redis(port=self.nodes[index].port, socket_timeout=1) as client:
+            port = int(client.info("replication")["slave0"]["port"])
+        return next(i for i, n in enumerate(self.nodes) if n.port == port)
+
+    def pause(self, index: int) -> None:
+        """SIGSTOP node `index`: a replica that falls behind (its master's writes wait in the master's output buffer)."""
+        process = self.nodes[index].process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        process = self.nodes[index].process
+        assert process is not None
+        process.send_signal(signal.SIGCONT)
 
     def start_node(self, index: int) -> None:
         """Start node `index` again on its ports and data; a master replaced meanwhile rejoins as a replica."""

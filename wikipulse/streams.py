@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from wikipulse.connect import Client, NodeConnection, ReplicaWait
+from wikipulse.connect import Client, NodeConnection, ReplicaWait, pack
 
 # An entry as XREADGROUP/XAUTOCLAIM reply it, unparsed: [id, [field, value, ...]], or [id, None]
 # when it was trimmed from the stream before it was read.
@@ -21,10 +21,13 @@ class StreamReader:
     key on the same connection (so before it, in Redis): the subscriber's claims count (keys.CLAIMS).
 
     A reader whose entries have an effect on another master or in ClickHouse (the router, the archiver) confirms each
-    batch first (send(confirm=True), then confirmed()): a replica of the stream's master has the entries. A read that
-    delivers entries is replicated (as their claims), after the entries themselves, so WAIT on this connection covers
-    them. Without it, a failover could lose entries whose copies or rows exist elsewhere, and the publisher would then
-    write them again (it resumes from the position the new master holds): counted twice."""
+    batch first (send(confirm=last id), then confirmed(); or confirm(last id)): a replica of the stream's master has the
+    entries. Without it, a failover could lose entries whose copies or rows exist elsewhere, and the publisher would
+    then write them again (it reads the feed again from the position the new master holds): counted twice. WAIT waits
+    for what this connection wrote, and neither a read of pending entries nor (on Redis 7.0) a blocked read served
+    later counts as this connection's write; so the confirmation first re-claims the batch's last entry to its own
+    consumer (XCLAIM JUSTID, no idle floor: it changes nothing but that entry's idle time), a write replicated after
+    every entry before it."""
 
     def __init__(self, client: Client, stream: str, group: str, consumer: str, counter: str | None = None) -> None:
         self._node = NodeConnection(client, stream)  # on a cluster, the counter shares the stream's slot
@@ -32,28 +35,33 @@ class StreamReader:
         self.replicas = ReplicaWait(client, stream)
         self._waiting = 0  # replicas the WAIT on the wire asks for (confirmed() takes its answer)
 
-    async def send(self, start: str, count: int, block_ms: int | None, confirm: bool = False) -> None:
-        """Ask for the next batch; with `confirm`, first for a replica to have what the previous one delivered."""
+    async def send(self, start: str, count: int, block_ms: int | None, confirm: bytes | None = None) -> None:
+        """Ask for the next batch; with `confirm` (the previous batch's last id), first for a replica to have it."""
         block = ["BLOCK", block_ms] if block_ms is not None else []
         read = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
         commands = [("GET", self._counter), read] if self._counter else [read]
-        self._waiting = await self.replicas.wanted() if confirm else 0
         connection = self._node.connection
-        wait = self.replicas.command(self._waiting) if self._waiting else b""
-        await connection.send_packed_command([wait, *connection.pack_commands(commands)])
+        await connection.send_packed_command([await self._confirmation(confirm), *connection.pack_commands(commands)])
+
+    async def confirm(self, last: bytes) -> None:
+        """Return once a replica has the batch that ended with `last` (raises ReplicaBehind); nothing else in flight."""
+        await self._node.connection.send_packed_command(await self._confirmation(last))
+        await self.confirmed()
 
     async def confirmed(self) -> None:
-        """After send(confirm=True): return once a replica has the previous batch (raises ReplicaBehind)."""
+        """After send(confirm=...): return once a replica has the previous batch (raises ReplicaBehind)."""
         if self._waiting:
             wanted, self._waiting = self._waiting, 0
-            await self.replicas.check(wanted, int(await self._node.connection.read_response()))
+            connection = self._node.connection
+            await connection.read_response()  # XCLAIM's
+            await self.replicas.check(wanted, int(await connection.read_response()))
 
-    async def confirm(self) -> None:
-        """Return once a replica has what the last read delivered (raises ReplicaBehind); nothing else in flight."""
-        self._waiting = await self.replicas.wanted()
-        if self._waiting:
-            await self._node.connection.send_packed_command(self.replicas.command(self._waiting))
-            await self.confirmed()
+    async def _confirmation(self, last: bytes | None) -> bytes:
+        self._waiting = await self.replicas.wanted() if last is not None else 0
+        if not self._waiting or last is None:
+            return b""
+        claim = pack(("XCLAIM", self._stream, self._group, self._consumer, 0, last, "JUSTID"))
+        return claim + self.replicas.command(self._waiting)
 
     async def receive(self) -> tuple[list[Entry], bytes | None]:
         """(the entries read, the counter as it was before they were read; None without a counter or when unset)."""
