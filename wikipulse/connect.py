@@ -22,6 +22,7 @@ import redis.cluster
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
 
 from wikipulse.keys import Layout
 from wikipulse.retry import REDIS_ERRORS, ReplicaBehind, drop
@@ -123,12 +124,24 @@ def _closed_under_us(exc: AttributeError) -> Exception:
 
 
 def _survive_resets(client: RedisCluster) -> None:
-    """Make the cluster client's connections _SurvivesResets: those of the nodes it knows and of those it learns."""
+    """Make the cluster client's connections _SurvivesResets: those of the nodes it knows and of those it learns. And
+    let its transactions (the archiver's MULTI) record only a MOVED as one: redis-py 6.4 records a connection error
+    there too, and every command of every task then fails with `AttributeError: 'ConnectionError' object has no
+    attribute 'host'` until the slot map is learnt again (redis/redis-py#3815). A connection error needs no record:
+    the next command to that node meets it again, and the client re-learns the slot map then."""
     ssl = client.connection_kwargs.get("connection_class") is SSLConnection
     cls = _ClusterSSLConnection if ssl else _ClusterConnection
     client.connection_kwargs["connection_class"] = cls  # the nodes manager makes every node it learns with these
     for node in client.nodes_manager.startup_nodes.values():
         node.connection_class = cls
+    manager = client.nodes_manager
+    record = manager.update_moved_exception
+
+    def update_moved_exception(error: Exception) -> None:
+        if isinstance(error, MovedError):
+            record(error)
+
+    manager.update_moved_exception = update_moved_exception
 
 
 def raw_connection(client: Client, key: str) -> Connection:
