@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, cast
 import redis
 import redis.asyncio as aioredis
 import redis.cluster
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import NodesManager, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
@@ -134,14 +134,15 @@ def _survive_resets(client: RedisCluster) -> None:
     client.connection_kwargs["connection_class"] = cls  # the nodes manager makes every node it learns with these
     for node in client.nodes_manager.startup_nodes.values():
         node.connection_class = cls
-    manager = client.nodes_manager
-    record = manager.update_moved_exception
+    client.nodes_manager.__class__ = _NodesManager  # the same object (its class has slots: no attribute can be set)
 
-    def update_moved_exception(error: Exception) -> None:
-        if isinstance(error, MovedError):
-            record(error)
 
-    manager.update_moved_exception = update_moved_exception
+class _NodesManager(NodesManager):  # type: ignore[misc]
+    __slots__ = ()
+
+    def update_moved_exception(self, exception: Exception) -> None:
+        if isinstance(exception, MovedError):
+            super().update_moved_exception(exception)
 
 
 def raw_connection(client: Client, key: str) -> Connection:
