@@ -157,6 +157,9 @@ class Run:
     async def finish(self) -> None:
         try:
             await self.until(self.done, "every event folded and archived", timeout=90)
+        except AssertionError as exc:
+            archived = await stat(self.client, self.layout.archiver_stats, "archived")
+            raise AssertionError(f"{exc}: folded {await self.folded()}, archived {archived} of {EVENTS}") from None
         finally:
             for task in self.tasks.values():
                 await stop(task)
