@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 import redis.cluster
 from redis.asyncio.cluster import NodesManager, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError
+from redis.exceptions import MovedError, NoScriptError
 
 from wikipulse.keys import Layout
 from wikipulse.retry import REDIS_ERRORS, ReplicaBehind, drop
@@ -59,8 +60,7 @@ async def open_client(settings: Settings, **options: Any) -> tuple[Client, Layou
     kwargs = {**CLIENT_OPTIONS, **options}
     if not cluster:
         return aioredis.Redis.from_url(settings.redis_url, **kwargs), layout
-    client = RedisCluster.from_url(settings.redis_url, **kwargs)
-    _survive_resets(client)
+    client = FailoverCluster.from_url(settings.redis_url, **kwargs)
     try:
         await client.initialize()
     except (*REDIS_ERRORS, redis.exceptions.RedisClusterException) as exc:
@@ -89,12 +89,35 @@ def is_cluster_sync(settings: Settings) -> bool:
         return False  # the page starts anyway and says Redis is down; restart it once Redis is there
 
 
-class _SurvivesResets:
-    """redis-py's cluster client answers a connection error on one node (a master that died) by closing every
-    connection it holds, to learn the slot map again: a command another task has in flight on one of them then fails
-    with `AttributeError: 'NoneType' object has no attribute 'writelines'` (or `readline`), which no retry loop can
-    tell from a bug. That connection was closed under the command: say so, as the ConnectionError it is."""
+class FailoverCluster(RedisCluster):  # type: ignore[misc]
+    """redis-py's cluster client (6.4), made to ride through a failover, where its own handling breaks the tasks that
+    share it:
 
+    - on a connection error it closes every connection it holds, to learn the slot map again: a command another task
+      has in flight on one of them fails with `AttributeError: 'NoneType' object has no attribute 'writelines'` (or
+      `readline`). That connection was closed under it: the connections say so, as a ConnectionError (_SurvivesResets).
+    - a transaction (the archiver's MULTI) that meets a connection error records it as if it were a MOVED, and every
+      command of every task then fails with `AttributeError: 'ConnectionError' object has no attribute 'host'` until the
+      slot map is learnt again (redis/redis-py#3815). Only a MOVED is recorded now: the next command to a dead node
+      meets its connection error again, and the client learns the slot map then (_NodesManager).
+    - a script's EVALSHA that finds no script on a new master (a replica's script cache is its own) loads it on the
+      masters the client knows, which may not yet include the new one, and fails again with NoScriptError. Scripts
+      fall back to EVAL, which goes to the master of their keys (_Script)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        ssl = self.connection_kwargs.get("connection_class") is SSLConnection
+        cls = _ClusterSSLConnection if ssl else _ClusterConnection
+        self.connection_kwargs["connection_class"] = cls  # the nodes manager makes every node it learns with these
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = cls
+        self.nodes_manager.__class__ = _NodesManager  # the same object (its class has slots: no attribute can be set)
+
+    def register_script(self, script: str) -> _Script:
+        return _Script(self, script)
+
+
+class _SurvivesResets:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await cast(Any, super()).send_packed_command(command, check_health)
@@ -123,26 +146,21 @@ def _closed_under_us(exc: AttributeError) -> Exception:
     return closed
 
 
-def _survive_resets(client: RedisCluster) -> None:
-    """Make the cluster client's connections _SurvivesResets: those of the nodes it knows and of those it learns. And
-    let its transactions (the archiver's MULTI) record only a MOVED as one: redis-py 6.4 records a connection error
-    there too, and every command of every task then fails with `AttributeError: 'ConnectionError' object has no
-    attribute 'host'` until the slot map is learnt again (redis/redis-py#3815). A connection error needs no record:
-    the next command to that node meets it again, and the client re-learns the slot map then."""
-    ssl = client.connection_kwargs.get("connection_class") is SSLConnection
-    cls = _ClusterSSLConnection if ssl else _ClusterConnection
-    client.connection_kwargs["connection_class"] = cls  # the nodes manager makes every node it learns with these
-    for node in client.nodes_manager.startup_nodes.values():
-        node.connection_class = cls
-    client.nodes_manager.__class__ = _NodesManager  # the same object (its class has slots: no attribute can be set)
-
-
 class _NodesManager(NodesManager):  # type: ignore[misc]
     __slots__ = ()
 
     def update_moved_exception(self, exception: Exception) -> None:
         if isinstance(exception, MovedError):
             super().update_moved_exception(exception)
+
+
+class _Script(AsyncScript):  # type: ignore[misc]
+    async def __call__(self, keys: Sequence[Any] | None = None, args: Sequence[Any] | None = None, client: Any = None) -> Any:
+        try:
+            return await super().__call__(keys, args, client)
+        except NoScriptError:
+            keys, args = list(keys or []), list(args or [])
+            return await (client or self.registered_client).eval(self.script, len(keys), *keys, *args)
 
 
 def raw_connection(client: Client, key: str) -> Connection:
