@@ -28,7 +28,7 @@ from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.archive import Archive, ArchiveUnavailable, batch_token, connect, json_lines
-from wikipulse.connect import Client, open_client, refresh
+from wikipulse.connect import Client, NodeConnection, open_client, refresh
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
@@ -87,6 +87,7 @@ class Archiver:
         self.backoff = Backoff(settings.backoff_cap)
         self.outage = Outage(logger, "archiver")
         self.reader = StreamReader(client, settings.stream, settings.archive_group, CONSUMER)
+        self.acks = NodeConnection(client, settings.stream)  # its XACK, batch list and stats: one MULTI, in the stream's slot
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -167,6 +168,7 @@ class Archiver:
             await self._consume(await self.open_archive())
         finally:
             await self.reader.close()  # a reply half read must not be taken for the next one
+            await self.acks.drop()
 
     async def _consume(self, archive: Archive) -> None:
         s = self.settings
@@ -212,13 +214,13 @@ class Archiver:
         """After ClickHouse's receipt, and only then: XACK the batch, forget its size, count it."""
         counters = await insert
         s = self.settings
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
-        pipe.lpop(self.layout.archiver_batches(s.archive_group))
-        for name, n in counters.items():
-            pipe.hincrby(self.layout.archiver_stats, name, n)
-        pipe.hset(self.layout.archiver_stats, "updated_at", time.time())
-        await pipe.execute()
+        stats = self.layout.archiver_stats
+        await self.acks.transaction([
+            ("XACK", s.stream, s.archive_group, *[e[0] for e in entries]),
+            ("LPOP", self.layout.archiver_batches(s.archive_group)),
+            *[("HINCRBY", stats, name, n) for name, n in counters.items()],
+            ("HSET", stats, "updated_at", time.time()),
+        ])  # fmt: skip
         self.totals.update(counters)
         self.backoff.reset()
         self.outage.over()

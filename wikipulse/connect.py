@@ -23,7 +23,7 @@ from redis.asyncio.cluster import NodesManager, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, NoScriptError
+from redis.exceptions import MovedError, NoScriptError, ResponseError
 
 from wikipulse.keys import Layout
 from wikipulse.retry import REDIS_ERRORS, ReplicaBehind, drop
@@ -193,6 +193,33 @@ class NodeConnection:
         if connection is not None:
             await drop(connection)
 
+    async def transaction(self, commands: Sequence[Sequence[bytes | str | int | float]]) -> list[Any]:
+        """MULTI, the commands (their keys in one slot), EXEC: the replies, or the first error raised (a command refused
+        when queued, OOM or MOVED, makes EXEC refuse all). In one round trip, on this connection: redis-py 6.4's
+        cluster transactions run each queued command in a thread of its own with an event loop of its own and wait
+        for it, which deadlocks the whole process on the client's lock while it is learning the slot map (a failover).
+        Any other error drops the connection: the transaction was applied whole or not at all."""
+        try:
+            connection = self.connection
+            await connection.send_packed_command(b"".join(pack(command) for command in [("MULTI",), *commands, ("EXEC",)]))
+            refused: ResponseError | None = None
+            for _ in range(len(commands) + 1):  # OK, then QUEUED each
+                try:
+                    await connection.read_response()
+                except ResponseError as exc:
+                    refused = refused or exc
+            try:
+                replies = list(await connection.read_response())
+            except ResponseError as exc:
+                raise (refused or exc) from None
+        except BaseException:
+            await self.drop()
+            raise
+        failed = next((r for r in replies if isinstance(r, ResponseError)), None)
+        if failed is not None:
+            raise failed
+        return replies
+
 
 # How long a write whose acknowledgement lives elsewhere waits for a replica to confirm it. A healthy replica on the
 # same network confirms within a millisecond or two; longer is a replica that fell behind (or is going away).
@@ -251,7 +278,7 @@ async def refresh(client: Client) -> None:
             await client.nodes_manager.initialize()
 
 
-def pack(args: Sequence[bytes | str | int]) -> bytes:
+def pack(args: Sequence[bytes | str | int | float]) -> bytes:
     """One command in Redis's wire format (RESP). redis-py's pack_command costs ~0.7 µs an argument, which a batch's
     ~1,400 declared keys would make 3% of the fold; this costs a third of that."""
     parts = [b"*%d\r\n" % len(args)]
