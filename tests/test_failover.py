@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import ServeFn
-from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop
+from tests.helpers import assert_same, calibrated_lines, calibrated_source, run_publisher_until, stop, stream_ids
 from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
 from wikipulse import keys
@@ -260,3 +260,33 @@ async def test_failovers_that_lose_writes_lose_no_event_and_double_none(
                     cluster.start_node(index)
     await run.assert_exact(expected_counts())
     assert_quiet(caplog.records)
+
+
+async def test_a_redis_that_lost_the_publishers_last_batches_makes_it_read_them_again(
+    redis_client: aioredis.Redis, settings: Settings, eventstreams: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a failover leaves when it takes the publisher's last batches and the publisher's next write is the first it
+    meets (a quiet feed): an older position than the one the publisher stored. Here on one Redis, the position set
+    back by hand mid-run: the publisher must read the feed again from it (its next write finds it and writes nothing),
+    not go on from its own position past batches that would be in no stream. The ones re-read here were kept (only the
+    position went back), so the dedup window finds them: every event once."""
+    server, url = await eventstreams(calibrated_source(), ServerOptions(rate=3000))
+    s = dataclasses.replace(settings, stream_url=url)
+    position = keys.UNSHARDED_PUBLISHER.position
+    older: list[bytes] = []
+
+    async def set_back_then_all_published(client: aioredis.Redis) -> bool:
+        n = int(await client.xlen(s.stream))
+        if not older and n >= 2000:
+            older.append(await client.get(position))
+        elif len(older) == 1 and n >= 3000:
+            await client.set(position, older[0])  # as the new master holds it
+            older.append(b"set back")
+        return n >= EVENTS
+
+    publisher = await run_publisher_until(s, set_back_then_all_published)
+    assert publisher.totals["writes_lost"] == 1
+    assert older[0].decode() in server.last_event_ids  # the feed was read again from the position Redis held
+    ids = await stream_ids(redis_client, s.stream)
+    assert len(ids) == len(set(ids)) == EVENTS
+    assert any("Redis lost this publisher's last batches" in r.getMessage() for r in caplog.records)
