@@ -153,8 +153,9 @@ class Archiver:
         take entries away whose rows are archived, for the publisher would write them again."""
         await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
         entries, _ = await self.reader.receive()
-        if entries:
-            await self.reader.confirm(entries[-1][0])
+        last = self.reader.last_held(entries)
+        if last is not None:
+            await self.reader.confirm(last)
         return entries
 
     async def consume(self) -> None:

@@ -232,7 +232,7 @@ class Router:
                 if cursor != ">":
                     cursor = entries[-1][0].decode()
                 # Redis reads the next batch meanwhile; first, a replica confirms it has this one (streams.StreamReader).
-                await reader.send(cursor, count, None if cursor != ">" else 1000, confirm=entries[-1][0])
+                await reader.send(cursor, count, None if cursor != ">" else 1000, confirm=reader.last_held(entries))
                 await reader.confirmed()
                 await self.route(entries)
                 self.backoff.reset()

@@ -21,13 +21,13 @@ class StreamReader:
     key on the same connection (so before it, in Redis): the subscriber's claims count (keys.CLAIMS).
 
     A reader whose entries have an effect on another master or in ClickHouse (the router, the archiver) confirms each
-    batch first (send(confirm=last id), then confirmed(); or confirm(last id)): a replica of the stream's master has the
-    entries. Without it, a failover could lose entries whose copies or rows exist elsewhere, and the publisher would
-    then write them again (it reads the feed again from the position the new master holds): counted twice. WAIT waits
-    for what this connection wrote, and neither a read of pending entries nor (on Redis 7.0) a blocked read served
-    later counts as this connection's write; so the confirmation first re-claims the batch's last entry to its own
-    consumer (XCLAIM JUSTID, no idle floor: it changes nothing but that entry's idle time), a write replicated after
-    every entry before it."""
+    batch before acting on it (send(confirm=last_held(batch)), then confirmed(); or confirm(last_held(batch))): a
+    replica of the stream's master has the entries. Without it, a failover could lose entries whose copies or rows
+    exist elsewhere, and the publisher would then write them again (it reads the feed again from the position the new
+    master holds): counted twice. WAIT waits for what this connection wrote; a read of pending entries writes nothing,
+    and a blocked read served later may not count as this connection's write. So the confirmation first re-claims the
+    batch's last entry to its own consumer (XCLAIM JUSTID, no idle floor: it changes nothing but that entry's idle
+    time), a write replicated after every entry before it."""
 
     def __init__(self, client: Client, stream: str, group: str, consumer: str, counter: str | None = None) -> None:
         self._node = NodeConnection(client, stream)  # on a cluster, the counter shares the stream's slot
@@ -36,7 +36,7 @@ class StreamReader:
         self._waiting = 0  # replicas the WAIT on the wire asks for (confirmed() takes its answer)
 
     async def send(self, start: str, count: int, block_ms: int | None, confirm: bytes | None = None) -> None:
-        """Ask for the next batch; with `confirm` (the previous batch's last id), first for a replica to have it."""
+        """Ask for the next batch; with `confirm` (the previous batch's last_held id), first for a replica to have it."""
         block = ["BLOCK", block_ms] if block_ms is not None else []
         read = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
         commands = [("GET", self._counter), read] if self._counter else [read]
@@ -44,7 +44,8 @@ class StreamReader:
         await connection.send_packed_command([await self._confirmation(confirm), *connection.pack_commands(commands)])
 
     async def confirm(self, last: bytes) -> None:
-        """Return once a replica has the batch that ended with `last` (raises ReplicaBehind); nothing else in flight."""
+        """Return once a replica has the batch whose last_held id is `last` (raises ReplicaBehind); nothing else in
+        flight."""
         await self._node.connection.send_packed_command(await self._confirmation(last))
         await self.confirmed()
 
@@ -70,6 +71,12 @@ class StreamReader:
         counter = await connection.read_response() if self._counter else None
         reply = await connection.read_response()
         return (cast(list[Entry], reply[0][1]) if reply else []), counter
+
+    @staticmethod
+    def last_held(entries: list[Entry]) -> bytes | None:
+        """The id to confirm a batch by: its last entry the stream still holds (XCLAIM would drop a trimmed one from the
+        group's pending entries); None when it holds none (then nothing in the batch has an effect to protect)."""
+        return next((entry_id for entry_id, fields in reversed(entries) if fields is not None), None)
 
     async def close(self) -> None:
         """Drop the connection, with any reply still on its way; the next send connects again (to the master that
