@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, cast
 import redis
 import redis.asyncio as aioredis
 import redis.cluster
-from redis.asyncio.cluster import NodesManager, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -102,7 +102,11 @@ class FailoverCluster(RedisCluster):  # type: ignore[misc]
       meets its connection error again, and the client learns the slot map then (_NodesManager).
     - a script's EVALSHA that finds no script on a new master (a replica's script cache is its own) loads it on the
       masters the client knows, which may not yet include the new one, and fails again with NoScriptError. Scripts
-      fall back to EVAL, which goes to the master of their keys (_Script)."""
+      fall back to EVAL, which goes to the master of their keys (_Script).
+    - a connection error takes its node out of the nodes the client learns the slot map from; with several tasks
+      meeting errors at once, none can be left, and the client never connects again ("Redis Cluster cannot be
+      connected. Please provide at least one reachable node: None"). Every node it ever knew stays one (initialize).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -112,9 +116,21 @@ class FailoverCluster(RedisCluster):  # type: ignore[misc]
         for node in self.nodes_manager.startup_nodes.values():
             node.connection_class = cls
         self.nodes_manager.__class__ = _NodesManager  # the same object (its class has slots: no attribute can be set)
+        self._known: dict[str, tuple[str, int]] = {}  # every node ever known, by name: (host, port)
 
     def register_script(self, script: str) -> _Script:
         return _Script(self, script)
+
+    async def initialize(self) -> FailoverCluster:
+        if self._initialize:
+            manager = self.nodes_manager
+            nodes = [*manager.startup_nodes.values(), *manager.nodes_cache.values()]
+            self._known.update({node.name: (node.host, node.port) for node in nodes})
+            for name, (host, port) in self._known.items():
+                if name not in manager.startup_nodes:
+                    manager.startup_nodes[name] = ClusterNode(host, port, **self.connection_kwargs)
+        await super().initialize()
+        return self
 
 
 class _SurvivesResets:
