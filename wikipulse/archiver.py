@@ -30,11 +30,11 @@ from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.archive import Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
-from wikipulse.connect import Client, open_client
+from wikipulse.connect import Client, NodeConnection, open_client, refresh
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
 from wikipulse.streams import Entry, StreamReader
 
@@ -97,7 +97,9 @@ class Archiver:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
         self.totals: Counter[str] = Counter()
         self.backoff = Backoff(settings.backoff_cap)
+        self.outage = Outage(logger, "archiver")
         self.reader = StreamReader(client, settings.stream, settings.archive_group, CONSUMER)
+        self.acks = NodeConnection(client, settings.stream)  # its XACK, batch list and stats: one MULTI, in the stream's slot
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -144,7 +146,10 @@ class Archiver:
                     await self.ensure_group()
                     await self.consume()
                 except REDIS_ERRORS as exc:
-                    await self._pause(f"Redis unavailable ({exc})")
+                    delay = self.backoff.next_delay()
+                    self.outage.failed(exc, delay)
+                    await pause_before_retry(delay)
+                    await refresh(self.client)  # on a cluster, the slot may have moved: the reader reconnects to its node
                 except ArchiveUnavailable as exc:
                     await self._pause(f"ClickHouse unavailable ({exc}): the batch stays pending, nothing is acknowledged")
                 except ResponseError as exc:
@@ -164,8 +169,13 @@ class Archiver:
         await pause_before_retry(delay)
 
     async def read(self, cursor: str, count: int) -> list[Entry]:
+        """The next batch, once a replica of the stream's master has it (streams.StreamReader): a failover must not
+        take entries away whose rows are archived, for the publisher would write them again."""
         await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
         entries, _ = await self.reader.receive()
+        last = self.reader.last_held(entries)
+        if last is not None:
+            await self.reader.confirm(last)
         return entries
 
     async def consume(self) -> None:
@@ -179,6 +189,7 @@ class Archiver:
             await self._consume(await self.open_archive())
         finally:
             await self.reader.close()  # a reply half read must not be taken for the next one
+            await self.acks.drop()
 
     async def _consume(self, archive: Archive) -> None:
         s = self.settings
@@ -224,15 +235,16 @@ class Archiver:
         """After ClickHouse's receipt, and only then: XACK the batch, forget its size, count it."""
         counters = await insert
         s = self.settings
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(s.stream, s.archive_group, *[e[0] for e in entries])
-        pipe.lpop(self.layout.archiver_batches(s.archive_group))
-        for name, n in counters.items():
-            pipe.hincrby(self.layout.archiver_stats, name, n)
-        pipe.hset(self.layout.archiver_stats, "updated_at", time.time())
-        await pipe.execute()
+        stats = self.layout.archiver_stats
+        await self.acks.transaction([
+            ("XACK", s.stream, s.archive_group, *[e[0] for e in entries]),
+            ("LPOP", self.layout.archiver_batches(s.archive_group)),
+            *[("HINCRBY", stats, name, n) for name, n in counters.items()],
+            ("HSET", stats, "updated_at", time.time()),
+        ])  # fmt: skip
         self.totals.update(counters)
         self.backoff.reset()
+        self.outage.over()
 
     # ---- read-only queries, for the processes that cannot open the embedded directory ----------
     def app(self) -> web.Application:

@@ -35,6 +35,10 @@ from wikipulse.trimming import TRIM_LUA
 # cannot add an event twice; the lease fences out a publisher that lost it.
 # Returns {written, duplicates, 1 if a position was stored before, group, trimmed unread, group, ...}
 # (see trimming.TRIM_LUA): no stored position where this process wrote one means Redis lost its data.
+# `after` is the position this process stored last (null: none it knows of). Another one stored means Redis lost this
+# process's last batches, and kept what came before them: a failover to a replica they had not reached yet. The call
+# then writes nothing and answers WPBEHIND <stored>: the publisher reads the feed again from there (its events of
+# those batches were in no stream, so nothing doubles), instead of going on from its own position past them.
 WRITE_SCRIPT = (
     FENCE_LUA
     + TRIM_LUA
@@ -43,6 +47,8 @@ local holder = fence(KEYS[6], ARGV[5], ARGV[6])
 if holder then return redis.error_reply('WPLEASE ' .. holder) end
 local channel, maxlen, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = cjson.decode(ARGV[4])
+local stored = redis.call('GET', KEYS[3])
+if stored and p['after'] ~= cjson.null and stored ~= p['after'] then return redis.error_reply('WPBEHIND ' .. stored) end
 local folds, ids = p['fold'], p['ids']
 local written, zadd, dups = {}, {}, 0
 local had_position = redis.call('EXISTS', KEYS[3])
@@ -88,6 +94,18 @@ class RedisDown(Exception):
     """A write could not reach Redis; the message says why."""
 
 
+class WritesLost(Exception):
+    """Redis holds an older position than the one this process stored last: it lost the batches since (a failover to
+    a replica they had not reached). Nothing of this batch was written; the feed is read again from the stored one."""
+
+    def __init__(self, stored: str) -> None:
+        super().__init__(f"Redis holds the position {stored[:200]}, older than the one this publisher stored last")
+        self.stored = stored
+
+
+BEHIND = "WPBEHIND"  # the write script's answer when Redis lost this process's last batches (WritesLost)
+
+
 @dataclass
 class Batch:
     frames: list[bytes] = field(default_factory=list)
@@ -117,8 +135,9 @@ class BatchWriter:
         self._keys = [settings.stream, k.seen, k.position, k.stats, k.rejected, k.lease]
         self._script = client.register_script(WRITE_SCRIPT)
 
-    async def write(self, batch: Batch, now: float) -> Written:
-        """Raises RedisDown, RedisFull (retry.py) or LeaseLost (lease.py); else the batch was written whole."""
+    async def write(self, batch: Batch, now: float, after: str | None = None) -> Written:
+        """`after`: the position this process stored last (None: unknown). Raises RedisDown, RedisFull (retry.py),
+        LeaseLost (lease.py) or WritesLost; else the batch was written whole."""
         s = self.settings
         status: dict[str, str | float] = {"updated_at": now}
         if batch.frames:
@@ -132,6 +151,7 @@ class BatchWriter:
             "fold": batch.folds,
             "ids": batch.ids,
             "position": batch.last_id,
+            "after": after,
             "counters": {name: n for name, n in batch.counters.items() if n},
             "status": status,
             "rejected": [r.decode() for r in batch.rejected],
@@ -143,6 +163,8 @@ class BatchWriter:
         except REDIS_ERRORS as exc:  # first: on a cluster, CLUSTERDOWN and TRYAGAIN are ResponseErrors too
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
+            if str(exc).startswith(BEHIND + " "):
+                raise WritesLost(str(exc).split(" ", 1)[1]) from None
             raise fenced_error(exc, "another publisher ({holder}) holds the lease") from exc
         written, duplicates, had_position, *grew = reply
         groups = {(g.decode() if isinstance(g, bytes) else str(g)): int(n) for g, n in zip(grew[::2], grew[1::2], strict=True)}

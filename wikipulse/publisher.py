@@ -23,10 +23,10 @@ from wikipulse import keys
 from wikipulse.connect import Client, open_client
 from wikipulse.events import Accepted, Canary, Reject, Rejected, validate
 from wikipulse.fold import summary_of
-from wikipulse.ingest import Batch, BatchWriter, RedisDown
+from wikipulse.ingest import Batch, BatchWriter, RedisDown, WritesLost
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.router import Router
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
@@ -204,7 +204,8 @@ class Publisher:
                 self._inflight = None
 
     async def _write(self, batch: Batch) -> None:
-        written, duplicates, had_position, grew = await self.writer.write(batch, time.time())
+        after = self.position if self._stored else None
+        written, duplicates, had_position, grew = await self.writer.write(batch, time.time(), after)
         if not had_position and self._stored:
             await self._redis_lost_data()
         self._stored = self._stored or batch.last_id is not None
@@ -339,6 +340,15 @@ class Publisher:
             await self._wait_for_redis()
             backoff.reset()
             return self._log_reconnect(0.0, "Redis was unavailable")
+        except WritesLost as exc:
+            logger.error(
+                "%s: Redis lost this publisher's last batches (a failover to a replica they had not reached). "
+                "Reading the feed again from the position Redis holds: nothing is missed, nothing doubled",
+                exc,
+            )
+            self.totals["writes_lost"] += 1
+            await self._wait_for_redis()
+            return self._log_reconnect(0.0, "Redis lost the last batches")
         except RedisFull as exc:
             await self._wait_for_room(exc)
             backoff.reset()
@@ -380,13 +390,15 @@ class Publisher:
 
     async def _wait_for_redis(self) -> None:
         backoff = Backoff(self.settings.backoff_cap)
+        outage = Outage(logger, "publisher")
         while True:
             try:
                 await self.load_state()
+                outage.over()
                 return
             except REDIS_ERRORS as exc:
                 delay = backoff.next_delay()
-                logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                outage.failed(exc, delay)
                 await pause_before_retry(delay)
 
     async def _wait_for_room(self, exc: RedisFull) -> None:
@@ -422,7 +434,7 @@ class Publisher:
             await self.drain()
             await self.flush()
             await self.drain()
-        except (RedisDown, RedisFull, LeaseLost) as exc:
+        except (RedisDown, RedisFull, LeaseLost, WritesLost) as exc:
             logger.warning("could not flush the last batch on shutdown (%s); it will be re-read on restart", exc)
 
 

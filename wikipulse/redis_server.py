@@ -6,9 +6,11 @@ bin/ beside `redis-cli`), so `pipenv install` is all a user needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -162,21 +164,25 @@ def cluster_binary() -> str:
 
 
 class LocalCluster:
-    """A real Redis Cluster of `masters` masters (no replicas) on 127.0.0.1, for tests, benchmarks and `up --cluster`.
+    """A real Redis Cluster of `masters` masters, each with `replicas` replicas, on 127.0.0.1, for tests, benchmarks and
+    `up --cluster`.
 
     Every node has AOF on, a free client port and a free bus port (cluster-port), and the slots are split evenly
-    by `redis-cli --cluster create`, so shard i of N = masters lands on master i (keys.shard_tag)."""
+    by `redis-cli --cluster create`, so shard i of N = masters lands on master i (keys.shard_tag). With replicas, a
+    master killed (kill) is replaced by its replica after `node_timeout_ms`; started again (start_node), it rejoins
+    as a replica of the one that replaced it."""
 
-    def __init__(self, data_dir: Path, masters: int = 3, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: Path, masters: int = 3, appendonly: bool = True, replicas: int = 0, node_timeout_ms: int = 5000) -> None:
         self.data_dir = Path(data_dir)
+        self.masters, self.replicas = masters, replicas
         binary = cluster_binary()
         self.nodes: list[RedisServer] = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             extra = (
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(free_port()),
-                "--cluster-node-timeout", "5000",
+                "--cluster-node-timeout", str(node_timeout_ms),
                 # A restarted master of a cluster without replicas: its slots are served by nobody meanwhile;
                 # the cluster should keep serving the other masters' slots.
                 "--cluster-require-full-coverage", "no",
@@ -192,26 +198,94 @@ class LocalCluster:
             node.start()
         cli = str(Path(cluster_binary()).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        replicas = ["--cluster-replicas", str(self.replicas)] if self.replicas else []
+        subprocess.run([cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"], check=True, capture_output=True, timeout=60)
         self.wait_ok(timeout)
         return self
 
+    def live(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every node says cluster_state:ok and knows every master."""
+        """Until every live node says cluster_state:ok, knows every node, and every replica is in sync with its master."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                infos = []
-                for node in self.nodes:
+                infos, synced = [], []
+                for node in self.live():
                     with redis.Redis(port=node.port, socket_timeout=1) as client:
                         infos.append(client.execute_command("CLUSTER", "INFO"))
-                if all(b"cluster_state:ok" in i and f"cluster_known_nodes:{len(self.nodes)}".encode() in i for i in infos):
+                        replication = client.info("replication")
+                        synced.append(replication["role"] == "master" or replication.get("master_link_status") == "up")
+                known = f"cluster_known_nodes:{len(self.nodes)}".encode()
+                masters = f"cluster_size:{self.masters}".encode()
+                if all(b"cluster_state:ok" in i and known in i and masters in i for i in infos) and all(synced):
                     return
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
                 raise RedisServerError(f"the cluster in {self.data_dir} is not ok after {timeout}s")
             time.sleep(0.1)
+
+    def master_of(self, key: str) -> int:
+        """The index in `nodes` of the master that serves `key`'s slot now, as a live node sees it."""
+        for node in self.live():
+            try:
+                with redis.Redis(port=node.port, socket_timeout=1) as client:
+                    slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                    for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            return next(i for i, n in enumerate(self.nodes) if n.port == int(master[1]))
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                continue
+        raise RedisServerError(f"no live node of the cluster in {self.data_dir} knows who serves {key!r}")
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node `index`, as a crash would: what it had not yet sent its replicas is gone with it."""
+        self.nodes[index].kill()
+
+    def replica_of(self, index: int) -> int:
+        """The index of a replica of master `index` (its first one, as the master lists them)."""
+        with redis.Redis(port=self.nodes[index].port, socket_timeout=1) as client:
+            port = int(client.info("replication")["slave0"]["port"])
+        return next(i for i, n in enumerate(self.nodes) if n.port == port)
+
+    def pause(self, index: int) -> None:
+        """SIGSTOP node `index`: a replica that falls behind (its master's writes wait in the master's output buffer)."""
+        process = self.nodes[index].process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        process = self.nodes[index].process
+        assert process is not None
+        process.send_signal(signal.SIGCONT)
+
+    def start_node(self, index: int) -> None:
+        """Start node `index` again on its ports and data; a master replaced meanwhile rejoins as a replica."""
+        self.nodes[index].start()
+
+    def wait_failover(self, key: str, timeout: float = 30.0) -> int:
+        """After a kill: until a live master serves `key`'s slot and the live nodes say ok; that master's index."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(RedisServerError, StopIteration):
+                index = self.master_of(key)
+                if index in [self.nodes.index(n) for n in self.live()] and self._live_ok():
+                    return index
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"no master took over {key!r}'s slot within {timeout}s")
+            time.sleep(0.1)
+
+    def _live_ok(self) -> bool:
+        try:
+            for node in self.live():
+                with redis.Redis(port=node.port, socket_timeout=1) as client:
+                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                        return False
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+        return True
 
     def restart(self, index: int, down: float = 0.0) -> None:
         """Stop master `index` (SIGTERM: its AOF is flushed), leave it down `down` seconds, and start it again on the

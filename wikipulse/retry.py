@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 
 from redis.asyncio.connection import Connection
 from redis.exceptions import AskError, ClusterError, OutOfMemoryError, RedisError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+
+class ReplicaBehind(Exception):
+    """On a cluster, no replica of a master confirmed a write in time (connect.ReplicaWait): what depends on it waits."""
+
+
 # What passes: Redis down or unreachable, and on a cluster a master down or restarting (CLUSTERDOWN, TRYAGAIN, no node
-# for a slot) or a slot that moved (MOVED/ASK on a connection of our own: connect.refresh, then a new connection).
+# for a slot), a slot that moved (MOVED/ASK on a connection of our own: connect.refresh, then a new connection), or a
+# replica that has not confirmed a write yet.
 REDIS_ERRORS = (
     RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterError, TryAgainError, SlotNotCoveredError, AskError,
+    ReplicaBehind,
 )  # fmt: skip
 
 
@@ -50,6 +59,38 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+class Outage:
+    """What a retry loop says about Redis: one line when it became unavailable and one when it is back (how long it was
+    gone, how many retries), the retries between them at DEBUG: a failover is a few seconds of retries, one event. Still
+    unavailable a minute on, it says so again."""
+
+    REPEAT = 60.0
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self.log, self.what = log, what
+        self.since: float | None = None
+        self._said, self.retries = 0.0, 0
+
+    def failed(self, error: BaseException, delay: float) -> None:
+        now = time.monotonic()
+        reason = f"{type(error).__name__}: {error}"
+        if self.since is None:
+            self.since, self._said, self.retries = now, now, 0
+            self.log.warning("%s: Redis unavailable (%s); retrying until it is back", self.what, reason)
+        elif now - self._said >= self.REPEAT:
+            self._said = now
+            self.log.warning("%s: Redis still unavailable after %.0fs (%s)", self.what, now - self.since, reason)
+        else:
+            self.log.debug("%s: Redis unavailable (%s); retrying in %.1fs", self.what, reason, delay)
+        self.retries += 1
+
+    def over(self) -> None:
+        """Redis answered again (the loop made progress)."""
+        if self.since is not None:
+            self.log.warning("%s: Redis is back after %.1fs (%d retries)", self.what, time.monotonic() - self.since, self.retries)
+            self.since = None
 
 
 def stop_if_cancelled() -> None:

@@ -9,6 +9,11 @@ so copying an entry again (a restart re-reads its pending entries) is refused, a
 added twice. For that to drop nothing, each shard stream must be written in id order by one router at a time: the
 router holds a lease on every shard (in the shard's slot), and each shard's write (a MULTI/EXEC) is fenced by it; a router reads
 its own pending entries first, in order, and a batch's shards are written before the next batch is read.
+
+And through a failover (replication is asynchronous): a batch is copied only once a replica of the ingest stream's
+master has it (streams.StreamReader, confirm), and acknowledged on the ingest stream only once a replica of each shard
+stream's master has its copy (ShardWriter's WAIT): a master that dies can take a copy or an ack with it, never one
+without the other being redone.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.connect import Client, pack, raw_connection
+from wikipulse.connect import Client, NodeConnection, ReplicaWait, pack, refresh
 from wikipulse.events import Accepted, validate
 from wikipulse.fold import parse_summary
 from wikipulse.lease import Lease, LeaseLost, fenced_error, new_token
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry
 from wikipulse.settings import Settings
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trimming import TRIM_LUA
@@ -47,27 +52,33 @@ class ShardWriter:
     with its id, trim, EXEC. Another router that took the lease meanwhile makes EXEC abort; a lease held by another
     raises LeaseLost. Within the transaction an XADD whose id is not above the stream's last is refused alone (it was
     written before) while the others go on: that is the idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the
-    same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures)."""
+    same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures). On a cluster with replicas, a WAIT follows
+    the EXEC in the same round trip: the write returns once a replica has the copy (connect.ReplicaWait)."""
 
     def __init__(self, client: Client, shard: keys.Shard, lease: Lease, maxlen: int) -> None:
         self.shard, self.lease, self.maxlen = shard, lease, maxlen
-        self._connection = raw_connection(client, shard.stream)
+        self._node = NodeConnection(client, shard.stream)
+        self.replicas = ReplicaWait(client, shard.stream)
 
     async def write(self, entries: Sequence[Entry]) -> tuple[int, int, list[Any]]:
         """(added, duplicates, trim's reply). Raises LeaseLost, RedisFull, or a Redis error (the connection is dropped:
-        the transaction was applied whole or not at all, and the batch is routed again)."""
+        the transaction was applied whole or not at all, and the batch is routed again; ReplicaBehind: applied, not yet
+        on a replica, and routed again, as duplicates, until a replica confirms it)."""
         try:
             for _ in range(MAX_ABORTS):
-                reply = await self._try(entries)
+                wanted = await self.replicas.wanted()
+                reply, confirmed = await self._try(entries, wanted)
+                await self.replicas.check(wanted, confirmed)
                 if reply is not None:
                     return self._count(reply)
             raise LeaseLost(f"the lease on shard {self.shard.index} kept changing during {MAX_ABORTS} writes")
         except BaseException:
-            await drop(self._connection)
+            await self._node.drop()
             raise
 
-    async def _try(self, entries: Sequence[Entry]) -> list[Any] | None:
-        conn, key, token = self._connection, self.shard.router_lease, self.lease.token
+    async def _try(self, entries: Sequence[Entry], wanted: int) -> tuple[list[Any] | None, int]:
+        """(EXEC's reply or None when the lease changed after WATCH, how many replicas confirmed it: WAIT's answer)."""
+        conn, key, token = self._node.connection, self.shard.router_lease, self.lease.token
         await conn.send_packed_command(pack(("WATCH", key)) + pack(("GET", key)))
         await conn.read_response()
         holder = await conn.read_response()
@@ -78,7 +89,7 @@ class ShardWriter:
         commands = [pack(("MULTI",)), pack(("SET", key, token, "PX", self.lease.ttl_ms))]
         commands += [pack(("XADD", self.shard.stream, entry_id, *fields)) for entry_id, fields in entries if fields is not None]
         commands += [pack(("EVAL", TRIM_SCRIPT, 2, self.shard.stream, self.shard.router_stats, self.maxlen)), pack(("EXEC",))]
-        await conn.send_packed_command(b"".join(commands))
+        await conn.send_packed_command(b"".join(commands) + (self.replicas.command(wanted) if wanted else b""))
         queued_error: ResponseError | None = None
         for _ in range(len(commands) - 1):  # OK, then QUEUED each; a command refused here (OOM) makes EXEC refuse all
             try:
@@ -89,10 +100,11 @@ class ShardWriter:
             reply = await conn.read_response()
         except ResponseError as exc:
             raise fenced_error(queued_error or exc, "") from exc
-        return None if reply is None else list(reply)  # None: the lease changed after WATCH (EXEC aborted)
+        confirmed = int(await conn.read_response()) if wanted else 0
+        return (None if reply is None else list(reply)), confirmed  # None: the lease changed after WATCH (EXEC aborted)
 
     async def close(self) -> None:
-        await drop(self._connection)
+        await self._node.drop()
 
     def _count(self, reply: list[Any]) -> tuple[int, int, list[Any]]:
         added = duplicates = 0
@@ -149,6 +161,7 @@ class Router:
             ShardWriter(client, shard, lease, settings.stream_maxlen) for shard, lease in zip(layout.all_shards, self.leases, strict=True)
         ]
         self.backoff = Backoff(settings.backoff_cap)
+        self.outage = Outage(logger, "router")
         self.totals: Counter[str] = Counter()
         self.reported: dict[str, int] = {}
 
@@ -174,8 +187,9 @@ class Router:
                     await self._route()
                 except REDIS_ERRORS as exc:
                     delay = self.backoff.next_delay()
-                    logger.warning("router: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    self.outage.failed(exc, delay)
                     await pause_before_retry(delay)
+                    await refresh(self.client)  # on a cluster, a slot may have moved: the writers reconnect to its node
                 except LeaseLost as exc:
                     logger.error("router: %s; it wrote nothing since, and waits for the leases again", exc)
                     for task in keepers:
@@ -217,9 +231,12 @@ class Router:
                     continue
                 if cursor != ">":
                     cursor = entries[-1][0].decode()
-                await reader.send(cursor, count, None if cursor != ">" else 1000)  # Redis reads the next batch meanwhile
+                # Redis reads the next batch meanwhile; first, a replica confirms it has this one (streams.StreamReader).
+                await reader.send(cursor, count, None if cursor != ">" else 1000, confirm=reader.last_held(entries))
+                await reader.confirmed()
                 await self.route(entries)
                 self.backoff.reset()
+                self.outage.over()
         finally:
             await reader.close()
 

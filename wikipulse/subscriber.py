@@ -30,7 +30,7 @@ from wikipulse.fold import Increments, Observation, expand, observe, parse_summa
 from wikipulse.lease import Lease, LeaseLost, fenced_error
 from wikipulse.pages import PageEdit, page_of, parse_page
 from wikipulse.policy import check_redis
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter, notice
 from wikipulse.settings import OperatorError, Settings
 from wikipulse.spikes import CHECK_EVERY, SpikeWatch
@@ -156,6 +156,7 @@ class Subscriber:
         self._lease_keeper: asyncio.Task[None] | None = None
         self.use_name(settings.consumer or next(default_consumers()))
         self.backoff = Backoff(settings.backoff_cap)
+        self.outage = Outage(logger, f"subscriber of {self.shard.stream}")
         self.inflight: collections.deque[Batch] = collections.deque()  # sent to the writer, unanswered
         self.caught_up = settings.source == "pubsub"  # the last read found no backlog (pub/sub has none)
         self.gate = DomainGate(client, settings.max_domains)
@@ -236,6 +237,7 @@ class Subscriber:
                 raise error from exc
             batch = self.inflight.popleft()
             self.backoff.reset()  # Redis took a batch: what failed before is over
+            self.outage.over()
             if owned is None:
                 self.totals.update(batch.counters)
                 continue
@@ -303,7 +305,7 @@ class Subscriber:
                     await self._consume()
                 except REDIS_ERRORS as exc:
                     delay = self.backoff.next_delay()
-                    logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    self.outage.failed(exc, delay)
                     await pause_before_retry(delay)
                     await refresh(self.client)  # on a cluster, the slot may have moved: new connections to its node
                     self.use_name(self.consumer, self.lease)
