@@ -98,7 +98,7 @@ class Publisher:
         self.connected = asyncio.Event()  # set while a feed connection is open (for tests and `up`)
         self.events_this_connection = 0
         self.lease = Lease(client, self.keys.lease, settings.lease_ttl)
-        self.writer = BatchWriter(settings, client, self.lease, self.keys)
+        self.writer = BatchWriter(settings, client, self.lease, self.keys, self.layout.sharded)
         self._inflight: asyncio.Future[None] | None = None
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
         self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
