@@ -212,9 +212,10 @@ class Publisher:
             logger.warning("%d events were in the stream already (written by another publisher): not added again", duplicates)
         for group, lost in grew.items():
             logger.error(
-                "the stream was trimmed to %d entries before consumer group %s had read them: %d entries trimmed unread so far "
-                "(is it stopped? raise STREAM_MAXLEN to bridge longer outages)",
-                self.settings.stream_maxlen, group, lost,
+                "entries were trimmed from the stream before consumer group %s had read them: %d entries trimmed unread so far "
+                "(is it stopped? raise STREAM_MAXLEN, %d, to bridge longer outages; a group no consumer has read yet holds "
+                "STREAM_GRACE, %gs; drop a role the deployment does not run from STREAM_CONSUMERS)",
+                group, lost, self.settings.stream_maxlen, self.settings.stream_grace,
             )  # fmt: skip
         if batch.last_id is not None:
             self.position = batch.last_id
