@@ -33,6 +33,7 @@ from wikipulse.subscriber import Subscriber
 STREAM = "wiki:events"
 SUB, ARCH = "wikipulse", "archiver"  # the default groups of the subscriber and the archiver
 DEBIAN = "/usr/bin/redis-server"
+KEEP = 1000  # STREAM_KEEP in these tests
 
 
 @pytest.fixture(scope="module", params=["embedded-6.2", "debian-7.0"])
@@ -55,7 +56,7 @@ async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def base(server: RedisServer) -> Settings:
-    return Settings.from_args(environ={}, redis_url=server.url, stream_keep=1000, lease_ttl=30.0, consumer="test-consumer")
+    return Settings.from_args(environ={}, redis_url=server.url, stream_keep=KEEP, lease_ttl=30.0, consumer="test-consumer")
 
 
 class Feed:
@@ -78,6 +79,13 @@ class Feed:
                 Batch(frames=frames, folds=[summary_of(e) for e in events], ids=[e["meta"]["id"] for e in events]), time.time()
             )
         self.sent += n
+
+
+async def make_groups(client: aioredis.Redis) -> None:
+    """Both groups at the stream's start, as their consumers make them (so that these tests of the trim hold apart
+    from the groups' creation with the stream, below)."""
+    for group in (SUB, ARCH):
+        await client.xgroup_create(STREAM, group, id="0", mkstream=True)
 
 
 async def read(client: aioredis.Redis, group: str, count: int = 100_000, stream: str = STREAM) -> list[Entry]:
@@ -109,12 +117,13 @@ def groups_of(infos: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 async def test_what_every_group_acknowledged_is_trimmed_to_the_window(client: aioredis.Redis, base: Settings) -> None:
     """30,000 events, both groups keeping up: the stream holds about STREAM_KEEP entries, not 30,000 (today's
     trimming, at STREAM_MAXLEN only, kept all 30,000)."""
+    await make_groups(client)
     feed = Feed(client, base)
     for _ in range(150):
         await feed.write(200)
         assert await consume(client, SUB) == 200 and await consume(client, ARCH) == 200
     length = int(await client.xlen(STREAM))
-    assert base.stream_keep <= length <= base.stream_keep + 100 + 200, length  # the window, a chunk, a batch
+    assert KEEP <= length <= KEEP + 100 + 200, length  # the window, a chunk, a batch
     assert int(await client.hget(keys.PUBLISHER_STATS, "published")) == 30_000
     assert (await stats(base))["trimmed_unread"] == {}
 
@@ -123,6 +132,7 @@ async def test_an_entry_pending_in_one_group_is_kept_until_the_hard_cap(client: 
     """Delivered to the archiver and not acknowledged (its insert is in flight): it and everything after it stay,
     however far the others are ahead, until STREAM_MAXLEN; then the cap takes it (the archiver's `trimmed`)."""
     s = dataclasses.replace(base, stream_maxlen=8000)
+    await make_groups(client)
     feed = Feed(client, s)
     await feed.write(2000)
     await consume(client, SUB)
@@ -151,6 +161,7 @@ async def test_an_entry_pending_in_one_group_is_kept_until_the_hard_cap(client: 
 
 async def test_an_undelivered_entry_is_not_trimmed(client: aioredis.Redis, base: Settings) -> None:
     """The archiver read up to some entry and stopped: every entry after it stays, the subscriber being done with them."""
+    await make_groups(client)
     feed = Feed(client, base)
     await feed.write(500)
     await consume(client, SUB)
@@ -168,6 +179,7 @@ async def test_the_hard_cap_counts_what_a_stopped_group_never_read_exactly(clien
     """Acknowledged trimming on (STREAM_KEEP below STREAM_MAXLEN) and the archiver stopped after 100 entries: the cap
     trims what it never read, counted exactly; what it reads after plus what it lost is everything after its 100."""
     s = dataclasses.replace(base, stream_maxlen=3000)
+    await make_groups(client)
     feed = Feed(client, s)
     await feed.write(100)
     await consume(client, SUB)
@@ -214,7 +226,7 @@ async def test_a_late_subscriber_counts_every_event(client: aioredis.Redis, base
         await stop(task)
     assert int(await client.hget(keys.SUBSCRIBER_STATS, "folded")) == 4000
     await feed.write(200)
-    assert base.stream_keep <= int(await client.xlen(STREAM)) <= base.stream_keep + 300  # now it trims
+    assert KEEP <= int(await client.xlen(STREAM)) <= KEEP + 300  # now it trims
 
 
 async def test_a_declared_group_no_consumer_reads_holds_only_the_grace(client: aioredis.Redis, base: Settings) -> None:
@@ -266,7 +278,7 @@ async def test_sharded_the_ingest_and_every_shard_stream_are_trimmed(client: aio
                 await consume(client, SUB, stream=shard.stream)
     finally:
         await router.close()
-    assert base.stream_keep <= int(await client.xlen(STREAM)) <= base.stream_keep + 300
+    assert KEEP <= int(await client.xlen(STREAM)) <= KEEP + 300
     lengths = [int(await client.xlen(shard.stream)) for shard in layout.all_shards]
-    assert all(base.stream_keep <= n <= base.stream_keep + 300 for n in lengths), lengths
+    assert all(KEEP <= n <= KEEP + 300 for n in lengths), lengths
     assert sum([int(await client.hget(shard.router_stats, "routed") or 0) for shard in layout.all_shards]) == 12_001
