@@ -88,6 +88,7 @@ class Deployment:
         self.writer = BatchWriter(settings, client, self.lease)
         self.subscriber = Subscriber(settings, client)
         self.empty = 0
+        self.write_seconds = 0.0  # in the publisher's write script call: the hot path the trims run in
 
     async def start(self) -> None:
         await self.client.flushall()
@@ -99,14 +100,16 @@ class Deployment:
         """Publish a batch, then fold it and acknowledge it in the archiver's group, as consumers that keep up do."""
         s = self.settings
         assert await self.lease.try_acquire() is None
+        started = time.perf_counter()
         await self.writer.write(batch, time.time())
+        self.write_seconds += time.perf_counter() - started
         entries, claims = await self.subscriber.read(">", None)
         await self.subscriber.fold_entries(entries, claims)
         reply = await self.client.xreadgroup(s.archive_group, "archiver", {s.stream: ">"}, count=s.archive_batch)
         if reply:
             await self.client.xack(s.stream, s.archive_group, *[i for i, _ in reply[0][1]])
 
-    async def figures(self) -> dict[str, int]:
+    async def figures(self) -> dict[str, float]:
         await self.subscriber.give_up_name()
         await self.subscriber.close()
         c, s = self.client, self.settings
@@ -116,10 +119,11 @@ class Deployment:
             "stream_bytes": int(await c.memory_usage(s.stream, samples=0) or 0),
             "seen_bytes": int(await c.memory_usage(keys.SEEN, samples=0) or 0),
             "folded": int(await c.hget(keys.SUBSCRIBER_STATS, "folded") or 0),
+            "write_us": round(self.write_seconds * 1e6 / max(1, int(await c.hget(keys.PUBLISHER_STATS, "published") or 0)), 2),
         }
 
 
-async def pipeline_day(urls: list[str], n: int, now: float) -> list[dict[str, int]]:
+async def pipeline_day(urls: list[str], n: int, now: float) -> list[dict[str, float]]:
     """The same n events through today's trimming (urls[0]) and the default (urls[1]), batch by batch."""
     deployments = []
     for url, today in zip(urls, (True, False), strict=True):
@@ -154,11 +158,11 @@ def compare_pipelines(events: int) -> None:
         rows = asyncio.run(pipeline_day([today.url, default.url], events, time.time()))
     print(f"\n{events:,} events (a day of the live feed) through the default pipeline, Redis used_memory after it "
           f"({time.perf_counter() - started:.0f} s for both)")  # fmt: skip
-    print("| trimming | used_memory | of which the stream | stream entries | the dedup window | folded | vs today |")
-    print("|---|---|---|---|---|---|---|")
+    print("| trimming | used_memory | of which the stream | stream entries | the dedup window | folded | write µs/event | vs today |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, f in zip(names, rows, strict=True):
         cells = [f"{f['used'] / 1e6:.1f} MB", f"{f['stream_bytes'] / 1e6:.1f} MB", f"{f['xlen']:,}", f"{f['seen_bytes'] / 1e6:.1f} MB",
-                 f"{f['folded']:,}", f"{f['used'] / rows[0]['used']:.2f}×"]  # fmt: skip
+                 f"{f['folded']:,}", f"{f['write_us']:.2f}", f"{f['used'] / rows[0]['used']:.2f}×"]  # fmt: skip
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -102,11 +102,13 @@ local function trim_acknowledged(stream, keep, grace_ms, stats, grew)
   if excess < chunk then return end
   local groups = stream_groups(stream)
   local bound = oldest_needed(stream, groups, grace_ms) or '+'
-  -- The oldest `excess` entries, those before the bound only: MINID the first one kept.
-  local head = redis.call('XRANGE', stream, '-', bound, 'COUNT', excess + 1)
+  -- The oldest `excess` entries (10,000 a call at most: a backlog a group let go of is trimmed over a few writes,
+  -- not in one long script), those before the bound only: MINID the first one kept.
+  local n = math.min(excess, 10000)
+  local head = redis.call('XRANGE', stream, '-', bound, 'COUNT', n + 1)
   if #head == 0 then return end
   local target = bound
-  if #head == excess + 1 then target = head[#head][1] end
+  if #head == n + 1 then target = head[#head][1] end
   if not id_after(target, head[#head][1]) then head[#head] = nil end
   if #head == 0 then return end
   count_unread(head, groups, stats, grew)
