@@ -282,3 +282,19 @@ async def test_sharded_the_ingest_and_every_shard_stream_are_trimmed(client: aio
     lengths = [int(await client.xlen(shard.stream)) for shard in layout.all_shards]
     assert all(KEEP <= n <= KEEP + 300 for n in lengths), lengths
     assert sum([int(await client.hget(shard.router_stats, "routed") or 0) for shard in layout.all_shards]) == 12_001
+
+
+async def test_a_subscriber_group_made_over_counts_starts_from_now(client: aioredis.Redis, base: Settings) -> None:
+    """A subscriber that finds its group missing on a stream that exists (not declared, or deleted) starts at the
+    stream's first entry when its shard holds no counts, else from now: folding what the stream holds again over
+    counts already folded would count it twice."""
+    s = dataclasses.replace(base, stream_consumers="")
+    await Feed(client, s).write(100)  # a bare stream: no group made with it
+    last = (await client.xrevrange(STREAM, count=1))[0][0]
+    await client.hset(keys.SUBSCRIBER_STATS, "folded", 100)  # counted before, by a group since deleted
+    await Subscriber(s, client).ensure_group()
+    assert groups_of(await client.xinfo_groups(STREAM))[SUB]["last-delivered-id"] == last
+    await client.xgroup_destroy(STREAM, SUB)
+    await client.delete(keys.SUBSCRIBER_STATS)  # nothing counted yet
+    await Subscriber(s, client).ensure_group()
+    assert groups_of(await client.xinfo_groups(STREAM))[SUB]["last-delivered-id"] in (b"0-0", "0-0")
