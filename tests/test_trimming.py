@@ -13,20 +13,28 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
-from tests.helpers import stop, wait_for
+from tests.conftest import ServeFn
+from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
+from tests.test_fold import reference_fold
+from tests.test_subscriber import LONG, stored_counts
 from wikipulse import keys
+from wikipulse.connect import open_client
 from wikipulse.fold import summary_of
 from wikipulse.ingest import Batch, BatchWriter, Written
 from wikipulse.lease import Lease
+from wikipulse.publisher import Publisher
 from wikipulse.query import stats
-from wikipulse.redis_server import RedisServer
+from wikipulse.redis_server import LocalCluster, RedisServer
 from wikipulse.router import Router
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
+from wikipulse.status import read_status
 from wikipulse.streams import Entry
 from wikipulse.subscriber import Subscriber
 
@@ -298,3 +306,47 @@ async def test_a_subscriber_group_made_over_counts_starts_from_now(client: aiore
     await client.delete(keys.SUBSCRIBER_STATS)  # nothing counted yet
     await Subscriber(s, client).ensure_group()
     assert groups_of(await client.xinfo_groups(STREAM))[SUB]["last-delivered-id"] in (b"0-0", "0-0")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), masters=3) as c:
+        yield c
+
+
+async def test_on_a_cluster_every_stream_is_trimmed_and_the_counts_are_exact(cluster: LocalCluster, eventstreams: ServeFn) -> None:
+    """A real 3-master cluster, 3 shards, the real publisher, router and subscribers: the ingest stream is trimmed once
+    the router acknowledged, each shard stream once its subscriber did, and every count equals the reference fold."""
+    _, url = await eventstreams(calibrated_source(), None)
+    s = Settings.from_args(
+        environ={}, redis_url=cluster.url, shards=3, retention=LONG, stream_url=url, stream_keep=KEEP, stream_consumers="subscriber",
+        backoff_cap=0.2, stats_interval=3600.0,
+    )  # fmt: skip
+    client, layout = await open_client(s)
+    assert isinstance(client, RedisCluster)
+    await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    try:
+        async with aiohttp.ClientSession() as session:
+            publisher = Publisher(s, client, session, layout)
+            tasks = [asyncio.create_task(publisher.run()), asyncio.create_task(Router(s, client, layout).run())]
+            tasks += [asyncio.create_task(Subscriber(s, client, shard).run_stream()) for shard in layout.all_shards]
+            try:
+                await wait_for(lambda: _folded_everywhere(client, layout, 9996), 90, "every event folded")
+                await publisher.drain()
+            finally:
+                for task in tasks:
+                    await stop(task)
+                await publisher.close()
+        assert_same(await stored_counts(client), reference_fold([orjson.loads(line) for line in calibrated_lines()], time.time()))
+        assert set(groups_of(await client.xinfo_groups(s.stream))) == {layout.router_group}
+        assert int(await client.xlen(s.stream)) <= KEEP + 100 + s.batch_size * 10  # routed and acknowledged: trimmed
+        for shard in layout.all_shards:
+            assert set(groups_of(await client.xinfo_groups(shard.stream))) == {SUB}
+            assert int(await client.xlen(shard.stream)) <= KEEP + 100 + s.batch_size * 10, shard.stream
+        assert (await read_status(client, layout, SUB))["trimmed_unread"] == {}
+    finally:
+        await client.aclose()
+
+
+async def _folded_everywhere(client: Any, layout: keys.Layout, n: int) -> bool:
+    return sum([int(await client.hget(shard.stats, "folded") or 0) for shard in layout.all_shards]) >= n

@@ -62,7 +62,7 @@ class Settings:
     stream_url: str = _opt("WIKI_STREAM_URL", "EventStreams recentchange URL", LIVE_STREAM_URL, flag="--url")
     channel: str = _opt("PUBSUB_CHANNEL", "Redis pub/sub channel for raw events", "wiki")
     stream: str = _opt("REDIS_STREAM", "Redis stream for raw events (durable)", "wiki:events")
-    stream_maxlen: int = _opt("STREAM_MAXLEN", "the stream's hard cap, read by every group or not (what a group loses is counted)", 1_000_000)
+    stream_maxlen: int = _opt("STREAM_MAXLEN", "the stream's hard cap, read by every group or not (what one loses is counted)", 1_000_000)
     user_agent: str = _opt(
         "WIKI_USER_AGENT",
         "User-Agent sent to EventStreams (Wikimedia asks for a contact)",
