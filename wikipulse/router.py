@@ -47,8 +47,8 @@ class ShardWriter:
     stream with its consumer groups (trimming.py), XADD every entry with its id, trim, EXEC. Another router that took
     the lease meanwhile makes EXEC abort; a lease held by another raises LeaseLost. Within the transaction an XADD whose
     id is not above the stream's last is refused alone (it was written before) while the others go on: that is the
-    idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the
-    same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures)."""
+    idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the same in a Lua script cost ~7.8 (bench/bench_cluster.py's
+    router figures)."""
 
     def __init__(self, client: Client, shard: keys.Shard, lease: Lease, settings: Settings) -> None:
         self.shard, self.lease = shard, lease
