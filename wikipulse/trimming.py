@@ -78,33 +78,47 @@ local function count_unread(head, groups, stats, grew)
     end
   end
 end
--- The oldest id any group still needs (entries from it on stay), or nil without groups. A group needs its oldest
--- pending entry and what follows its last delivered id (that id itself is kept: one entry, and no id arithmetic).
+-- The oldest id any group still needs (entries from it on stay), or nil without groups; and whether a group was let
+-- go of (then what is trimmed must be read, to count what it loses). A group needs its oldest pending entry and what
+-- follows its last delivered id (that id itself is kept: one entry, and no id arithmetic).
 local function oldest_needed(stream, groups, grace_ms)
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1][1]
   local floor = string.format('%.0f-0', math.max(0, tonumber(string.match(newest, '^(%d+)')) - grace_ms))
-  local bound = nil
+  local bound, lapsed = nil, false
   for _, info in ipairs(groups) do
     local need = info['last-delivered-id']
     if info['pending'] > 0 then
       local oldest = redis.call('XPENDING', stream, info['name'])[2]
       if oldest and id_after(need, oldest) then need = oldest end
     elseif info['consumers'] == 0 and id_after(floor, need) then
-      need = floor  -- declared, never read: it holds the last grace_ms of the stream, no more
+      need, lapsed = floor, true  -- declared, never read: it holds the last grace_ms of the stream, no more
     end
     if bound == nil or id_after(bound, need) then bound = need end
   end
-  return bound
+  return bound, lapsed
 end
 local function trim_acknowledged(stream, keep, grace_ms, stats, grew)
   local chunk = math.max(1, math.min(1000, math.floor(keep / 10)))
   local excess = redis.call('XLEN', stream) - keep
   if excess < chunk then return end
   local groups = stream_groups(stream)
-  local bound = oldest_needed(stream, groups, grace_ms) or '+'
-  -- The oldest `excess` entries (10,000 a call at most: a backlog a group let go of is trimmed over a few writes,
-  -- not in one long script), those before the bound only: MINID the first one kept.
+  local bound, lapsed = oldest_needed(stream, groups, grace_ms)
+  -- At most 10,000 entries a call: a backlog a group let go of is trimmed over a few writes, not in one long script.
   local n = math.min(excess, 10000)
+  -- A group that holds the oldest entry (stopped, or behind): one entry read a write, nothing trimmed.
+  if bound ~= nil then
+    local first = redis.call('XRANGE', stream, '-', bound, 'COUNT', 1)[1]
+    if first == nil or not id_after(bound, first[1]) then return end
+  end
+  -- The usual case, consumers keeping up: what some group still needs is a few newest entries, all within the
+  -- window, so the window is what stays (MAXLEN); nothing is read but those few, no trimmed entry is copied into Lua.
+  local few = math.min(keep, 200)
+  if bound == nil or (not lapsed and #redis.call('XRANGE', stream, bound, '+', 'COUNT', few + 1) <= few) then
+    redis.call('XTRIM', stream, 'MAXLEN', keep + excess - n)
+    return
+  end
+  -- Else the oldest `n` entries, those before the bound only, read (to count what a group let go of loses): MINID the
+  -- first one kept.
   local head = redis.call('XRANGE', stream, '-', bound, 'COUNT', n + 1)
   if #head == 0 then return end
   local target = bound
