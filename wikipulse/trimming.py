@@ -6,8 +6,11 @@ The stream is a buffer, not a store. Two trims, both in the script that adds to 
   `stream_keep` entries, the entries every consumer group is done with are trimmed, down to the newest `stream_keep`
   (a window for late listeners: XRANGE readers, the page's ticker, a consumer started a little late). A group is done
   with an entry that it had delivered and acknowledged: the oldest entry still pending in any group (XPENDING's
-  smallest id) or not yet delivered to it (after its last delivered id) bounds an `XTRIM MINID`. Redis 8.2's `ACKED`
-  trimming is the model; this works on 6.2 (the embedded default) and 7.0, which have neither it nor group `lag`.
+  smallest id) or not yet delivered to it (after its last delivered id) bounds the trim. When all that the groups
+  still need is among the window's newest entries (consumers keeping up), it is `XTRIM MAXLEN` to the window, and no
+  trimmed entry is read; else `XTRIM MINID` at the bound. Redis 8.2's `ACKED` trimming is the model; this works on
+  6.2 (the embedded default) and 7.0, which have neither it nor group `lag`. Its cost a trimmed entry is about that
+  of the hard cap's, which reads each entry it trims (BENCHMARKS.md).
 - **The hard cap** (`STREAM_MAXLEN`): chunks of 1% of its length (at most 1,000 entries), exactly (MAXLEN =), once it
   is a chunk over, whether or not every group has read them, so a stopped consumer cannot fill Redis.
 
