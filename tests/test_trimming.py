@@ -350,3 +350,19 @@ async def test_on_a_cluster_every_stream_is_trimmed_and_the_counts_are_exact(clu
 
 async def _folded_everywhere(client: Any, layout: keys.Layout, n: int) -> bool:
     return sum([int(await client.hget(shard.stats, "folded") or 0) for shard in layout.all_shards]) >= n
+
+
+def test_the_settings_refuse_an_unknown_role_and_an_empty_window() -> None:
+    from wikipulse.settings import SettingsError
+    from wikipulse.trimming import declared_groups
+
+    with pytest.raises(SettingsError, match="unknown 'indexer'"):
+        Settings.from_args(environ={}, stream_consumers="subscriber,indexer")
+    with pytest.raises(SettingsError, match="stream_keep must be at least 1"):
+        Settings.from_args(environ={"STREAM_KEEP": "0"})
+    s = Settings.from_args(environ={"STREAM_CONSUMERS": " archiver , subscriber,archiver"})
+    assert s.consumer_roles() == ("archiver", "subscriber")
+    shard = keys.Layout(s.stream, 2).all_shards[1].stream
+    assert declared_groups(s, s.stream, sharded=False) == [SUB, ARCH]
+    assert declared_groups(s, s.stream, sharded=True) == ["wikipulse-router", ARCH]
+    assert declared_groups(s, shard, sharded=True) == [SUB]
