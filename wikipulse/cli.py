@@ -27,7 +27,7 @@ PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_a
              "lease_ttl", "allow_eviction")  # fmt: skip
 SUBSCRIBER = (*REDIS, "shard", "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
-DASH = (*REDIS, "host", "port", "stream", "group", "channel")
+DASH = (*REDIS, "host", "port", "stream", "group", "channel", "max_pages", "max_pages_per_address", "push_backlog")
 ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")
 ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "archive_batch", "max_event_bytes",
             "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip

@@ -1,9 +1,10 @@
 """Server push: the page moves when the data moves, not on a timer.
 
 The subscriber announces every applied batch on keys.NOTICES (series.APPLY_SCRIPT). A dashboard process holds one
-Redis subscription to it (NoticeHub), whatever the number of open pages, and each page's persistent websocket callback
-(dashboard.py) waits on the hub and pokes the page, which then refreshes once: a page costs no Redis read per event,
-and nothing at all while nothing happens. Bursts are coalesced: a page is poked at most once per MIN_PUSH_GAP.
+Redis subscription to it (NoticeHub), whatever the number of open pages, and each socket's push loop (dashboard.py)
+waits on the hub and sends its pages the update over the socket (view_updates.py: computed once per view and
+version): a page costs no Redis read per event, and nothing at all while nothing happens. Bursts are coalesced: a
+page is pushed to at most once per MIN_PUSH_GAP. The hub admits pages up to a cap per process and per client address.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import orjson
@@ -37,13 +38,16 @@ class NoticeHub:
     (re)established, so a page that waited through an outage refreshes on recovery. `moved_since` tells a refresh
     which buckets moved since the version its page shows (`mark`), so it can send only those."""
 
-    def __init__(self, redis_url: str, channel: str = keys.NOTICES) -> None:
+    def __init__(self, redis_url: str, channel: str = keys.NOTICES, max_pages: int = 2000, max_pages_per_address: int = 100) -> None:
         self.redis_url, self.channel = redis_url, channel
+        self.max_pages, self.max_pages_per_address = max_pages, max_pages_per_address
+        self.by_address: Counter[str] = Counter()  # open pages by client address
+        self.refused = 0  # pages refused a push by the caps (they poll)
         self.epoch = secrets.token_hex(4)  # versions of another process (or an earlier run) mean nothing here
         self.version = 0
         self._moved: deque[tuple[int, float]] = deque(maxlen=MOVED_KEPT)  # (version, earliest bucket moved)
         self.redis_up = True
-        self.pages = 0
+        self.pages = 0  # open pushed pages (the metrics read it)
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
@@ -56,8 +60,19 @@ class NoticeHub:
     def subscribed(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def page_opened(self) -> None:
+    def admit(self, address: str) -> bool:
+        """Whether one more page from `address` may be pushed to (then page_opened), within the caps."""
+        if self.pages >= self.max_pages or self.by_address[address] >= self.max_pages_per_address:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                logger.warning("refused a page's push (%d so far): %d pages open, %d from %s", self.refused, self.pages,
+                               self.by_address[address], address)  # fmt: skip
+            return False
+        return True
+
+    def page_opened(self, address: str = "") -> None:
         self.pages += 1
+        self.by_address[address] += 1
         if self._stopper is not None:
             self._stopper.cancel()
             self._stopper = None
@@ -65,8 +80,11 @@ class NoticeHub:
             self._changed = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="wikipulse-notice-hub")
 
-    def page_closed(self) -> None:
+    def page_closed(self, address: str = "") -> None:
         self.pages -= 1
+        self.by_address[address] -= 1
+        if not self.by_address[address]:
+            del self.by_address[address]
         if self.pages == 0 and self._stopper is None:
             self._stopper = asyncio.get_running_loop().create_task(self._stop_when_idle())
 
@@ -80,7 +98,7 @@ class NoticeHub:
         mark of another process, notices forgotten or without a bucket, a resubscription in between."""
         epoch, _, version = str(mark).partition(":")
         now, entries = self.version, tuple(self._moved)  # a copy: refreshes may run in worker threads
-        if epoch != self.epoch or not (version.isdigit() and len(version) <= 18) or int(version) > now:
+        if epoch != self.epoch or not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) > now:
             return None
         seen = int(version)
         moved = [since for v, since in entries if seen < v <= now]

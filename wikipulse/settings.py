@@ -113,6 +113,9 @@ class Settings:
     host: str = _opt("DASH_HOST", "address the dashboard binds", "127.0.0.1")
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
+    max_pages: int = _opt("DASH_MAX_PAGES", "pages one dashboard process pushes to at most (more poll every 2 s)", 2000)
+    max_pages_per_address: int = _opt("DASH_MAX_PAGES_PER_ADDRESS", "pushed pages (and websockets) from one client address at most", 100)
+    push_backlog: int = _opt("DASH_PUSH_BACKLOG", "bytes a websocket may leave unsent before it is dropped (a client not reading)", 1 << 20)
 
     def shard_indexes(self) -> list[int]:
         """The shards this subscriber folds: settings.shard ('0,2'), or every shard."""
@@ -194,6 +197,12 @@ class Settings:
         self.retention_seconds()
         if self.archive_retention.strip() and parse_duration(self.archive_retention) < 86400:
             raise SettingsError(f"archive_retention must be at least a day, not {self.archive_retention!r}")
+        self._validate_dashboard()
+
+    def _validate_dashboard(self) -> None:
+        for name, least in {"max_pages": 1, "max_pages_per_address": 1, "push_backlog": 1 << 14}.items():
+            if getattr(self, name) < least:
+                raise SettingsError(f"{name} must be at least {least}, not {getattr(self, name)}")
 
 
 def _convert(name: str, raw: Any, default: Any) -> Any:

@@ -1,0 +1,144 @@
+"""One push loop per websocket, serving the socket's pages (a browser's tabs share one socket: Dash's SharedWorker).
+
+Dash restarts the persistent push callback whenever a socket (re)connects, once per page. The first page's run is the
+socket's loop; a further page of the same socket joins it; a page already served, or past PAGES_PER_SOCKET, or past
+the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the counts moved, at most every
+MIN_PUSH_GAP, the loop asks each page what it shows and sends it the update from there (view_updates.py: computed once
+per view and version, shared as text); the lists at most every LISTS_MS. A page that does not answer within
+PAGE_TIMEOUT (a tab closed behind a shared socket) is no longer pushed to and told to poll; a socket that stops
+reading is dropped by the guard (guard.Guard.queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dash.exceptions import PreventUpdate, WebsocketDisconnected
+
+from wikipulse.guard import Connection, Guard
+from wikipulse.push import MIN_PUSH_GAP, NoticeHub
+from wikipulse.retry import REDIS_ERRORS
+from wikipulse.view_updates import UpdateCache, cache_key, set_props_message
+
+PAGES_PER_SOCKET = 8  # tabs of one browser; a socket claiming more pages is crafted
+PAGE_TIMEOUT = 10.0  # seconds a page has to say what it shows
+LISTS_GAP = 5.0  # seconds between two pushes of the lists (dashboard.LISTS_MS): they cost more than the counts
+POLLING = "polling every 2 s"
+
+
+@dataclass(eq=False)
+class PushedPage:
+    """A page a socket's loop serves: Dash's handle to it (set_props, get_props) and its status line."""
+
+    ws: Any
+    status: str = ""
+
+
+class SocketPush:
+    """`graph_update(shown, version)` and `lists_update(shown)` make a page's update from what it shows (in a worker
+    thread: they read Redis), as the `pushed` / `lists-pushed` store's JSON, or None when it shows nothing usable."""
+
+    def __init__(
+        self,
+        hub: NoticeHub,
+        guard: Guard,
+        graph_update: Callable[[dict[str, Any], int], str | None],
+        lists_update: Callable[[list[Any]], str | None],
+    ) -> None:
+        self.hub, self.guard = hub, guard
+        self.graph_update, self.lists_update = graph_update, lists_update
+        self.cache = UpdateCache()
+
+    async def serve(self, ws: Any, conn: Connection) -> None:
+        """The persistent callback's run for one page of `conn`."""
+        renderer = page_id(ws)
+        if renderer in conn.pages or len(conn.pages) >= PAGES_PER_SOCKET:
+            self.guard.refuse("the push started again on one socket")
+            raise PreventUpdate
+        if not self.hub.admit(conn.address):
+            ws.set_prop_sync("push-status", "children", f"busy: {POLLING}")
+            raise PreventUpdate
+        conn.pages[renderer] = PushedPage(ws)
+        self.hub.page_opened(conn.address)
+        ws.set_prop_sync("tick", "disabled", True)
+        ws.set_prop_sync("lists-tick", "disabled", True)
+        if conn.pusher:
+            raise PreventUpdate  # the socket's loop serves this page too
+        conn.pusher = True
+        try:
+            await self._loop(ws, conn)
+        finally:
+            conn.pusher = False
+            for _ in conn.pages:
+                self.hub.page_closed(conn.address)
+            conn.pages.clear()
+
+    async def _loop(self, ws: Any, conn: Connection) -> None:
+        hub = self.hub
+        seen: tuple[int, bool] | None = None
+        lists_at, lists_seen = 0.0, -1
+        while not ws.is_shutdown and not conn.dropped.is_set():
+            if hub.state != seen:
+                seen = hub.state
+                await self._push_all(conn, seen, graph=True)
+                await asyncio.sleep(MIN_PUSH_GAP)  # coalesce a burst of notices into one update
+            if seen[0] != lists_seen and time.monotonic() - lists_at >= LISTS_GAP:
+                lists_at, lists_seen = time.monotonic(), seen[0]
+                await self._push_all(conn, seen, graph=False)
+            await hub.changed(seen, timeout=1.0)
+
+    async def _push_all(self, conn: Connection, state: tuple[int, bool], graph: bool) -> None:
+        await asyncio.gather(*(self._push_page(conn, renderer, page, state, graph) for renderer, page in list(conn.pages.items())))
+
+    async def _push_page(self, conn: Connection, renderer: str, page: PushedPage, state: tuple[int, bool], graph: bool) -> None:
+        status = "live" if state[1] else "Redis unavailable: reconnecting…"
+        if status != page.status:
+            page.status = status
+            page.ws.set_prop_sync("push-status", "children", status)
+        store = "shown" if graph else "lists-shown"
+        try:
+            shown = await page.ws.get_prop(store, "data", timeout=PAGE_TIMEOUT)
+        except TimeoutError:  # gone (a closed tab), or too slow to be pushed to: it polls again, if it is there
+            self._stop_pushing(conn, renderer, page)
+            return
+        except WebsocketDisconnected:
+            return
+        if isinstance(shown, dict) and graph:
+            make = functools.partial(self.graph_update, shown, state[0])
+        elif isinstance(shown, list) and not graph:
+            make = functools.partial(self.lists_update, shown)
+        else:
+            return  # not drawn yet: its own first refresh brings it
+        try:
+            payload = await self.cache.get(cache_key(store, shown), state[0], make)
+        except REDIS_ERRORS:
+            return  # the status line says so, and the version after recovery catches every page up
+        if payload is None:
+            return
+        text = set_props_message(renderer, "pushed" if graph else "lists-pushed", payload)
+        if self.guard.queued(conn, len(text)):
+            queue_text(page.ws, text)
+
+    def _stop_pushing(self, conn: Connection, renderer: str, page: PushedPage) -> None:
+        if conn.pages.pop(renderer, None) is not None:
+            self.hub.page_closed(conn.address)
+            page.ws.set_prop_sync("tick", "disabled", False)
+            page.ws.set_prop_sync("lists-tick", "disabled", False)
+            page.ws.set_prop_sync("push-status", "children", POLLING)
+
+
+def page_id(ws: Any) -> str:
+    """The page a websocket callback runs for (Dash 4.4's handle keeps it private)."""
+    return str(ws._renderer_id)
+
+
+def queue_text(ws: Any, text: str) -> None:
+    """Queue an already serialised message on the page's socket, as Dash's set_props does once it has serialised one:
+    the same text goes to many pages (Dash 4.4's handle keeps its queue private)."""
+    if not ws.is_shutdown:
+        ws._get_outbound_queue().sync_q.put_nowait(text)

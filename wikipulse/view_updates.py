@@ -1,0 +1,77 @@
+"""A pushed update, computed once per view and version, and shared by every page that shows that view.
+
+A public page has many viewers of few views (most see the default one). So the push (dashboard.register_push) asks
+each page what it shows (its `shown` store: the selection, the zoom, the version its figure was drawn at), and the
+update from there to the current version is computed once, in a worker thread (it reads Redis), and serialised once;
+each further page showing the same is sent that same text. Work per update grows with the distinct views, not pages.
+
+The update goes to the page's `pushed` store with what it applies to (`for`); the page applies it only when its graph
+still shows that (a clientside callback, dashboard.py), so an update crossing a redraw of the page (a new selection,
+drawn over HTTP) is dropped, not applied to the wrong figure; the next push starts from what the page then shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from dash._utils import to_json
+
+MAX_VIEWS = 512  # distinct updates kept per version; past it (crafted states) each is computed for its page alone
+
+
+class UpdateCache:
+    """Updates by (key, version): each computed once, by the first page that needs it; the others wait for it."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self._entries: dict[bytes, asyncio.Future[str | None]] = {}
+        self.computed = 0  # updates computed (not shared): a test and the bench read it
+
+    async def get(self, key: bytes, version: int, make: Callable[[], str | None]) -> str | None:
+        if version > self.version:  # an older version's updates are not asked for again, but by a page behind
+            self.version, self._entries = version, {}
+        elif version < self.version:
+            self.computed += 1
+            return await asyncio.to_thread(make)
+        entry = self._entries.get(key)
+        if entry is None:
+            self.computed += 1
+            entry = asyncio.ensure_future(asyncio.to_thread(make))
+            if len(self._entries) < MAX_VIEWS:
+                self._entries[key] = entry
+        return await asyncio.shield(entry)
+
+
+def cache_key(kind: str, value: Any) -> bytes:
+    return kind.encode() + orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def pushed_payload(applies_to: Any, then: Any, props: list[tuple[str, str, Any]]) -> str:
+    """The `pushed` store's value, as JSON text: set these props when the page still shows `applies_to`, then set
+    the store that describes it to `then`."""
+    return str(to_json({"for": applies_to, "then": then, "props": [list(p) for p in props]}))  # type: ignore[no-untyped-call]
+
+
+def set_props_message(renderer: str, component: str, data_json: str) -> str:
+    """Dash's set_props message for one page, around an already serialised value (shared by many pages)."""
+    head = orjson.dumps({"type": "set_props", "rendererId": renderer}).decode()[:-1]
+    return f'{head},"payload":{{"componentId":{orjson.dumps(component).decode()},"props":{{"data":{data_json}}}}}}}'
+
+
+# Applies a pushed update in the page (see the module docstring): `current` is the store describing what it shows.
+APPLY_PUSHED = """function (pushed, current) {
+    const nothing = dash_clientside.no_update;
+    if (!pushed || !current || JSON.stringify(pushed.for) !== JSON.stringify(%s)) { return nothing; }
+    for (const [id, prop, value] of pushed.props) { dash_clientside.set_props(id, {[prop]: value}); }
+    return pushed.then;
+}"""
+APPLY_TO_GRAPH = APPLY_PUSHED % "[current.view, current.mark, current.first, current.last, current.traces]"
+APPLY_TO_LISTS = APPLY_PUSHED % "current"
+
+
+def drawn(shown: dict[str, Any]) -> list[Any]:
+    """What identifies the figure a `shown` state describes (the page compares it, as APPLY_TO_GRAPH does)."""
+    return [shown.get("view"), shown.get("mark"), shown.get("first"), shown.get("last"), shown.get("traces")]
