@@ -51,7 +51,7 @@ from wikipulse.view import (
     trimmed_notice,
     window_choices,
 )
-from wikipulse.view_updates import APPLY_TO_GRAPH, APPLY_TO_LISTS, drawn, pushed_payload
+from wikipulse.view_updates import APPLY_TO_GRAPH, APPLY_TO_LISTS, WATCH_SHOWN, drawn, pushed_payload
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def serve_layout() -> html.Div:
             dcc.Interval(id="lists-tick", interval=LISTS_MS),  # the lists' polling: only until push takes over
             dcc.Store(id="lists-shown", data=None),  # what the lists show (their filter), for the push
             dcc.Store(id="lists-pushed", data=None),  # the lists, pushed at most every LISTS_MS when the data moved
+            dcc.Store(id="resync", data=0),  # poked when the page shows what the push does not know: it tells the server
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
             html.H1(
@@ -321,12 +322,20 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
 
 
 def refresh_view(
-    client: SyncClient, stream: str, layout: keys.Layout, sel: Selection, zoom: Any, shown: Any, mark: str, since: float | None
+    client: SyncClient,
+    stream: str,
+    layout: keys.Layout,
+    sel: Selection,
+    zoom: Any,
+    shown: Any,
+    mark: str,
+    since: float | None,
+    now: float | None = None,
 ) -> tuple[Any, ...]:
     """Every output of a refresh, and what the graph then shows (`shown` for the next one). The figure is a Patch of
     the one the page shows when `since` (the earliest bucket moved since it was drawn) allows, reading only the
     buckets it needs; `mark` is the hub's, taken before the read, so whatever moves after it is sent next time."""
-    now = time.time()
+    now = time.time() if now is None else now
     state = shown_state(sel, zoom, window_buckets(sel, now), len(sel.domains) * len(sel.dims), mark)
     plan = plan_patch(shown, state, sel.res.step, since)
     snap = read_snapshot(client, stream, sel, now, layout, read_from=None if plan is None else plan.read_from)
@@ -354,7 +363,7 @@ def register_push(app: dash.Dash, hub: NoticeHub, guard: Guard, client: SyncClie
     view and version (view_updates.py). PUSH_STATUS_PATH tells operators (and the tests) how many pages are being
     pushed to, whether the process holds its one subscription, and what was refused."""
 
-    def graph_update(shown: dict[str, Any], version: int) -> str | None:
+    def graph_update(shown: dict[str, Any], version: int) -> tuple[str, Any] | None:
         """In a worker thread: the update of the page that shows `shown` to `version` (None: it says nothing usable)."""
         args = shown.get("args")
         if not (isinstance(args, list) and len(args) == 6):
@@ -364,14 +373,15 @@ def register_push(app: dash.Dash, hub: NoticeHub, guard: Guard, client: SyncClie
         except SelectionError:
             return None
         since = hub.moved_since(shown.get("mark"))  # taken now: it may cover more than `version` moved, never less
-        *props, then = refresh_view(client, stream, layout, sel, shown.get("zoom"), shown, f"{hub.epoch}:{version}", since)
-        return pushed_payload(drawn(shown), then, [(c, p, v) for (c, p), v in zip(REFRESH_OUTPUTS, props, strict=True)])
+        mark, now = f"{hub.epoch}:{version}", push.cache.now(version)
+        *props, then = refresh_view(client, stream, layout, sel, shown.get("zoom"), shown, mark, since, now)
+        return pushed_payload(drawn(shown), then, [(c, p, v) for (c, p), v in zip(REFRESH_OUTPUTS, props, strict=True)]), then
 
-    def lists_update(shown: list[Any]) -> str | None:
+    def lists_update(shown: list[Any]) -> tuple[str, Any] | None:
         lists = read_lists(client, layout, *shown) if len(shown) == 4 else None
         if lists is None:
             return None
-        return pushed_payload(shown, shown, [(c, p, v) for (c, p), v in zip(LIST_OUTPUTS, lists[:3], strict=True)])
+        return pushed_payload(shown, shown, [(c, p, v) for (c, p), v in zip(LIST_OUTPUTS, lists[:3], strict=True)]), shown
 
     push = SocketPush(hub, guard, graph_update, lists_update)
 
@@ -393,14 +403,26 @@ def register_push(app: dash.Dash, hub: NoticeHub, guard: Guard, client: SyncClie
             raise PreventUpdate
         await push.serve(ws, conn)
 
+    @app.callback(Input("resync", "data"), State("shown", "data"), State("lists-shown", "data"), websocket=True, prevent_initial_call=True)
+    async def resync(_n: Any, shown: Any, lists: Any) -> None:
+        """The page says what it shows (view_updates.WATCH_SHOWN): the next push starts from there."""
+        ws, conn = dash.ctx.websocket, CONNECTION.get()
+        if ws is not None and conn is not None:
+            push.resync(ws, conn, shown, lists)
+        raise PreventUpdate
+
     # In the page: a pushed update is applied only to what it was made from (view_updates.py).
     app.clientside_callback(  # type: ignore[no-untyped-call]
-        APPLY_TO_GRAPH, Output("shown", "data", allow_duplicate=True), Input("pushed", "data"), State("shown", "data"),
-        prevent_initial_call=True,
+        APPLY_TO_GRAPH, Output("shown", "data", allow_duplicate=True), Output("resync", "data", allow_duplicate=True),
+        Input("pushed", "data"), State("shown", "data"), State("resync", "data"), prevent_initial_call=True,
     )  # fmt: skip
     app.clientside_callback(  # type: ignore[no-untyped-call]
-        APPLY_TO_LISTS, Output("lists-shown", "data", allow_duplicate=True), Input("lists-pushed", "data"), State("lists-shown", "data"),
-        prevent_initial_call=True,
+        APPLY_TO_LISTS, Output("lists-shown", "data", allow_duplicate=True), Output("resync", "data", allow_duplicate=True),
+        Input("lists-pushed", "data"), State("lists-shown", "data"), State("resync", "data"), prevent_initial_call=True,
+    )  # fmt: skip
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        WATCH_SHOWN, Output("resync", "data", allow_duplicate=True), Input("shown", "data"), Input("lists-shown", "data"),
+        State("pushed", "data"), State("lists-pushed", "data"), State("resync", "data"), prevent_initial_call=True,
     )  # fmt: skip
     # The zoom the user picked since the last draw: the next push draws the figure with it.
     app.clientside_callback(  # type: ignore[no-untyped-call]

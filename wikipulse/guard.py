@@ -89,6 +89,8 @@ def callback_refusal(body: Any, callbacks: dict[str, Any], websocket: bool = Fal
         return "a clientside callback"
     if websocket != bool(spec.get("websocket")):
         return "not a websocket callback" if websocket else "a websocket callback"
+    if "inputs" not in body:
+        return "no inputs"
     for name in ("inputs", "state"):
         slots = body.get(name, [])
         if not isinstance(slots, list) or len(slots) != len(spec.get(name, [])) or not all(_is_slot(s) for s in slots):

@@ -3,10 +3,12 @@
 Dash restarts the persistent push callback whenever a socket (re)connects, once per page. The first page's run is the
 socket's loop; a further page of the same socket joins it; a page already served, or past PAGES_PER_SOCKET, or past
 the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the counts moved, at most every
-MIN_PUSH_GAP, the loop asks each page what it shows and sends it the update from there (view_updates.py: computed once
-per view and version, shared as text); the lists at most every LISTS_MS. A page that does not answer within
-PAGE_TIMEOUT (a tab closed behind a shared socket) is no longer pushed to and told to poll; a socket that stops
-reading is dropped by the guard (guard.Guard.queued).
+MIN_PUSH_GAP, the loop sends each page the update from what it shows (view_updates.py: computed once per view and
+version, shared as text); the lists at most every LISTS_MS. What a page shows is asked once, then is what the last
+push made of it, until the page says otherwise (`resync`): a message per page and update, not a round trip. A page
+that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket) is no longer pushed to and told to
+poll, and a socket none of whose pages answers is dropped, as is one that leaves more than the guard's backlog
+unsent (guard.Guard.queued).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dash.exceptions import PreventUpdate, WebsocketDisconnected
@@ -37,18 +39,23 @@ class PushedPage:
 
     ws: Any
     status: str = ""
+    shown: dict[str, Any] | None = None  # what its graph shows, as far as the server knows (None: ask)
+    lists: list[Any] | None = None  # what its lists show, likewise
+    said: int = 0  # times the page said what it shows: an update made before that must not overwrite it
+    asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
 
 
 class SocketPush:
     """`graph_update(shown, version)` and `lists_update(shown)` make a page's update from what it shows (in a worker
-    thread: they read Redis), as the `pushed` / `lists-pushed` store's JSON, or None when it shows nothing usable."""
+    thread: they read Redis): the `pushed` / `lists-pushed` store's JSON and what the page then shows, or None when
+    it shows nothing usable."""
 
     def __init__(
         self,
         hub: NoticeHub,
         guard: Guard,
-        graph_update: Callable[[dict[str, Any], int], str | None],
-        lists_update: Callable[[list[Any]], str | None],
+        graph_update: Callable[[dict[str, Any], int], tuple[str, Any] | None],
+        lists_update: Callable[[list[Any]], tuple[str, Any] | None],
     ) -> None:
         self.hub, self.guard = hub, guard
         self.graph_update, self.lists_update = graph_update, lists_update
@@ -74,8 +81,10 @@ class SocketPush:
             await self._loop(ws, conn)
         finally:
             conn.pusher = False
-            for _ in conn.pages:
+            for page in conn.pages.values():
                 self.hub.page_closed(conn.address)
+                for task in page.asking.values():
+                    task.cancel()
             conn.pages.clear()
 
     async def _loop(self, ws: Any, conn: Connection) -> None:
@@ -101,28 +110,63 @@ class SocketPush:
             page.status = status
             page.ws.set_prop_sync("push-status", "children", status)
         store = "shown" if graph else "lists-shown"
-        try:
-            shown = await page.ws.get_prop(store, "data", timeout=PAGE_TIMEOUT)
-        except TimeoutError:  # gone (a closed tab), or too slow to be pushed to: it polls again, if it is there
-            self._stop_pushing(conn, renderer, page)
-            return
-        except WebsocketDisconnected:
+        shown: Any = page.shown if graph else page.lists
+        if shown is None:  # ask, without holding up the socket's other pages; it is pushed to once it answers
+            if store not in page.asking:
+                page.asking[store] = asyncio.create_task(self._ask(conn, renderer, page, graph))
             return
         if isinstance(shown, dict) and graph:
             make = functools.partial(self.graph_update, shown, state[0])
         elif isinstance(shown, list) and not graph:
             make = functools.partial(self.lists_update, shown)
         else:
-            return  # not drawn yet: its own first refresh brings it
+            return  # nothing a push can start from
+        said = page.said
         try:
-            payload = await self.cache.get(cache_key(store, shown), state[0], make)
+            update = await self.cache.get(cache_key(store, shown), state[0], make)
         except REDIS_ERRORS:
             return  # the status line says so, and the version after recovery catches every page up
-        if payload is None:
+        if update is None:
             return
+        payload, then = update
+        if page.said == said:  # else the page said what it shows meanwhile: that is where the next push starts
+            if graph:
+                page.shown = then
+            else:
+                page.lists = then
         text = set_props_message(renderer, "pushed" if graph else "lists-pushed", payload)
         if self.guard.queued(conn, len(text)):
             queue_text(page.ws, text)
+
+    async def _ask(self, conn: Connection, renderer: str, page: PushedPage, graph: bool) -> None:
+        store = "shown" if graph else "lists-shown"
+        try:
+            said = page.said
+            shown = await page.ws.get_prop(store, "data", timeout=PAGE_TIMEOUT)
+        except TimeoutError:  # gone (a closed tab), or too slow to be pushed to: it polls again, if it is there
+            self._stop_pushing(conn, renderer, page)
+            return
+        except WebsocketDisconnected:
+            return
+        finally:
+            page.asking.pop(store, None)
+        if page.said != said or renderer not in conn.pages:
+            return
+        if graph and isinstance(shown, dict):
+            page.shown = shown
+        elif not graph and isinstance(shown, list):
+            page.lists = shown
+        else:
+            return  # not drawn yet: asked again at the next push
+        await self._push_page(conn, renderer, page, self.hub.state, graph)
+
+    def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
+        """The page says what it shows (it was redrawn over HTTP, zoomed, or could not apply an update)."""
+        page = conn.pages.get(page_id(ws))
+        if page is not None:
+            page.said += 1
+            page.shown = shown if isinstance(shown, dict) else None
+            page.lists = lists if isinstance(lists, list) else None
 
     def _stop_pushing(self, conn: Connection, renderer: str, page: PushedPage) -> None:
         if conn.pages.pop(renderer, None) is not None:
@@ -130,6 +174,8 @@ class SocketPush:
             page.ws.set_prop_sync("tick", "disabled", False)
             page.ws.set_prop_sync("lists-tick", "disabled", False)
             page.ws.set_prop_sync("push-status", "children", POLLING)
+            if not conn.pages:
+                conn.drop()  # none of its pages answers: a socket nobody reads, holding what was queued on it
 
 
 def page_id(ws: Any) -> str:

@@ -1,24 +1,29 @@
 """A pushed update, computed once per view and version, and shared by every page that shows that view.
 
-A public page has many viewers of few views (most see the default one). So the push (dashboard.register_push) asks
-each page what it shows (its `shown` store: the selection, the zoom, the version its figure was drawn at), and the
-update from there to the current version is computed once, in a worker thread (it reads Redis), and serialised once;
-each further page showing the same is sent that same text. Work per update grows with the distinct views, not pages.
+A public page has many viewers of few views (most see the default one). The push (socket_push.py) knows what each
+page shows (its `shown` store: the selection, the zoom, the version its figure was drawn at), and the update from
+there to the current version is computed once, in a worker thread (it reads Redis), and serialised once; each further
+page showing the same is sent that same text. Work per update grows with the distinct views, not pages.
 
-The update goes to the page's `pushed` store with what it applies to (`for`); the page applies it only when its graph
-still shows that (a clientside callback, dashboard.py), so an update crossing a redraw of the page (a new selection,
-drawn over HTTP) is dropped, not applied to the wrong figure; the next push starts from what the page then shows.
+The update goes to the page's `pushed` store with what it applies to (`for`) and what the page then shows (`then`);
+the page applies it only when its graph still shows `for` (APPLY_TO_GRAPH), so an update crossing a redraw of the page
+(a new selection, drawn over HTTP) is dropped, not applied to the wrong figure. The server takes `then` as what the
+page shows next; whenever that is not so (the page was redrawn over HTTP, zoomed, or dropped an update), the page says
+what it shows over its socket (WATCH_SHOWN, then dashboard's resync callback), and the next push starts from there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 from dash._utils import to_json
 
+T = TypeVar("T")
+SAME_MOMENT = 5.0  # seconds the updates of one version are drawn at its first one's time
 MAX_VIEWS = 512  # distinct updates kept per version; past it (crafted states) each is computed for its page alone
 
 
@@ -27,12 +32,13 @@ class UpdateCache:
 
     def __init__(self) -> None:
         self.version = -1
-        self._entries: dict[bytes, asyncio.Future[str | None]] = {}
+        self.started = 0.0  # when the current version was first asked for
+        self._entries: dict[bytes, asyncio.Future[Any]] = {}
         self.computed = 0  # updates computed (not shared): a test and the bench read it
 
-    async def get(self, key: bytes, version: int, make: Callable[[], str | None]) -> str | None:
+    async def get(self, key: bytes, version: int, make: Callable[[], T]) -> T:
         if version > self.version:  # an older version's updates are not asked for again, but by a page behind
-            self.version, self._entries = version, {}
+            self.version, self._entries, self.started = version, {}, time.time()
         elif version < self.version:
             self.computed += 1
             return await asyncio.to_thread(make)
@@ -42,7 +48,14 @@ class UpdateCache:
             entry = asyncio.ensure_future(asyncio.to_thread(make))
             if len(self._entries) < MAX_VIEWS:
                 self._entries[key] = entry
-        return await asyncio.shield(entry)
+        return cast(T, await asyncio.shield(entry))
+
+
+    def now(self, version: int) -> float:
+        """The time the updates of `version` are drawn at: the same for all of them while it is recent, so pages that
+        showed different moments before it show the same one after it (and share every update from then on)."""
+        now = time.time()
+        return self.started if version == self.version and now - self.started < SAME_MOMENT else now
 
 
 def cache_key(kind: str, value: Any) -> bytes:
@@ -62,14 +75,28 @@ def set_props_message(renderer: str, component: str, data_json: str) -> str:
 
 
 # Applies a pushed update in the page (see the module docstring): `current` is the store describing what it shows.
-APPLY_PUSHED = """function (pushed, current) {
+# One it cannot apply means the server is wrong about what the page shows: the page says so (`resync`).
+APPLY_PUSHED = """function (pushed, current, resync) {
     const nothing = dash_clientside.no_update;
-    if (!pushed || !current || JSON.stringify(pushed.for) !== JSON.stringify(%s)) { return nothing; }
+    if (!pushed) { return [nothing, nothing]; }
+    if (!current || JSON.stringify(pushed.for) !== JSON.stringify(%s)) { return [nothing, (resync || 0) + 1]; }
     for (const [id, prop, value] of pushed.props) { dash_clientside.set_props(id, {[prop]: value}); }
-    return pushed.then;
+    return [pushed.then, nothing];
 }"""
 APPLY_TO_GRAPH = APPLY_PUSHED % "[current.view, current.mark, current.first, current.last, current.traces]"
 APPLY_TO_LISTS = APPLY_PUSHED % "current"
+
+
+# What the page shows changed, and not by a push (a redraw over HTTP, a zoom): it says so over its socket (`resync`),
+# once it is pushed to at all (a page without a socket never is, and never calls the socket for it).
+WATCH_SHOWN = """function (shown, lists, pushed, listsPushed, resync) {
+    const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+    if (!pushed && !listsPushed) { return dash_clientside.no_update; }
+    if ((!pushed || same(shown, pushed.then)) && (!listsPushed || same(lists, listsPushed.then))) {
+        return dash_clientside.no_update;
+    }
+    return (resync || 0) + 1;
+}"""
 
 
 def drawn(shown: dict[str, Any]) -> list[Any]:
