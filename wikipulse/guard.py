@@ -6,10 +6,11 @@ with a full traceback in the log per message. Here every callback body and every
 shape before Dash sees it (pure functions, below): a bad body gets a 400, a bad message is dropped, and each is
 counted, with one log line per kind at most.
 
-It also holds what the push (dashboard.py) needs per socket (`Connection`, reachable from a callback through the
+It also holds what the push (socket_push.py) needs per socket (`Connection`, reachable from a callback through the
 CONNECTION context variable: Dash runs a socket's callbacks as tasks of the socket's handler, which copy it): the
-client's address for the per-address cap, how many pushed bytes the socket has not yet sent (a client that stops
-reading is dropped past `backlog_limit`), and the socket's pages.
+client's address for the per-address cap, the socket's pages, and a way to send on it directly (`Guard.push`: the same
+text goes to many pages, and Dash's queue and sender per socket were most of a push's cost), which drops a client
+that stops reading: more than `backlog_limit` bytes in flight, or SEND_TIMEOUT for one message.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MAX_MESSAGE = 1 << 16  # bytes of one websocket message from a page: a callback 
 MAX_DEPTH = 16  # nesting of a message's JSON: a page's deepest (a zoom inside the shown state) is 5
 MAX_ID = 128  # characters of a requestId or rendererId
 WS_TYPES = ("callback_request", "get_props_response", "heartbeat")
+SEND_TIMEOUT = 10.0  # seconds a socket may take to take one pushed message
 
 CONNECTION: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("wikipulse_connection", default=None)
 
@@ -47,7 +49,8 @@ class Connection:
     """One websocket: who opened it, what the push queued on it and has not gone out yet, and its pages."""
 
     address: str
-    backlog: int = 0  # bytes the push queued that the socket has not sent yet
+    send: Send | None = None  # the socket's own ASGI send
+    backlog: int = 0  # bytes pushed on it that it has not taken yet
     pages: dict[str, Any] = field(default_factory=dict)  # rendererId -> Dash's handle to that page
     pusher: bool = False  # whether a push loop serves this socket's pages (one per socket)
     dropped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -210,7 +213,7 @@ class Guard:
         if self.sockets[address] >= self.sockets_per_address:
             await self._refuse_socket(receive, send)
             return
-        conn = Connection(address)
+        conn = Connection(address, send)
         self.sockets[address] += 1
         token = CONNECTION.set(conn)
         pending: asyncio.Task[Message] | None = None
@@ -231,13 +234,8 @@ class Guard:
                     return message
                 self.refuse(f"websocket message: {why}")
 
-        async def guarded_send(message: Message) -> None:
-            if message["type"] == "websocket.send" and conn.backlog:
-                conn.backlog = max(0, conn.backlog - len(message.get("text") or ""))
-            await send(message)
-
         try:
-            await app(scope, guarded_receive, guarded_send)
+            await app(scope, guarded_receive, send)
         finally:
             CONNECTION.reset(token)
             self.sockets[address] -= 1
@@ -253,17 +251,31 @@ class Guard:
             await send({"type": "websocket.close", "code": 1013})  # before the accept: a 403 to the handshake
         self.refuse("too many sockets from one address")
 
-    def queued(self, conn: Connection, size: int) -> bool:
-        """The push queued `size` bytes on `conn`: False (and the socket dropped) when it has not sent the last
-        `backlog_limit` bytes, a client that stopped reading: it must not hold the server's memory."""
-        conn.backlog += size
-        if conn.backlog <= self.backlog_limit:
-            return True
+    async def push(self, conn: Connection, text: str) -> None:
+        """Send `text` on `conn` now, beside Dash's own messages (uvicorn writes each frame whole). A client that stopped
+        reading must not hold the server's memory or its push loop: past `backlog_limit` bytes in flight, or
+        SEND_TIMEOUT for one message, it is dropped."""
+        if conn.send is None or conn.dropped.is_set():
+            return
+        if conn.backlog + len(text) > self.backlog_limit:
+            self._drop_slow(conn, f"{conn.backlog} bytes unsent")
+            return
+        conn.backlog += len(text)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await conn.send({"type": "websocket.send", "text": text})
+        except TimeoutError:
+            self._drop_slow(conn, f"no message taken in {SEND_TIMEOUT:.0f} s")
+        except OSError:  # uvicorn's ClientDisconnected: it is gone already
+            conn.drop()
+        finally:
+            conn.backlog -= len(text)
+
+    def _drop_slow(self, conn: Connection, why: str) -> None:
         if not conn.dropped.is_set():
             self.dropped_slow += 1
-            logger.warning("dropped a websocket from %s that stopped reading (%d bytes unsent)", conn.address, conn.backlog)
+            logger.warning("dropped a websocket from %s that stopped reading (%s)", conn.address, why)
             conn.drop()
-        return False
 
 
 class GuardMiddleware:

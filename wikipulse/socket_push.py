@@ -8,7 +8,7 @@ version, shared as text); the lists at most every LISTS_MS. What a page shows is
 push made of it, until the page says otherwise (`resync`): a message per page and update, not a round trip. A page
 that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket) is no longer pushed to and told to
 poll, and a socket none of whose pages answers is dropped, as is one that leaves more than the guard's backlog
-unsent (guard.Guard.queued).
+unsent (guard.Guard.push).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class PushedPage:
     lists: list[Any] | None = None  # what its lists show, likewise
     said: int = 0  # times the page said what it shows: an update made before that must not overwrite it
     asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
+    busy: set[bool] = field(default_factory=set)  # graph (True) or lists (False): a push to it in flight
+    again: set[bool] = field(default_factory=set)  # ... and the data moved meanwhile: push once more after it
 
 
 class SocketPush:
@@ -105,6 +107,20 @@ class SocketPush:
         await asyncio.gather(*(self._push_page(conn, renderer, page, state, graph) for renderer, page in list(conn.pages.items())))
 
     async def _push_page(self, conn: Connection, renderer: str, page: PushedPage, state: tuple[int, bool], graph: bool) -> None:
+        """One push to the page at a time (what it shows next is what the last one made of it), the latest after it."""
+        if graph in page.busy:
+            page.again.add(graph)
+            return
+        page.busy.add(graph)
+        try:
+            await self._push_one(conn, renderer, page, state, graph)
+            while graph in page.again and renderer in conn.pages:
+                page.again.discard(graph)
+                await self._push_one(conn, renderer, page, self.hub.state, graph)
+        finally:
+            page.busy.discard(graph)
+
+    async def _push_one(self, conn: Connection, renderer: str, page: PushedPage, state: tuple[int, bool], graph: bool) -> None:
         status = "live" if state[1] else "Redis unavailable: reconnecting…"
         if status != page.status:
             page.status = status
@@ -134,9 +150,7 @@ class SocketPush:
                 page.shown = then
             else:
                 page.lists = then
-        text = set_props_message(renderer, "pushed" if graph else "lists-pushed", payload)
-        if self.guard.queued(conn, len(text)):
-            queue_text(page.ws, text)
+        await self.guard.push(conn, set_props_message(renderer, "pushed" if graph else "lists-pushed", payload))
 
     async def _ask(self, conn: Connection, renderer: str, page: PushedPage, graph: bool) -> None:
         store = "shown" if graph else "lists-shown"
@@ -181,10 +195,3 @@ class SocketPush:
 def page_id(ws: Any) -> str:
     """The page a websocket callback runs for (Dash 4.4's handle keeps it private)."""
     return str(ws._renderer_id)
-
-
-def queue_text(ws: Any, text: str) -> None:
-    """Queue an already serialised message on the page's socket, as Dash's set_props does once it has serialised one:
-    the same text goes to many pages (Dash 4.4's handle keeps its queue private)."""
-    if not ws.is_shutdown:
-        ws._get_outbound_queue().sync_q.put_nowait(text)
