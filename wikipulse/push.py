@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -49,6 +50,9 @@ class NoticeHub:
         self.redis_up = True
         self.pages = 0  # open pushed pages (the metrics read it)
         self._changed: asyncio.Event | None = None
+        self.woken = 0  # times the pages were woken
+        self._woken_at = -math.inf
+        self._wake_due: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
 
@@ -106,12 +110,16 @@ class NoticeHub:
             return None
         return min(moved, default=math.inf)
 
-    async def changed(self, seen: tuple[int, bool], timeout: float) -> None:
-        """Return once the state differs from `seen`, or after `timeout` seconds."""
-        if self.state != seen or self._changed is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+    async def wait(self, woken: int, timeout: float | None = None) -> int:
+        """Wait until the pages are woken after wake `woken` (the count the caller saw last), or `timeout` seconds;
+        the count now. Pages are woken once per change of state, at most every MIN_PUSH_GAP: a burst is one push."""
+        if self.woken == woken and self._changed is not None:
+            if timeout is None:
+                await self._changed.wait()  # no timer: a thousand waiting pages cost nothing
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+        return self.woken
 
     def _announce(self, since: float = -math.inf) -> None:
         """A new version: `since` is the earliest bucket it moved (-inf: anything may have)."""
@@ -120,6 +128,17 @@ class NoticeHub:
             self._moved.clear()  # nothing before this can be patched from
         else:
             self._moved.append((self.version, since))
+        if self._changed is None or self._wake_due is not None:
+            return
+        delay = self._woken_at + MIN_PUSH_GAP - time.monotonic()
+        if delay > 0:
+            self._wake_due = asyncio.get_running_loop().call_later(delay, self._wake)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._wake_due, self._woken_at = None, time.monotonic()
+        self.woken += 1
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()

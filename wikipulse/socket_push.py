@@ -23,9 +23,9 @@ from typing import Any
 from dash.exceptions import PreventUpdate, WebsocketDisconnected
 
 from wikipulse.guard import Connection, Guard
-from wikipulse.push import MIN_PUSH_GAP, NoticeHub
+from wikipulse.push import NoticeHub
 from wikipulse.retry import REDIS_ERRORS
-from wikipulse.view_updates import UpdateCache, cache_key, set_props_message
+from wikipulse.view_updates import UpdateCache, cache_key, message_head, set_props_message
 
 PAGES_PER_SOCKET = 8  # tabs of one browser; a socket claiming more pages is crafted
 PAGE_TIMEOUT = 10.0  # seconds a page has to say what it shows
@@ -38,6 +38,7 @@ class PushedPage:
     """A page a socket's loop serves: Dash's handle to it (set_props, get_props) and its status line."""
 
     ws: Any
+    head: str  # its set_props messages' start (view_updates.set_props_message)
     status: str = ""
     shown: dict[str, Any] | None = None  # what its graph shows, as far as the server knows (None: ask)
     lists: list[Any] | None = None  # what its lists show, likewise
@@ -72,7 +73,7 @@ class SocketPush:
         if not self.hub.admit(conn.address):
             ws.set_prop_sync("push-status", "children", f"busy: {POLLING}")
             raise PreventUpdate
-        conn.pages[renderer] = PushedPage(ws)
+        conn.pages[renderer] = PushedPage(ws, message_head(renderer))
         self.hub.page_opened(conn.address)
         ws.set_prop_sync("tick", "disabled", True)
         ws.set_prop_sync("lists-tick", "disabled", True)
@@ -90,21 +91,28 @@ class SocketPush:
             conn.pages.clear()
 
     async def _loop(self, ws: Any, conn: Connection) -> None:
+        """Until the socket closes (Dash then cancels this task): woken by the hub (at most every MIN_PUSH_GAP)."""
         hub = self.hub
         seen: tuple[int, bool] | None = None
-        lists_at, lists_seen = 0.0, -1
+        woken, lists_at, lists_seen = -1, 0.0, -1
         while not ws.is_shutdown and not conn.dropped.is_set():
             if hub.state != seen:
                 seen = hub.state
                 await self._push_all(conn, seen, graph=True)
-                await asyncio.sleep(MIN_PUSH_GAP)  # coalesce a burst of notices into one update
-            if seen[0] != lists_seen and time.monotonic() - lists_at >= LISTS_GAP:
-                lists_at, lists_seen = time.monotonic(), seen[0]
-                await self._push_all(conn, seen, graph=False)
-            await hub.changed(seen, timeout=1.0)
+            wait = None  # nothing to do until the next wake: no timer
+            if seen[0] != lists_seen:  # the lists follow at most every LISTS_GAP
+                wait = lists_at + LISTS_GAP - time.monotonic()
+                if wait <= 0:
+                    lists_at, lists_seen, wait = time.monotonic(), seen[0], None
+                    await self._push_all(conn, seen, graph=False)
+            woken = await hub.wait(woken, wait)
 
     async def _push_all(self, conn: Connection, state: tuple[int, bool], graph: bool) -> None:
-        await asyncio.gather(*(self._push_page(conn, renderer, page, state, graph) for renderer, page in list(conn.pages.items())))
+        pages = list(conn.pages.items())
+        if len(pages) == 1:  # most sockets: no task to gather
+            await self._push_page(conn, *pages[0], state, graph)
+        else:
+            await asyncio.gather(*(self._push_page(conn, renderer, page, state, graph) for renderer, page in pages))
 
     async def _push_page(self, conn: Connection, renderer: str, page: PushedPage, state: tuple[int, bool], graph: bool) -> None:
         """One push to the page at a time (what it shows next is what the last one made of it), the latest after it."""
@@ -150,7 +158,7 @@ class SocketPush:
                 page.shown = then
             else:
                 page.lists = then
-        await self.guard.push(conn, set_props_message(renderer, "pushed" if graph else "lists-pushed", payload))
+        await self.guard.push(conn, set_props_message(page.head, "pushed" if graph else "lists-pushed", payload))
 
     async def _ask(self, conn: Connection, renderer: str, page: PushedPage, graph: bool) -> None:
         store = "shown" if graph else "lists-shown"

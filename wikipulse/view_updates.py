@@ -43,6 +43,8 @@ class UpdateCache:
             self.computed += 1
             return await asyncio.to_thread(make)
         entry = self._entries.get(key)
+        if entry is not None and entry.done():  # most pages: the update is made already
+            return cast(T, entry.result())
         if entry is None:
             self.computed += 1
             entry = asyncio.ensure_future(asyncio.to_thread(make))
@@ -68,10 +70,14 @@ def pushed_payload(applies_to: Any, then: Any, props: list[tuple[str, str, Any]]
     return str(to_json({"for": applies_to, "then": then, "props": [list(p) for p in props]}))  # type: ignore[no-untyped-call]
 
 
-def set_props_message(renderer: str, component: str, data_json: str) -> str:
-    """Dash's set_props message for one page, around an already serialised value (shared by many pages)."""
-    head = orjson.dumps({"type": "set_props", "rendererId": renderer}).decode()[:-1]
-    return f'{head},"payload":{{"componentId":{orjson.dumps(component).decode()},"props":{{"data":{data_json}}}}}}}'
+def message_head(renderer: str) -> str:
+    """The start of Dash's set_props messages to one page (made once per page)."""
+    return orjson.dumps({"type": "set_props", "rendererId": renderer}).decode()[:-1]
+
+
+def set_props_message(head: str, component: str, data_json: str) -> str:
+    """Dash's set_props message for the page of `head`, around an already serialised value (shared by many pages)."""
+    return f'{head},"payload":{{"componentId":"{component}","props":{{"data":{data_json}}}}}}}'
 
 
 # Applies a pushed update in the page (see the module docstring): `current` is the store describing what it shows.
