@@ -130,9 +130,16 @@ def pipeline(feed: MarkFeed, workdir: Path, root: Path = ROOT) -> Iterator[tuple
     finally:
         for p in processes.values():
             p.terminate()
-        for p in processes.values():
-            p.wait(10)
-        redis_server.stop()
+        try:
+            for name, p in processes.items():
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    print(f"{name} did not stop within 30 s of SIGTERM: killed", file=sys.stderr)
+                    p.kill()
+                    p.wait(10)
+        finally:
+            redis_server.stop()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -240,7 +247,7 @@ class FanOut:
             update = payload["props"]["data"]
             current = stores[store]
             expected = drawn(current) if store == "shown" and isinstance(current, dict) else current
-            self.received += len(orjson.dumps(update))
+            self.received += len(str(update))  # about its size: the client's time is measured too
             if update["for"] == expected:
                 stores[store] = update["then"]
             else:
@@ -314,11 +321,12 @@ def run(args: argparse.Namespace) -> None:
         if args.fanout > 1:
             fanout = start_fanout(base, args.fanout - 1, captured["refresh"], patched=not args.whole)
             wait_for_clients(fanout, base, args.fanout, pages["push"])
-        process = psutil.Process(dash_process.pid)
+        process, bench = psutil.Process(dash_process.pid), psutil.Process()
         process.cpu_percent()
+        bench.cpu_percent()
         psutil.cpu_percent()
         feed.go.set()
-        cpu_samples, machine, rss = [], [], []
+        cpu_samples, machine, rss, clients = [], [], [], []
         measuring = time.monotonic()
         pushes_before = fanout.pushes if fanout is not None else 0
         deadline = time.monotonic() + args.marks * 1.5 + 30
@@ -327,6 +335,7 @@ def run(args: argparse.Namespace) -> None:
                 page.wait_for_timeout(250)  # the pages run while this thread waits
             cpu_samples.append(process.cpu_percent())
             machine.append(psutil.cpu_percent())
+            clients.append(bench.cpu_percent())
             rss.append(process.memory_info().rss / 1e6)
         elapsed = time.monotonic() - measuring
         updates = (fanout.pushes if fanout is not None else 0) - pushes_before
@@ -340,7 +349,7 @@ def run(args: argparse.Namespace) -> None:
             fanout.stop.set()
         browser.close()
     sent = len(feed.sent)
-    report(args, sent, results, Samples(cpu_samples, machine, rss, load_before, elapsed), fanout, updates)
+    report(args, sent, results, Samples(cpu_samples, machine, rss, clients, load_before, elapsed), fanout, updates)
 
 
 @dataclass
@@ -348,6 +357,7 @@ class Samples:
     cpu: list[float]
     machine: list[float]
     rss: list[float]
+    clients: list[float]  # this process's CPU: the fan-out clients (and the browser's driver)
     load_before: float
     elapsed: float
 
@@ -365,7 +375,8 @@ def report(args: argparse.Namespace, sent: int, results: dict[str, Any], samples
     print(f"\ndashboard process: CPU {statistics.mean(cpu_samples):.0f}% mean, {max(cpu_samples):.0f}% peak (of one core); "
           f"RSS {max(rss):.0f} MB peak")  # fmt: skip
     print(f"machine ({psutil.cpu_count()} cores, shared): {statistics.mean(machine):.0f}% of all cores busy mean while measured; "
-          f"load average {samples.load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+          f"load average {samples.load_before:.1f} before, {os.getloadavg()[0]:.1f} after; the bench's own process (the clients) "
+          f"{statistics.mean(samples.clients):.0f}% of a core mean")  # fmt: skip
     if fanout is not None:
         cpu_ms = statistics.mean(cpu_samples) / 100 * elapsed / max(updates, 1) * 1000
         print(f"fan-out clients: {fanout.pushes} graph updates received ({fanout.refreshes} of them asked for over HTTP), "
