@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -648,6 +649,7 @@ def serve(settings: Settings) -> None:
 
     async def run() -> None:
         app = build_app(settings)
+        gc.freeze()  # Dash, Plotly and pandas, loaded once: kept out of the collections a thousand pages' pushes cause
         config = uvicorn.Config(app.server, host=settings.host, port=settings.port, log_level="warning", access_log=False)
         server = Server(config)
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ class SocketPush:
         """Until the socket closes (Dash then cancels this task): woken by the hub (at most every MIN_PUSH_GAP)."""
         hub = self.hub
         seen: tuple[int, bool] | None = None
-        woken, lists_at, lists_seen = -1, 0.0, -1
+        # The lists of all sockets would fall due in the same wake (they opened together): each starts at its own moment.
+        woken, lists_at, lists_seen = -1, time.monotonic() - random.uniform(0, LISTS_GAP), -1
         while not ws.is_shutdown and not conn.dropped.is_set():
             if hub.state != seen:
                 seen = hub.state
