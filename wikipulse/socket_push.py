@@ -6,9 +6,9 @@ the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the co
 MIN_PUSH_GAP, the loop sends each page the update from what it shows (view_updates.py: computed once per view and
 version, shared as text); the lists at most every LISTS_MS. What a page shows is asked once, then is what the last
 push made of it, until the page says otherwise (`resync`): a message per page and update, not a round trip. A page
-that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket) is no longer pushed to and told to
-poll, and a socket none of whose pages answers is dropped, as is one that leaves more than the guard's backlog
-unsent (guard.Guard.push).
+that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket; asked at most every ALIVE_CHECK) is
+no longer pushed to and told to poll, and a socket none of whose pages answers is dropped, as is one that leaves
+more than the guard's backlog unsent (guard.Guard.push).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from wikipulse.view_updates import UpdateCache, cache_key, message_head, set_pro
 
 PAGES_PER_SOCKET = 8  # tabs of one browser; a socket claiming more pages is crafted
 PAGE_TIMEOUT = 10.0  # seconds a page has to say what it shows
+ALIVE_CHECK = 60.0  # seconds between two questions to a pushed page: one that does not answer is let go
 LISTS_GAP = 5.0  # seconds between two pushes of the lists (dashboard.LISTS_MS): they cost more than the counts
 POLLING = "polling every 2 s"
 
@@ -45,6 +46,7 @@ class PushedPage:
     lists: list[Any] | None = None  # what its lists show, likewise
     said: int = 0  # times the page said what it shows: an update made before that must not overwrite it
     asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
+    asked_at: float = 0.0  # when it last answered a question (or was asked one)
     busy: set[bool] = field(default_factory=set)  # graph (True) or lists (False): a push to it in flight
     again: set[bool] = field(default_factory=set)  # ... and the data moved meanwhile: push once more after it
 
@@ -141,6 +143,8 @@ class SocketPush:
             if store not in page.asking:
                 page.asking[store] = asyncio.create_task(self._ask(conn, renderer, page, graph))
             return
+        if graph and time.monotonic() - page.asked_at > ALIVE_CHECK and "alive" not in page.asking:
+            page.asking["alive"] = asyncio.create_task(self._check_alive(conn, renderer, page))
         if isinstance(shown, dict) and graph:
             make = functools.partial(self.graph_update, shown, state[0])
         elif isinstance(shown, list) and not graph:
@@ -162,8 +166,21 @@ class SocketPush:
                 page.lists = then
         await self.guard.push(conn, set_props_message(page.head, "pushed" if graph else "lists-pushed", payload))
 
+    async def _check_alive(self, conn: Connection, renderer: str, page: PushedPage) -> None:
+        """A tab closed behind a socket its other tabs keep open says nothing: one that does not answer is let go."""
+        page.asked_at = time.monotonic()
+        try:
+            await page.ws.get_prop("shown", "data", timeout=PAGE_TIMEOUT)
+        except TimeoutError:
+            self._stop_pushing(conn, renderer, page)
+        except WebsocketDisconnected:
+            pass
+        finally:
+            page.asking.pop("alive", None)
+
     async def _ask(self, conn: Connection, renderer: str, page: PushedPage, graph: bool) -> None:
         store = "shown" if graph else "lists-shown"
+        page.asked_at = time.monotonic()
         try:
             said = page.said
             shown = await page.ws.get_prop(store, "data", timeout=PAGE_TIMEOUT)
