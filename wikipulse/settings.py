@@ -149,6 +149,9 @@ class Settings:
         if unknown:
             raise SettingsError(f"stream_consumers: unknown {unknown[0]!r} (a list of subscriber, archiver; empty: none)")
         return roles
+    max_pages: int = _opt("DASH_MAX_PAGES", "pages one dashboard process pushes to at most (more poll every 2 s)", 2000)
+    max_pages_per_address: int = _opt("DASH_MAX_PAGES_PER_ADDRESS", "pushed pages (and websockets) from one client address at most", 100)
+    push_backlog: int = _opt("DASH_PUSH_BACKLOG", "bytes a websocket may leave unsent before it is dropped (a client not reading)", 1 << 20)
 
     def shard_indexes(self) -> list[int]:
         """The shards this subscriber folds: settings.shard ('0,2'), or every shard."""
@@ -234,6 +237,12 @@ class Settings:
         check_clickhouse_url(self.clickhouse_url)
         self.retention_seconds()
         archive_retention_days(self.archive_retention)
+        self._validate_dashboard()
+
+    def _validate_dashboard(self) -> None:
+        for name, least in {"max_pages": 1, "max_pages_per_address": 1, "push_backlog": 1 << 14}.items():
+            if getattr(self, name) < least:
+                raise SettingsError(f"{name} must be at least {least}, not {getattr(self, name)}")
 
 
 def _convert(name: str, raw: Any, default: Any) -> Any:
