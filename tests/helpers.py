@@ -117,3 +117,25 @@ async def serving(handler: object) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}{PATH}"
     finally:
         await runner.cleanup()
+
+
+def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] | None = None) -> Any:
+    """`./dash_app.py` on `port` (its output appended to the file `log`), once it answers: a subprocess.Popen."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    full_env = {**os.environ, "REDIS_URL": redis_url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING", **(env or {})}
+    with open(log, "ab") as out:  # the child has its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "dash_app.py"], env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.2)

@@ -29,7 +29,7 @@ from aiohttp import web
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.archive import Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
+from wikipulse.archive import TABLE, Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
 from wikipulse.connect import Client, NodeConnection, open_client, refresh
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
@@ -37,6 +37,7 @@ from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
 from wikipulse.streams import Entry, StreamReader
+from wikipulse.trimming import declared_groups, ensure_group
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) ->
         else:
             counters[f"rejected:{verdict.reason.value}"] += 1
     return ids, raws
+
+
+def archive_is_empty(archive: Archive) -> bool:
+    return not archive.query(f"SELECT 1 FROM {TABLE} LIMIT 1")[1]
 
 
 class Archiver:
@@ -126,15 +131,21 @@ class Archiver:
         self.query_slots = slots
 
     async def ensure_group(self) -> None:
-        # A new group starts at the stream's end, unless asked to archive what the stream still holds.
-        start = "0" if self.settings.archive_from_stream else "$"
-        try:
-            await self.client.xgroup_create(self.settings.stream, self.settings.archive_group, id=start, mkstream=True)
-            logger.info("created consumer group %s on %s from %s", self.settings.archive_group, self.settings.stream,
-                        "its first entry" if start == "0" else "now")  # fmt: skip
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """The group, if missing: a new stream comes with every declared group (trimming.py), so a fresh deployment's
+        first events are archived however late the archiver starts."""
+        s = self.settings
+        declared = declared_groups(s, s.stream, self.layout.sharded)
+        how = await ensure_group(self.client, s.stream, s.archive_group, declared, self._start_of_new_group)
+        if how is not None:
+            logger.info("created consumer group %s on %s from %s", s.archive_group, s.stream, "its first entry" if how == "0" else "now")
+
+    async def _start_of_new_group(self) -> str:
+        """A new group on a stream that exists: from its first entry over an empty archive (nothing of this deployment
+        is archived yet) or with --from-stream; else from now (what the stream holds was archived by an earlier group)."""
+        if self.settings.archive_from_stream:
+            return "0"
+        archive = await self.open_archive()
+        return "0" if await self.call(archive_is_empty, archive) else "$"
 
     async def run(self) -> None:
         await self.lease.wait_until_held(f"the archiver lease of group {self.settings.archive_group!r} (one archiver per group)")

@@ -24,14 +24,15 @@ logger = logging.getLogger("wikipulse")
 REDIS = ("redis_url", "cluster", "shards", "log_level")
 PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
              "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval",
-             "lease_ttl", "allow_eviction")  # fmt: skip
+             "lease_ttl", "allow_eviction", "stream_keep", "stream_grace", "stream_consumers")  # fmt: skip
 SUBSCRIBER = (*REDIS, "shard", "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
               "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction",
-              "alert_webhook")  # fmt: skip
-DASH = (*REDIS, "host", "port", "stream", "group", "channel", "clickhouse_url", "archive_port")  # the archive: for /history
+              "alert_webhook", "stream_consumers")  # fmt: skip
+DASH = (*REDIS, "host", "port", "stream", "group", "channel", "clickhouse_url", "archive_port",
+        "max_pages", "max_pages_per_address", "push_backlog")  # the archive: for /history
 ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")
 ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "archive_batch", "max_event_bytes",
-            "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction")  # fmt: skip
+            "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction", "stream_consumers")  # fmt: skip
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
 
 

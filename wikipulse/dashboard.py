@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -23,14 +24,16 @@ from dash.exceptions import PreventUpdate
 from wikipulse import keys
 from wikipulse.connect import SyncClient, is_cluster_sync, open_sync_client
 from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
+from wikipulse.guard import CONNECTION, Guard, GuardMiddleware
 from wikipulse.history_page import PATH as HISTORY_PATH
 from wikipulse.history_page import mount_history
 from wikipulse.lists_view import LIST_SIZE, WHO_LABELS, alert_marks, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.operations import register_operations
-from wikipulse.push import MIN_PUSH_GAP, NoticeHub
+from wikipulse.push import NoticeHub
 from wikipulse.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
 from wikipulse.settings import Settings
 from wikipulse.shards import check_shards_sync
+from wikipulse.socket_push import SocketPush
 from wikipulse.status import decode_hash
 from wikipulse.trending import TrendingQuery, queue_new_pages, take_new_pages
 from wikipulse.trimming import TRIMMED_UNREAD
@@ -54,6 +57,7 @@ from wikipulse.view import (
     trimmed_notice,
     window_choices,
 )
+from wikipulse.view_updates import APPLY_TO_GRAPH, APPLY_TO_LISTS, WATCH_SHOWN, drawn, pushed_payload
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +161,12 @@ def serve_layout() -> html.Div:
             dcc.Store(id="initialized", data=False),
             dcc.Store(id="zoom", data=None),
             dcc.Interval(id="tick", interval=REFRESH_MS),  # polling: only until push takes over (push.py)
-            dcc.Store(id="pulse", data=0),  # poked by the server when the counts moved
-            dcc.Store(id="shown", data=None),  # what the graph shows: a pushed refresh patches from it (figure_patch.py)
+            dcc.Store(id="shown", data=None),  # what the graph shows: a push patches from it (figure_patch.py)
+            dcc.Store(id="pushed", data=None),  # an update the server pushed, applied if it is for `shown` (view_updates.py)
             dcc.Interval(id="lists-tick", interval=LISTS_MS),  # the lists' polling: only until push takes over
-            dcc.Store(id="lists-pulse", data=0),  # poked by the server, at most every LISTS_MS, when the data moved
+            dcc.Store(id="lists-shown", data=None),  # what the lists show (their filter), for the push
+            dcc.Store(id="lists-pushed", data=None),  # the lists, pushed at most every LISTS_MS when the data moved
+            dcc.Store(id="resync", data=0),  # poked when the page shows what the push does not know: it tells the server
             dcc.Download(id="download"),
             html.Div(id="stale-banner", className="stale", style={"display": "none"}),
             html.H1(
@@ -264,9 +270,11 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 
-    hub = NoticeHub(settings.redis_url)
+    hub = NoticeHub(settings.redis_url, max_pages=settings.max_pages, max_pages_per_address=settings.max_pages_per_address)
+    guard = Guard(app.callback_map, app.config.routes_pathname_prefix, settings.max_pages_per_address, settings.push_backlog)
+    app.server.add_middleware(GuardMiddleware, guard=guard)
     register_selection_callbacks(app, client, layout)
-    register_push(app, hub)
+    register_push(app, hub, guard, client, settings.stream, layout)
     register_operations(app, client, layout, settings, hub)  # /metrics, /healthz, /readyz (operations.py)
     register_lists(app, client, layout)
     mount_history(app, settings, CSS)  # /history: its own page (history_page.py)
@@ -291,23 +299,17 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
         Output("selection-error", "children"),
         Output("shown", "data"),
         Input("tick", "n_intervals"),
-        Input("pulse", "data"),
         *selection_inputs(),
         State("zoom", "data"),
-        State("shown", "data"),
     )
-    def refresh(
-        _n: Any, _pulse: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, ns: Any, zoom: Any, shown: Any
-    ) -> tuple[Any, ...]:
+    def refresh(_n: Any, domains: Any, resolution: Any, window: Any, breakdown: Any, who: Any, ns: Any, zoom: Any) -> tuple[Any, ...]:
+        """The whole page over HTTP: on load, on a new selection, and every 2 s for a page without push."""
         try:
             sel = clean_selection(domains, resolution, window, breakdown, who, ns)
         except SelectionError as exc:
             logger.warning("refused a selection from the browser: %s", exc)
             return (*([dash.no_update] * 12), f"Refused: {exc}", dash.no_update)
-        since = None  # a push (alone) may patch what the page shows; anything else redraws it
-        if set(dash.ctx.triggered_prop_ids) == {"pulse.data"} and isinstance(shown, dict):
-            since = hub.moved_since(shown.get("mark"))
-        return refresh_view(client, settings.stream, layout, sel, zoom, shown, hub.mark, since)
+        return refresh_view(client, settings.stream, layout, sel, zoom, None, hub.mark, None)
 
     @app.callback(
         Output("download", "data"),
@@ -333,12 +335,20 @@ def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash
 
 
 def refresh_view(
-    client: SyncClient, stream: str, layout: keys.Layout, sel: Selection, zoom: Any, shown: Any, mark: str, since: float | None
+    client: SyncClient,
+    stream: str,
+    layout: keys.Layout,
+    sel: Selection,
+    zoom: Any,
+    shown: Any,
+    mark: str,
+    since: float | None,
+    now: float | None = None,
 ) -> tuple[Any, ...]:
     """Every output of a refresh, and what the graph then shows (`shown` for the next one). The figure is a Patch of
     the one the page shows when `since` (the earliest bucket moved since it was drawn) allows, reading only the
     buckets it needs; `mark` is the hub's, taken before the read, so whatever moves after it is sent next time."""
-    now = time.time()
+    now = time.time() if now is None else now
     state = shown_state(sel, zoom, window_buckets(sel, now), len(sel.domains) * len(sel.dims), mark)
     plan = plan_patch(shown, state, sel.res.step, since)
     snap = read_snapshot(client, stream, sel, now, layout, read_from=None if plan is None else plan.read_from)
@@ -354,43 +364,114 @@ def selection_inputs() -> list[Input]:
     return [Input(control, "value") for control in ("domains", "resolution", "window", "breakdown", "who", "ns")]
 
 
-def register_push(app: dash.Dash, hub: NoticeHub) -> None:
-    """One persistent websocket callback per open page (Dash restarts it when the socket reconnects): it stops the
-    page's polling, then pokes `pulse` whenever the counts moved, at most every MIN_PUSH_GAP. A page whose socket
-    cannot open never runs it, and keeps polling, as its status line says. PUSH_STATUS_PATH tells operators (and the
-    tests) how many pages are being pushed to and whether the process holds its one subscription."""
+REFRESH_OUTPUTS = (("graph", "figure"), ("domains", "options"), ("h-eps", "children"), ("h-hour", "children"),
+                   ("h-active", "children"), ("h-lag", "children"), ("h-publisher", "children"), ("stale-banner", "children"),
+                   ("stale-banner", "style"), ("top-5min", "children"), ("top-hour", "children"), ("ticker", "children"),
+                   ("selection-error", "children"))  # fmt: skip
+LIST_OUTPUTS = (("trending", "children"), ("new-pages", "children"), ("alerts", "children"))
+
+
+def register_push(app: dash.Dash, hub: NoticeHub, guard: Guard, client: SyncClient, stream: str, layout: keys.Layout) -> None:
+    """The push (socket_push.py): one loop per websocket serving its pages, with the updates computed here once per
+    view and version (view_updates.py). PUSH_STATUS_PATH tells operators (and the tests) how many pages are being
+    pushed to, whether the process holds its one subscription, and what was refused."""
+
+    def graph_update(shown: dict[str, Any], version: int) -> tuple[str, Any] | None:
+        """In a worker thread: the update of the page that shows `shown` to `version` (None: it says nothing usable)."""
+        args = shown.get("args")
+        if not (isinstance(args, list) and len(args) == 6):
+            return None
+        try:
+            sel = clean_selection(*args)
+        except SelectionError:
+            return None
+        since = hub.moved_since(shown.get("mark"))  # taken now: it may cover more than `version` moved, never less
+        mark, now = f"{hub.epoch}:{version}", push.cache.now(version)
+        *props, then = refresh_view(client, stream, layout, sel, shown.get("zoom"), shown, mark, since, now)
+        return pushed_payload(drawn(shown), then, [(c, p, v) for (c, p), v in zip(REFRESH_OUTPUTS, props, strict=True)]), then
+
+    def lists_update(shown: list[Any]) -> tuple[str, Any] | None:
+        lists = read_lists(client, layout, *shown) if len(shown) == 4 else None
+        if lists is None:
+            return None
+        return pushed_payload(shown, shown, [(c, p, v) for (c, p), v in zip(LIST_OUTPUTS, lists[:3], strict=True)]), shown
+
+    push = SocketPush(hub, guard, graph_update, lists_update)
 
     async def push_status() -> Any:
         from fastapi.responses import JSONResponse
 
-        return JSONResponse({"pages": hub.pages, "subscribed": hub.subscribed, "version": hub.version, "redis_up": hub.redis_up})
+        return JSONResponse({
+            "pages": hub.pages, "subscribed": hub.subscribed, "version": hub.version, "redis_up": hub.redis_up,
+            "sockets": sum(guard.sockets.values()), "pages_refused": hub.refused, "refused": dict(guard.refused),
+            "dropped_slow": guard.dropped_slow, "updates_computed": push.cache.computed,
+        })  # fmt: skip
 
     app.server.add_api_route(PUSH_STATUS_PATH, push_status, methods=["GET"])
 
     @app.callback(websocket=True, persistent=True)
     async def push_updates() -> None:
-        ws = dash.ctx.websocket
-        if ws is None:
+        ws, conn = dash.ctx.websocket, CONNECTION.get()
+        if ws is None or conn is None:
             raise PreventUpdate
-        hub.page_opened()
+        await push.serve(ws, conn)
 
-        try:
-            dash.set_props("tick", {"disabled": True})
-            dash.set_props("lists-tick", {"disabled": True})
-            seen: tuple[int, bool] | None = None
-            lists_at, lists_seen = 0.0, -1  # the lists follow at most every LISTS_MS: they cost more than the counts
-            while not ws.is_shutdown:
-                if hub.state != seen:
-                    seen = hub.state
-                    dash.set_props("pulse", {"data": seen[0]})
-                    dash.set_props("push-status", {"children": "live" if seen[1] else "Redis unavailable: reconnecting…"})
-                    await asyncio.sleep(MIN_PUSH_GAP)  # coalesce a burst of notices into one refresh
-                if seen[0] != lists_seen and time.monotonic() - lists_at >= LISTS_MS / 1000:
-                    lists_at, lists_seen = time.monotonic(), seen[0]
-                    dash.set_props("lists-pulse", {"data": lists_seen})
-                await hub.changed(seen, timeout=1.0)
-        finally:
-            hub.page_closed()
+    @app.callback(Input("resync", "data"), State("shown", "data"), State("lists-shown", "data"), websocket=True, prevent_initial_call=True)
+    async def resync(_n: Any, shown: Any, lists: Any) -> None:
+        """The page says what it shows (view_updates.WATCH_SHOWN): the next push starts from there."""
+        ws, conn = dash.ctx.websocket, CONNECTION.get()
+        if ws is not None and conn is not None:
+            push.resync(ws, conn, shown, lists)
+        raise PreventUpdate
+
+    # In the page: a pushed update is applied only to what it was made from (view_updates.py).
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        APPLY_TO_GRAPH, Output("shown", "data", allow_duplicate=True), Output("resync", "data", allow_duplicate=True),
+        Input("pushed", "data"), State("shown", "data"), State("resync", "data"), prevent_initial_call=True,
+    )  # fmt: skip
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        APPLY_TO_LISTS, Output("lists-shown", "data", allow_duplicate=True), Output("resync", "data", allow_duplicate=True),
+        Input("lists-pushed", "data"), State("lists-shown", "data"), State("resync", "data"), prevent_initial_call=True,
+    )  # fmt: skip
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        WATCH_SHOWN, Output("resync", "data", allow_duplicate=True), Input("shown", "data"), Input("lists-shown", "data"),
+        State("pushed", "data"), State("lists-pushed", "data"), State("resync", "data"), prevent_initial_call=True,
+    )  # fmt: skip
+    # The zoom the user picked since the last draw: the next push draws the figure with it.
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        "function (zoom, shown) { return shown ? {...shown, zoom: zoom} : dash_clientside.no_update; }",
+        Output("shown", "data", allow_duplicate=True), Input("zoom", "data"), State("shown", "data"), prevent_initial_call=True,
+    )  # fmt: skip
+
+
+def read_lists(client: SyncClient, layout: keys.Layout, domains: Any, who: Any, ns: Any, trend: Any) -> tuple[Any, ...] | None:
+    """Trending pages of the picked wikis, new pages and spike alerts, as the lists show them (None: not domains)."""
+    try:
+        picked = clean_selection(domains, "10s", None, "total").domains
+    except SelectionError:
+        return None
+    lists = clean_filter(who, ns, trend)
+    query = TrendingQuery(layout, int(time.time()), lists.minutes, LIST_SIZE, picked or None, lists.who, lists.namespaces)
+    pipe = client.pipeline(transaction=False)
+    query.queue_rank(pipe)
+    queue_new_pages(pipe, layout)
+    pipe.xrevrange(keys.ALERTS, count=ALERTS_SHOWN)
+    replies = pipe.execute()
+    n = len(layout.all_shards)
+    ranked, new, alerts = replies[: -n - 1], replies[-n - 1 : -1], replies[-1]
+    query.take_rank(ranked)
+    rows = []
+    if query.top:
+        pipe = client.pipeline(transaction=False)
+        query.queue_details(pipe)
+        rows = query.take_details(pipe.execute())
+    items = take_new_pages(new, LIST_SIZE, picked or None, lists.namespaces, lists.humans, lists.who == "bots")
+    return (
+        trending_rows(rows),
+        new_page_rows(items),
+        alert_rows([_parse(fields.get(b"alert", b"")) for _, fields in alerts][:LIST_SIZE]),
+        [list(picked), lists.who, lists.namespace, lists.minutes],  # what they show, for the push (lists-shown)
+    )
 
 
 def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
@@ -401,6 +482,7 @@ def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> N
         Output("trending", "children"),
         Output("new-pages", "children"),
         Output("alerts", "children"),
+        Output("lists-shown", "data"),
         Input("lists-tick", "n_intervals"),
         Input("domains", "value"),
         Input("who", "value"),
@@ -408,31 +490,10 @@ def register_lists(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> N
         Input("trend", "value"),
     )
     def refresh_lists(_n: Any, domains: Any, who: Any, ns: Any, trend: Any) -> tuple[Any, ...]:
-        try:
-            picked = clean_selection(domains, "10s", None, "total").domains
-        except SelectionError:
-            raise PreventUpdate from None
-        lists = clean_filter(who, ns, trend)
-        query = TrendingQuery(layout, int(time.time()), lists.minutes, LIST_SIZE, picked or None, lists.who, lists.namespaces)
-        pipe = client.pipeline(transaction=False)
-        query.queue_rank(pipe)
-        queue_new_pages(pipe, layout)
-        pipe.xrevrange(keys.ALERTS, count=ALERTS_SHOWN)
-        replies = pipe.execute()
-        n = len(layout.all_shards)
-        ranked, new, alerts = replies[: -n - 1], replies[-n - 1 : -1], replies[-1]
-        query.take_rank(ranked)
-        rows = []
-        if query.top:
-            pipe = client.pipeline(transaction=False)
-            query.queue_details(pipe)
-            rows = query.take_details(pipe.execute())
-        items = take_new_pages(new, LIST_SIZE, picked or None, lists.namespaces, lists.humans, lists.who == "bots")
-        return (
-            trending_rows(rows),
-            new_page_rows(items),
-            alert_rows([_parse(fields.get(b"alert", b"")) for _, fields in alerts][:LIST_SIZE]),
-        )
+        lists = read_lists(client, layout, domains, who, ns, trend)
+        if lists is None:
+            raise PreventUpdate
+        return lists
 
 
 def register_selection_callbacks(app: dash.Dash, client: SyncClient, layout: keys.Layout) -> None:
@@ -600,6 +661,7 @@ def serve(settings: Settings) -> None:
 
     async def run() -> None:
         app = build_app(settings)
+        gc.freeze()  # Dash, Plotly and pandas, loaded once: kept out of the collections a thousand pages' pushes cause
         config = uvicorn.Config(app.server, host=settings.host, port=settings.port, log_level="warning", access_log=False)
         server = Server(config)
         loop = asyncio.get_running_loop()

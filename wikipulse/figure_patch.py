@@ -27,9 +27,13 @@ MAX_ELEMENT_OPS = 8  # past this many values to drop or re-send in a trace, its 
 
 def shown_state(sel: Selection, zoom: Any, buckets: list[int], traces: int, mark: str) -> dict[str, Any]:
     """What a figure shows, for the page's `shown` store: the next pushed refresh patches from it."""
-    view = ui_revision(sel) + "|" + orjson.dumps(zoomed_ranges(zoom, sel), option=orjson.OPT_SORT_KEYS).decode()
+    ranges = zoomed_ranges(zoom, sel)
+    view = ui_revision(sel) + "|" + orjson.dumps(ranges, option=orjson.OPT_SORT_KEYS).decode()
     first, last = (buckets[0], buckets[-1]) if buckets else (None, None)
-    return {"view": view, "mark": mark, "first": first, "last": last, "traces": traces}
+    # The selection and zoom again, as values: the push (dashboard.py) computes the page's next update from them.
+    args = [list(sel.domains), sel.resolution, sel.window, sel.breakdown, sel.who, sel.namespace]
+    zoomed = {"rev": ui_revision(sel), **ranges} if ranges else None
+    return {"view": view, "mark": mark, "first": first, "last": last, "traces": traces, "args": args, "zoom": zoomed}
 
 
 @dataclass(frozen=True)

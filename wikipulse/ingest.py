@@ -21,13 +21,15 @@ from wikipulse.events import parse_dt
 from wikipulse.lease import FENCE_LUA, Lease, fenced_error
 from wikipulse.retry import REDIS_ERRORS
 from wikipulse.settings import Settings
-from wikipulse.trimming import TRIM_LUA
+from wikipulse.trimming import TRIM_LUA, declared_groups
 
 # KEYS: stream, seen zset, position, stats hash, rejected list, lease.
-# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "ids", "position", "counters", "status", "rejected"},
+# ARGV: channel, stream maxlen, dedup window, JSON {"fold", "ids", "position", "counters", "status", "rejected", "keep",
+#       "groups", "stream_keep", "grace_ms"},
 #       lease token, lease ttl ms, then the raw event frames. The frames go as plain ARGV items (no
 #       re-encoding on either side); one script call costs the client one command to pack instead of two
-#       per event. `fold` holds each frame's fold summary (keys.FOLD_FIELD), `ids` its meta.id ('' if none).
+#       per event. `fold` holds each frame's fold summary (keys.FOLD_FIELD), `ids` its meta.id ('' if none), `groups`
+#       the consumer groups a new stream is created with (trimming.declared_groups).
 # A full Redis refuses the whole call: Redis refuses a deny-oom command only while a script has written
 # nothing yet, and the first write here is the lease's SET (fence); the PUBLISHes come after every
 # XADD, so a full Redis can never publish frames that the stream then does not hold. The dedup window is checked here,
@@ -50,6 +52,7 @@ local p = cjson.decode(ARGV[4])
 local stored = redis.call('GET', KEYS[3])
 if stored and p['after'] ~= cjson.null and stored ~= p['after'] then return redis.error_reply('WPBEHIND ' .. stored) end
 local folds, ids = p['fold'], p['ids']
+create_groups(KEYS[1], p['groups'])
 local written, zadd, dups = {}, {}, 0
 local had_position = redis.call('EXISTS', KEYS[3])
 -- Which ids the window holds already: one ZMSCORE per 1,000 (a ZSCORE per event cost ~8% of the throughput).
@@ -84,7 +87,7 @@ for name, v in pairs(p['status']) do redis.call('HSET', KEYS[4], name, v) end
 for _, r in ipairs(p['rejected']) do redis.call('LPUSH', KEYS[5], r) end
 if #p['rejected'] > 0 then redis.call('LTRIM', KEYS[5], 0, tonumber(p['keep']) - 1) end
 local reply = {#written, dups, had_position}
-for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4])) do reply[#reply + 1] = v end
+for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4], tonumber(p['stream_keep']), tonumber(p['grace_ms']))) do reply[#reply + 1] = v end
 return reply
 """
 )
@@ -128,12 +131,18 @@ class Written(NamedTuple):
 
 class BatchWriter:
     def __init__(
-        self, settings: Settings, client: Client, lease: Lease, publisher_keys: keys.PublisherKeys = keys.UNSHARDED_PUBLISHER
+        self,
+        settings: Settings,
+        client: Client,
+        lease: Lease,
+        publisher_keys: keys.PublisherKeys = keys.UNSHARDED_PUBLISHER,
+        sharded: bool = False,
     ) -> None:
         self.settings, self.lease = settings, lease
         k = publisher_keys
         self._keys = [settings.stream, k.seen, k.position, k.stats, k.rejected, k.lease]
         self._script = client.register_script(WRITE_SCRIPT)
+        self._groups = declared_groups(settings, settings.stream, sharded)
 
     async def write(self, batch: Batch, now: float, after: str | None = None) -> Written:
         """`after`: the position this process stored last (None: unknown). Raises RedisDown, RedisFull (retry.py),
@@ -156,6 +165,9 @@ class BatchWriter:
             "status": status,
             "rejected": [r.decode() for r in batch.rejected],
             "keep": keys.REJECTED_KEEP,
+            "groups": self._groups,
+            "stream_keep": s.stream_keep,
+            "grace_ms": int(s.stream_grace * 1000),
         }
         args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
         try:

@@ -99,7 +99,7 @@ class Publisher:
         self.connected = asyncio.Event()  # set while a feed connection is open (for tests and `up`)
         self.events_this_connection = 0
         self.lease = Lease(client, self.keys.lease, settings.lease_ttl)
-        self.writer = BatchWriter(settings, client, self.lease, self.keys)
+        self.writer = BatchWriter(settings, client, self.lease, self.keys, self.layout.sharded)
         self._inflight: asyncio.Future[None] | None = None
         self._reset_pending = settings.reset_position  # once, at the first load: not after a Redis outage
         self._stored = False  # whether Redis holds a position of this process's (else its absence is no news)
@@ -215,9 +215,10 @@ class Publisher:
             logger.warning("%d events were in the stream already (written by another publisher): not added again", duplicates)
         for group, lost in grew.items():
             logger.error(
-                "the stream was trimmed to %d entries before consumer group %s had read them: %d entries trimmed unread so far "
-                "(is it stopped? raise STREAM_MAXLEN to bridge longer outages)",
-                self.settings.stream_maxlen, group, lost,
+                "entries were trimmed from the stream before consumer group %s had read them: %d entries trimmed unread so far "
+                "(is it stopped? raise STREAM_MAXLEN, %d, to bridge longer outages; a group no consumer has read yet holds "
+                "STREAM_GRACE, %gs; drop a role the deployment does not run from STREAM_CONSUMERS)",
+                group, lost, self.settings.stream_maxlen, self.settings.stream_grace,
             )  # fmt: skip
         if batch.last_id is not None:
             self.position = batch.last_id

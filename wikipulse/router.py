@@ -34,7 +34,7 @@ from wikipulse.lease import Lease, LeaseLost, fenced_error, new_token
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry
 from wikipulse.settings import Settings
 from wikipulse.streams import Entry, StreamReader
-from wikipulse.trimming import TRIM_LUA
+from wikipulse.trimming import CREATE_GROUPS_SCRIPT, TRIM_LUA, declared_groups, ensure_group
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +42,24 @@ CONSUMER = "router"  # one router at a time (the leases), so one name: a restart
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
 # Trims a shard stream and counts what each group lost (trimming.py). KEYS: the stream, the shard's router stats.
-# ARGV: maxlen. Returns {group, trimmed unread so far, ...} for the groups that lost entries now.
-TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2])"
+# ARGV: maxlen, keep, grace ms. Returns {group, trimmed unread so far, ...} for the groups that lost entries now.
+TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 
 
 class ShardWriter:
     """Writes one shard's part of a batch in one MULTI/EXEC on a connection of its own to the shard's master, fenced by
-    the router's lease on the shard: WATCH the lease, check it is ours (or lapsed), then renew it, XADD every entry
-    with its id, trim, EXEC. Another router that took the lease meanwhile makes EXEC abort; a lease held by another
-    raises LeaseLost. Within the transaction an XADD whose id is not above the stream's last is refused alone (it was
-    written before) while the others go on: that is the idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the
-    same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures). On a cluster with replicas, a WAIT follows
-    the EXEC in the same round trip: the write returns once a replica has the copy (connect.ReplicaWait)."""
+    the router's lease on the shard: WATCH the lease, check it is ours (or lapsed), then renew it, create a new shard
+    stream with its consumer groups (trimming.py), XADD every entry with its id, trim, EXEC. Another router that took
+    the lease meanwhile makes EXEC abort; a lease held by another raises LeaseLost. Within the transaction an XADD whose
+    id is not above the stream's last is refused alone (it was written before) while the others go on: that is the
+    idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the same in a Lua script cost ~7.8 (bench/bench_cluster.py's
+    router figures). On a cluster with replicas, a WAIT follows the EXEC in the same round trip: the write returns
+    once a replica has the copy (connect.ReplicaWait)."""
 
-    def __init__(self, client: Client, shard: keys.Shard, lease: Lease, maxlen: int) -> None:
-        self.shard, self.lease, self.maxlen = shard, lease, maxlen
+    def __init__(self, client: Client, shard: keys.Shard, lease: Lease, settings: Settings) -> None:
+        self.shard, self.lease = shard, lease
+        self.trim_args = (settings.stream_maxlen, settings.stream_keep, int(settings.stream_grace * 1000))
+        self.groups = declared_groups(settings, shard.stream, sharded=True)
         self._node = NodeConnection(client, shard.stream)
         self.replicas = ReplicaWait(client, shard.stream)
 
@@ -87,8 +90,9 @@ class ShardWriter:
             await conn.read_response()
             raise LeaseLost(f"another router ({holder.decode()}) holds the lease on shard {self.shard.index}")
         commands = [pack(("MULTI",)), pack(("SET", key, token, "PX", self.lease.ttl_ms))]
+        commands += [pack(("EVAL", CREATE_GROUPS_SCRIPT, 1, self.shard.stream, *self.groups))]
         commands += [pack(("XADD", self.shard.stream, entry_id, *fields)) for entry_id, fields in entries if fields is not None]
-        commands += [pack(("EVAL", TRIM_SCRIPT, 2, self.shard.stream, self.shard.router_stats, self.maxlen)), pack(("EXEC",))]
+        commands += [pack(("EVAL", TRIM_SCRIPT, 2, self.shard.stream, self.shard.router_stats, *self.trim_args)), pack(("EXEC",))]
         await conn.send_packed_command(b"".join(commands) + (self.replicas.command(wanted) if wanted else b""))
         queued_error: ResponseError | None = None
         for _ in range(len(commands) - 1):  # OK, then QUEUED each; a command refused here (OOM) makes EXEC refuse all
@@ -108,7 +112,7 @@ class ShardWriter:
 
     def _count(self, reply: list[Any]) -> tuple[int, int, list[Any]]:
         added = duplicates = 0
-        for result in reply[1:-1]:
+        for result in reply[2:-1]:  # after the SET and the groups' creation: the XADDs
             if isinstance(result, ResponseError):
                 if "equal or smaller" not in str(result):
                     raise result
@@ -119,6 +123,10 @@ class ShardWriter:
 
 
 MAX_ABORTS = 10  # our own lease keeper renewing between WATCH and EXEC aborts a write now and then: try again
+
+
+async def _from_first() -> str:
+    return "0"
 
 
 def domain_of(fields: list[bytes], max_bytes: int) -> str | None:
@@ -157,20 +165,16 @@ class Router:
         self.settings, self.client, self.layout = settings, client, layout
         token = new_token()
         self.leases = [Lease(client, shard.router_lease, settings.lease_ttl, token) for shard in layout.all_shards]
-        self.writers = [
-            ShardWriter(client, shard, lease, settings.stream_maxlen) for shard, lease in zip(layout.all_shards, self.leases, strict=True)
-        ]
+        self.writers = [ShardWriter(client, shard, lease, settings) for shard, lease in zip(layout.all_shards, self.leases, strict=True)]
         self.backoff = Backoff(settings.backoff_cap)
         self.outage = Outage(logger, "router")
         self.totals: Counter[str] = Counter()
         self.reported: dict[str, int] = {}
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.layout.stream, self.layout.router_group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """From the ingest stream's first entry; a new stream is created with every declared group (trimming.py)."""
+        declared = declared_groups(self.settings, self.layout.stream, sharded=True)
+        await ensure_group(self.client, self.layout.stream, self.layout.router_group, declared, _from_first)
 
     async def run(self) -> None:
         """Route until cancelled; Redis outages, a full Redis and a lost lease are waited out."""

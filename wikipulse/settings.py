@@ -83,7 +83,7 @@ class Settings:
     stream_url: str = _opt("WIKI_STREAM_URL", "EventStreams recentchange URL", LIVE_STREAM_URL, flag="--url")
     channel: str = _opt("PUBSUB_CHANNEL", "Redis pub/sub channel for raw events", "wiki")
     stream: str = _opt("REDIS_STREAM", "Redis stream for raw events (durable)", "wiki:events")
-    stream_maxlen: int = _opt("STREAM_MAXLEN", "approximate length the stream is trimmed to", 1_000_000)
+    stream_maxlen: int = _opt("STREAM_MAXLEN", "the stream's hard cap, read by every group or not (what one loses is counted)", 1_000_000)
     user_agent: str = _opt(
         "WIKI_USER_AGENT",
         "User-Agent sent to EventStreams (Wikimedia asks for a contact)",
@@ -135,6 +135,23 @@ class Settings:
     port: int = _opt("DASH_PORT", "port the dashboard listens on", 8050)
     log_level: str = _opt("LOG_LEVEL", "logging level", "INFO")
     alert_webhook: str = _opt("ALERT_WEBHOOK", "URL each spike alert is POSTed to as JSON, by the subscriber (empty: none)", "")
+    # The stream is a buffer (trimming.py): what every consumer group acknowledged is trimmed down to this window.
+    stream_keep: int = _opt("STREAM_KEEP", "entries kept for late listeners once every consumer group acknowledged them (~5 min)", 10_000)
+    stream_consumers: str = _opt(
+        "STREAM_CONSUMERS", "consumers the deployment runs (subscriber, archiver): their groups come with the stream", "subscriber,archiver"
+    )
+    stream_grace: float = _opt("STREAM_GRACE", "seconds of the stream a declared group holds until a consumer first reads it", 600.0)
+
+    def consumer_roles(self) -> tuple[str, ...]:
+        """settings.stream_consumers as a tuple of roles (trimming.ROLES)."""
+        roles = tuple(dict.fromkeys(r.strip() for r in self.stream_consumers.split(",") if r.strip()))
+        unknown = [r for r in roles if r not in ("subscriber", "archiver")]
+        if unknown:
+            raise SettingsError(f"stream_consumers: unknown {unknown[0]!r} (a list of subscriber, archiver; empty: none)")
+        return roles
+    max_pages: int = _opt("DASH_MAX_PAGES", "pages one dashboard process pushes to at most (more poll every 2 s)", 2000)
+    max_pages_per_address: int = _opt("DASH_MAX_PAGES_PER_ADDRESS", "pushed pages (and websockets) from one client address at most", 100)
+    push_backlog: int = _opt("DASH_PUSH_BACKLOG", "bytes a websocket may leave unsent before it is dropped (a client not reading)", 1 << 20)
 
     def shard_indexes(self) -> list[int]:
         """The shards this subscriber folds: settings.shard ('0,2'), or every shard."""
@@ -212,11 +229,20 @@ class Settings:
         if self.shards > MAX_SHARDS:
             raise SettingsError(f"shards must be at most {MAX_SHARDS}, not {self.shards}")
         self.shard_indexes()
+        self.consumer_roles()
+        if self.stream_keep < 1 or self.stream_grace < 0:
+            raise SettingsError(f"stream_keep must be at least 1 and stream_grace at least 0, not {self.stream_keep}, {self.stream_grace}")
         check_redis_url(self.redis_url)
         check_webhook_url(self.alert_webhook)
         check_clickhouse_url(self.clickhouse_url)
         self.retention_seconds()
         archive_retention_days(self.archive_retention)
+        self._validate_dashboard()
+
+    def _validate_dashboard(self) -> None:
+        for name, least in {"max_pages": 1, "max_pages_per_address": 1, "push_backlog": 1 << 14}.items():
+            if getattr(self, name) < least:
+                raise SettingsError(f"{name} must be at least {least}, not {getattr(self, name)}")
 
 
 def _convert(name: str, raw: Any, default: Any) -> Any:

@@ -36,6 +36,7 @@ from wikipulse.settings import OperatorError, Settings
 from wikipulse.spikes import CHECK_EVERY, SpikeWatch
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trending import fold_pages
+from wikipulse.trimming import declared_groups, ensure_group
 from wikipulse.webhook import AlertWebhook
 
 logger = logging.getLogger(__name__)
@@ -265,13 +266,21 @@ class Subscriber:
 
     # ---- stream source -----------------------------------------------------------------------
     async def ensure_group(self) -> None:
-        try:
-            # From the stream's start: events published before the first subscriber ran are folded too.
-            await self.client.xgroup_create(self.shard.stream, self.settings.group, id="0", mkstream=True)
-            logger.info("created consumer group %s on %s", self.settings.group, self.shard.stream)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """The group, if missing: a new stream comes with every declared group (trimming.py); else from the stream's
+        start (events published before the first subscriber ran are folded too), unless this shard has counts."""
+        stream, group = self.shard.stream, self.settings.group
+        declared = declared_groups(self.settings, stream, sharded=self.shard.tag is not None)
+        how = await ensure_group(self.client, stream, group, declared, self._start_of_new_group)
+        if how is not None:
+            logger.info("created consumer group %s on %s from %s", group, stream, "its first entry" if how == "0" else "now")
+
+    async def _start_of_new_group(self) -> str:
+        if await self.client.hget(self.shard.stats, "folded"):
+            # Counts were folded here before (by a group since deleted, or another name): folding what the stream
+            # still holds would count it twice.
+            logger.warning("consumer group %s is new but %s holds counts: it folds from now on", self.settings.group, self.shard.stats)
+            return "$"
+        return "0"
 
     async def read(self, start: str, block: int | None) -> tuple[list[Entry], bytes]:
         """(entries, keys.CLAIMS before they were read)."""

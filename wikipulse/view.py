@@ -123,9 +123,10 @@ def selection_from_query(search: Any) -> dict[str, Any]:
     first = {k: v[0] for k, v in query.items() if v}
     domains = [d for d in first.get("domains", "").split(",") if d]
     trend = first.get("trend", "")
+    trend_value = int(trend) if trend.isascii() and trend.isdigit() and len(trend) < 6 else None  # "²" is a digit int() refuses
     return {
         "domains": domains, "resolution": first.get("res"), "window": first.get("window"), "breakdown": first.get("by"),
-        "who": first.get("who"), "ns": first.get("ns"), "trend": int(trend) if trend.isdigit() else None,
+        "who": first.get("who"), "ns": first.get("ns"), "trend": trend_value,
     }  # fmt: skip
 
 
