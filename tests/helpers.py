@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,8 @@ from wikipulse.publisher import Publisher
 from wikipulse.redis_server import free_port
 from wikipulse.settings import Settings
 from wikipulse.simulate import LIVE_RATE, Simulator
+
+ROOT = Path(__file__).resolve().parents[1]  # where ./dash_app.py is
 
 CORPUS_SIZE = 10_000
 CORPUS_CANARIES = 4
@@ -119,8 +122,9 @@ async def serving(handler: object) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] | None = None) -> Any:
-    """`./dash_app.py` on `port` (its output appended to the file `log`), once it answers: a subprocess.Popen."""
+def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] | None = None, ready: str = "/", wait: float = 30) -> Any:
+    """`./dash_app.py` on `port` (its output appended to the file `log`), once it answers `ready` (`/healthz`: even
+    without Redis) within `wait` seconds: a subprocess.Popen."""
     import os
     import subprocess
     import sys
@@ -129,12 +133,12 @@ def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] 
     full_env = {**os.environ, "REDIS_URL": redis_url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING", **(env or {})}
     with open(log, "ab") as out:  # the child has its own copy of the descriptor
         process = subprocess.Popen(
-            [sys.executable, "dash_app.py"], env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "dash_app.py"], cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=2).close()
             return process
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ import redis.asyncio as aioredis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import helpers
 from tests.conftest import ServeFn
 from tests.helpers import calibrated_lines, run_publisher_until, stop, wait_for
 from wikipulse import keys, operations
@@ -45,18 +45,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def start_dashboard(redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     """`./dash_app.py` on `port`, once it answers /healthz (Redis need not answer)."""
-    env = {**os.environ, "REDIS_URL": redis_url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "dash_app.py"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
-            return process
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
-            time.sleep(0.2)
+    process: subprocess.Popen[bytes] = helpers.start_dashboard(redis_url, port, log, ready="/healthz", wait=60)
+    return process
 
 
 def stop_dashboard(process: subprocess.Popen[bytes], log: Path) -> None:
