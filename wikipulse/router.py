@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
@@ -41,6 +41,18 @@ _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2])"
 
 
+class Target(Protocol):
+    """What a ShardWriter writes: a stream, the lease that fences its writer, the hash its trimming counts in, all in one
+    slot (keys.Shard; keys.Route for the routes' copier, routes.py)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def router_lease(self) -> str: ...
+    @property
+    def router_stats(self) -> str: ...
+
+
 class ShardWriter:
     """Writes one shard's part of a batch in one MULTI/EXEC on a connection of its own to the shard's master, fenced by
     the router's lease on the shard: WATCH the lease, check it is ours (or lapsed), then renew it, XADD every entry
@@ -49,8 +61,9 @@ class ShardWriter:
     written before) while the others go on: that is the idempotence. Plain XADDs cost Redis ~1.6 µs an entry; the
     same in a Lua script cost ~7.8 (bench/bench_cluster.py's router figures)."""
 
-    def __init__(self, client: Client, shard: keys.Shard, lease: Lease, maxlen: int) -> None:
+    def __init__(self, client: Client, shard: Target, lease: Lease, maxlen: int, name: str = "") -> None:
         self.shard, self.lease, self.maxlen = shard, lease, maxlen
+        self.name = name or (f"shard {shard.index}" if isinstance(shard, keys.Shard) else shard.stream)  # for messages
         self._connection = raw_connection(client, shard.stream)
 
     async def write(self, entries: Sequence[Entry]) -> tuple[int, int, list[Any]]:
@@ -61,7 +74,7 @@ class ShardWriter:
                 reply = await self._try(entries)
                 if reply is not None:
                     return self._count(reply)
-            raise LeaseLost(f"the lease on shard {self.shard.index} kept changing during {MAX_ABORTS} writes")
+            raise LeaseLost(f"the lease on {self.name} kept changing during {MAX_ABORTS} writes")
         except BaseException:
             await drop(self._connection)
             raise
@@ -74,7 +87,7 @@ class ShardWriter:
         if holder is not None and holder.decode() != token:
             await conn.send_packed_command(pack(("UNWATCH",)))
             await conn.read_response()
-            raise LeaseLost(f"another router ({holder.decode()}) holds the lease on shard {self.shard.index}")
+            raise LeaseLost(f"another router ({holder.decode()}) holds the lease on {self.name}")
         commands = [pack(("MULTI",)), pack(("SET", key, token, "PX", self.lease.ttl_ms))]
         commands += [pack(("XADD", self.shard.stream, entry_id, *fields)) for entry_id, fields in entries if fields is not None]
         commands += [pack(("EVAL", TRIM_SCRIPT, 2, self.shard.stream, self.shard.router_stats, self.maxlen)), pack(("EXEC",))]
