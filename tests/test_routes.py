@@ -195,7 +195,7 @@ async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_
     text = "\n".join(str(m) for m in families(read_scrape(sync, keys.Layout(s.stream), s, time.time()), time.time()))
     sync.close()
     assert "wikipulse_route_trimmed_unread_events" in text and "'route': 'creations', 'group': 'reader'" in text
-    assert "wikipulse_route_copied_events" in text
+    assert "wikipulse_route_copied_events" in text and "'role': 'routes'" in text
 
 
 # ---- the channel -----------------------------------------------------------------------------------------------------

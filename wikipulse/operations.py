@@ -163,6 +163,8 @@ def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings, now
         roles_up["router"] = all(routers_up)
     scrape = Scrape(_hash(publisher), _hash(archiver), subscribers, routers, _hash(webhook), lengths, groups, roles_up)
     scrape.routes = route_counters(client)  # one more round trip; two while routes are declared
+    if scrape.routes:
+        scrape.roles_up["routes"] = client.exists(keys.ROUTES_LEASE) == 1  # the copier (in the publisher's process)
     return scrape
 
 
