@@ -21,11 +21,13 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from bench.common import write_events
 from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
+from tests.test_cluster import cluster, cluster_client, cluster_settings  # noqa: F401 (fixtures)
 from tests.test_subscriber import load_stream
 from wikipulse import keys
 from wikipulse.cli import main
@@ -368,3 +370,29 @@ async def test_routes_through_the_real_pipeline_with_kill_9(
     log = (tmp_path / "publisher.log").read_text()
     assert "Traceback" not in log
     print(f"duplicates refused after the kills: {sum(duplicates)}")
+
+
+# ---- on a Redis Cluster ----------------------------------------------------------------------------------------------
+async def test_routes_on_a_cluster(cluster_client: RedisCluster, cluster_settings: Settings) -> None:  # noqa: F811
+    """Each route's write is one MULTI/EXEC in its own slot, on its own master: the same slices, each entry once."""
+    s = cluster_settings
+    layout = keys.Layout(s.stream, s.shards, cluster=True)
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line]
+    await load_stream(cluster_client, lines[:3000], with_fold=True)
+    await add_route(cluster_client, s, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=True)
+    await add_route(cluster_client, s, "creations", CREATION_ARGS[1::2], from_stream=True)
+    copier = RouteCopier(s, cluster_client, layout)
+    assert await copier.lease.try_acquire() is None
+    await copier.refresh()
+    await load_stream(cluster_client, lines[3000:], with_fold=True)
+    reply = await cluster_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
+    entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
+    await copier.copy(entries[:3000])
+    await copier.copy(entries)  # again, as after a kill before the XACK
+    await copier._forget()
+    ingest = dict(await cluster_client.xrange(s.stream))
+    for name, where in (("enwiki-humans", ENWIKI_HUMANS), ("creations", CREATIONS)):
+        got = list(await cluster_client.xrange(keys.Route(name).stream))
+        assert meta_ids(got) == [orjson.loads(x)["meta"]["id"] for x in lines if reference(orjson.loads(x), where)]
+        assert all(ingest[i] == fields for i, fields in got)
+    assert (await cluster_client.hget(keys.Route("creations").router_stats, "duplicates")) is not None

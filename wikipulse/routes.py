@@ -30,20 +30,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.connect import Client, SyncClient
-from wikipulse.events import Accepted, is_valid_domain, validate
-from wikipulse.fold import MAX_NAMESPACE, Observation, observe, parse_summary
+from wikipulse.connect import Client, SyncClient, pack, raw_connection
+from wikipulse.events import CANARY_DOMAIN, Accepted, is_valid_domain, validate
+from wikipulse.fold import MAX_NAMESPACE, observe, summarize
 from wikipulse.lease import Lease, LeaseLost, new_token
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, is_full, pause_before_retry
+from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry
 from wikipulse.router import ShardWriter
 from wikipulse.settings import Settings, SettingsError
-from wikipulse.streams import Entry, StreamReader
+from wikipulse.streams import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ FIELDS = ("domain", "type", "bot", "namespace")  # what the fold summary tells
 MAX_VALUES = 200  # alternatives in one --where
 MAX_CLAUSES = 8
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
-_INDEX = {"domain": 0, "type": 2, "bot": 3, "namespace": 4}  # in a fold.Observation
+_INDEX = {"domain": 0, "type": 2, "bot": 3, "namespace": 4}  # in a Head
+_KINDS, _WHO = frozenset(kind.encode() for kind in keys.EVENT_TYPES), frozenset((b"bot", b"human"))
 
 # KEYS: the definitions. ARGV: name, definition, cap. Refuses an existing name or one past the cap, in one step.
 ADD_SCRIPT = """
@@ -112,25 +114,28 @@ def parse_filter(wheres: Sequence[str]) -> list[Clause]:
     return [parse_where(w) for w in wheres]
 
 
-Matcher = Callable[[Observation], bool]
+# A fold summary's head, split: [domain, time, type, bot|human, namespace] (fold.summarize), as bytes. The filters
+# compare its parts with their values as the summary writes them: no parse, no conversion (this runs for every entry).
+Head = list[bytes]
+Matcher = Callable[[Head], bool]
+
+
+def _as_written(name: str, value: str) -> bytes:
+    if name == "bot":
+        return b"bot" if value == "true" else b"human"
+    return value.encode()
 
 
 def matcher(clauses: Sequence[Clause]) -> Matcher:
-    """The filter as a predicate on a fold.Observation: every clause holds, each by one of its values."""
-    tests: list[tuple[int, frozenset[Any]]] = []
-    for name, values in clauses:
-        converted: frozenset[Any]
-        if name == "bot":
-            converted = frozenset(v == "true" for v in values)
-        elif name == "namespace":
-            converted = frozenset(int(v) for v in values)
-        else:
-            converted = frozenset(values)
-        tests.append((_INDEX[name], converted))
+    """The filter as a predicate on a Head: every clause holds, each by one of its values."""
+    tests = [(_INDEX[name], frozenset(_as_written(name, v) for v in values)) for name, values in clauses]
     if len(tests) == 1:
-        ((i, allowed),) = tests
-        return lambda obs: obs[i] in allowed
-    return lambda obs: all(obs[i] in allowed for i, allowed in tests)
+        ((i, a),) = tests
+        return lambda head: head[i] in a
+    if len(tests) == 2:
+        (i, a), (j, b) = tests
+        return lambda head: head[i] in a and head[j] in b
+    return lambda head: all(head[i] in allowed for i, allowed in tests)
 
 
 def describe(clauses: Sequence[Clause]) -> str:
@@ -161,19 +166,29 @@ def id_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def observation_of(fields: list[bytes], max_bytes: int) -> Observation | None:
-    """What the entry's filter fields are: from its fold summary (the publisher's entries), else its JSON."""
-    if len(fields) == 4 and fields[2] == _FOLD:
-        obs = parse_summary(fields[3])
-        if obs is not None:
-            return obs
-    named = dict(zip(fields[::2], fields[1::2], strict=False))
-    if _FOLD in named:
-        obs = parse_summary(named[_FOLD])
-        if obs is not None:
-            return obs
+@lru_cache(maxsize=65536)
+def _domain_ok(raw: bytes) -> bool:
+    text = raw.decode("ascii", "replace")
+    return is_valid_domain(text) and text != CANARY_DOMAIN
+
+
+def head_of(fields: list[bytes], max_bytes: int) -> Head | None:
+    """What the entry's filter fields are: from its fold summary (the publisher's entries), else its JSON; None for an
+    entry that is no event (the subscriber counts it as rejected). Checked as fold.parse_summary checks a summary."""
+    fold = fields[3] if len(fields) == 4 and fields[2] == _FOLD else None
+    named = None
+    if fold is None:
+        named = dict(zip(fields[::2], fields[1::2], strict=False))
+        fold = named.get(_FOLD)
+    if fold is not None:
+        head = fold.partition(b"\t")[0].split(b" ")
+        if len(head) == 4:
+            head.append(b"-")  # written before the namespace was
+        if len(head) == 5 and head[2] in _KINDS and head[3] in _WHO and _domain_ok(head[0]):
+            return head
+    named = named if named is not None else dict(zip(fields[::2], fields[1::2], strict=False))
     verdict = validate(named.get(_DATA, b""), max_bytes)
-    return observe(verdict.event) if isinstance(verdict, Accepted) else None
+    return summarize(observe(verdict.event)).encode().split(b" ") if isinstance(verdict, Accepted) else None
 
 
 # ---- the command line's side -----------------------------------------------------------------------------------------
@@ -254,6 +269,13 @@ async def _drop_keys(client: Client, route: keys.Route) -> None:
         await client.delete(key)
 
 
+async def _end(task: asyncio.Task[None] | None) -> None:
+    """Cancel a lease keeper and wait for it, so that no command of it is left on a connection when the client closes."""
+    if task is not None:
+        task.cancel()
+        await asyncio.wait([task])  # not `await task`: that would take a cancellation of this task for the keeper's
+
+
 # ---- the copier ------------------------------------------------------------------------------------------------------
 @dataclass
 class Live:
@@ -279,6 +301,9 @@ class RouteCopier:
         self.totals: Counter[str] = Counter()
         self._polled = -1e9
         self._group = False  # whether the group is known to exist
+        self._publish = client.register_script(PUBLISH_SCRIPT)
+        self._read = client.register_script(READ_SCRIPT)
+        self._filters = "[]"  # the routes' filters, for READ_SCRIPT
 
     async def run(self) -> None:
         """Copy until cancelled; Redis outages, a full Redis and a lost lease are waited out."""
@@ -297,8 +322,7 @@ class RouteCopier:
                     await pause_before_retry(delay)
                 except LeaseLost as exc:
                     logger.error("routes: %s; the copier wrote nothing since, and waits for its leases again", exc)
-                    if keeper is not None:
-                        keeper.cancel()
+                    await _end(keeper)
                     keeper = None
                     await self._forget()
                 except (RedisFull, ResponseError) as exc:
@@ -311,8 +335,7 @@ class RouteCopier:
                     logger.error("routes: Redis is full (%s): copying paused, the entries stay pending; retrying in %.1fs", exc, delay)
                     await pause_before_retry(delay)
         finally:
-            if keeper is not None:
-                keeper.cancel()
+            await _end(keeper)
             await self._forget()
             await self.lease.release()
 
@@ -324,34 +347,44 @@ class RouteCopier:
         self._polled, self._group = -1e9, False
 
     async def _let_go(self, live: Live) -> None:
-        if live.keeper is not None:
-            live.keeper.cancel()
+        await _end(live.keeper)
         await live.writer.close()
         await live.lease.release()
 
     async def _copy(self) -> None:
-        """Own pending entries first (a restart's), then new ones; each batch copied to every route before it is acked."""
-        reader = StreamReader(self.client, self.stream, keys.ROUTES_GROUP, CONSUMER)
-        cursor = "0"
-        count = self.settings.batch_size * 10
+        """Own pending entries first (a restart's), then new ones; each batch copied to every route before it is acked
+        (by the next read, in Redis: READ_SCRIPT). Redis hands over only the entries some route may want."""
+        cursor, acked_to, seen = "0", "", "$"
+        count = min(self.settings.batch_size * 10, READ_MAX)
+        waiter = raw_connection(self.client, self.stream)  # its own: a blocking read cancelled on a pooled one leaks it
         try:
             while True:
                 await self.refresh()
                 if not self.routes:
-                    cursor = "0"
+                    cursor, acked_to = "0", ""
                     await asyncio.sleep(POLL_INTERVAL)
                     continue
-                await reader.send(cursor, count, None if cursor != ">" else 1000)
-                entries, _ = await reader.receive()
-                if not entries:
-                    cursor = ">"
+                args = [keys.ROUTES_GROUP, CONSUMER, count, cursor, acked_to, self._filters]
+                n, last, trimmed, candidates = await self._read(keys=[self.stream], args=args)
+                acked_to = ""
+                if not n:
+                    if cursor != ">":
+                        cursor = ">"
+                    else:  # wait for the next entry (without reading it for the group), at most a second
+                        await waiter.send_packed_command(pack(("XREAD", "COUNT", 1, "BLOCK", 1000, "STREAMS", self.stream, seen)))
+                        await waiter.read_response()
                     continue
+                seen = last.decode()
                 if cursor != ">":
-                    cursor = entries[-1][0].decode()
-                await self.copy(entries)
+                    cursor = seen
+                await self.copy(candidates, ack=False, trimmed=int(trimmed))
+                acked_to = seen
                 self.backoff.reset()
         finally:
-            await reader.close()
+            await drop(waiter)
+            if acked_to:  # a clean stop: the last batch was copied, so a restart need not copy it again
+                with contextlib.suppress(*REDIS_ERRORS, ResponseError):
+                    await self._read(keys=[self.stream], args=[keys.ROUTES_GROUP, CONSUMER, 0, ">", acked_to, "[]"])
 
     async def refresh(self, force: bool = False) -> None:
         """Read the definitions (every POLL_INTERVAL); take up new ones (catch-up), let go of removed ones."""
@@ -376,6 +409,7 @@ class RouteCopier:
             await _drop_keys(self.client, live.route)  # anything this copier wrote after `route remove` (or a re-add)
             logger.warning("route %s %s", name, "removed" if name not in wanted else "declared again: starts anew")
         if not wanted:
+            self._filters = "[]"
             if self._group:
                 with contextlib.suppress(ResponseError):  # an idle group would count as trimmed unread
                     await self.client.xgroup_destroy(self.stream, keys.ROUTES_GROUP)
@@ -385,6 +419,7 @@ class RouteCopier:
         for name, d in sorted(wanted.items()):
             if name not in self.routes:
                 await self._take_up(d, again=fresh_group)
+        self._filters = lua_filters([live.definition.where for live in self.routes.values()])
 
     def _refuse(self, name: bytes, exc: Exception) -> None:
         key = f"bad:{name.decode(errors='replace')}"
@@ -435,7 +470,7 @@ class RouteCopier:
                 break
             entries: list[Entry] = [(i, [x for kv in f.items() for x in kv]) for i, f in raw]
             at = entries[-1][0].decode()
-            part = self._matching(live, entries, self._observations(entries))
+            part = self._matching(live, entries, self._heads(entries))
             if part:
                 copied += await self._write(live, part)
         live.done_to = id_key(at)
@@ -443,37 +478,32 @@ class RouteCopier:
         if copied:
             logger.info("route %s: caught up with %d entries from %s", live.definition.name, copied, self.stream)
 
-    def _observations(self, entries: Sequence[Entry]) -> list[Observation | None]:
+    def _heads(self, entries: Sequence[Entry]) -> list[Head | None]:
         max_bytes = self.settings.max_event_bytes
-        out = []
-        unreadable = 0
-        for _, fields in entries:
-            obs = observation_of(fields, max_bytes) if fields is not None else None
-            if obs is None and fields is not None:
-                unreadable += 1
-            out.append(obs)
-        self.totals["unreadable"] += unreadable
+        out = [head_of(fields, max_bytes) if fields is not None else None for _, fields in entries]
+        self.totals["unreadable"] += sum(1 for head, (_, fields) in zip(out, entries, strict=True) if head is None and fields is not None)
         return out
 
     @staticmethod
-    def _matching(live: Live, entries: Sequence[Entry], observations: Sequence[Observation | None]) -> list[Entry]:
+    def _matching(live: Live, entries: Sequence[Entry], heads: Sequence[Head | None]) -> list[Entry]:
         matches = live.matches
-        part = [e for e, obs in zip(entries, observations, strict=True) if obs is not None and matches(obs)]
+        part = [e for e, head in zip(entries, heads, strict=True) if head is not None and matches(head)]
         done = live.done_to
-        if done is not None:
+        if done is not None and entries:
             if id_key(entries[-1][0]) <= done:
                 return []
             part = [e for e in part if id_key(e[0]) > done]
             live.done_to = None  # the batches after this one begin after it
         return part
 
-    async def copy(self, entries: Sequence[Entry]) -> None:
-        """One batch of the group to every route, then acknowledged."""
-        observations = self._observations(entries)
-        trimmed = sum(1 for _, fields in entries if fields is None)
-        parts = [(live, self._matching(live, entries, observations)) for live in self.routes.values()]
+    async def copy(self, entries: Sequence[Entry], ack: bool = True, trimmed: int = 0) -> None:
+        """One batch of the group to every route, then acknowledged (`ack`: here; else by the next read)."""
+        heads = self._heads(entries)
+        trimmed += sum(1 for _, fields in entries if fields is None)
+        parts = [(live, self._matching(live, entries, heads)) for live in self.routes.values()]
         await asyncio.gather(*(self._write(live, part) for live, part in parts if part))
-        await self.client.xack(self.stream, keys.ROUTES_GROUP, *[e[0] for e in entries])
+        if ack:
+            await self.client.xack(self.stream, keys.ROUTES_GROUP, *[e[0] for e in entries])
         if trimmed:
             # Delivered to the copier, then trimmed from the ingest stream before it copied them (it was down).
             await self.client.hincrby(keys.ROUTES_STATS, "trimmed", trimmed)
@@ -485,16 +515,10 @@ class RouteCopier:
         # Trimming: the hard cap STREAM_MAXLEN, with trimmed_unread per group of the route (TRIM_LUA, in the writer). The
         # trim of what every group acknowledged (a short window) plugs in where wiki:events gets it: trimming.py's script.
         added, duplicates, grew = await live.writer.write(part)
-        stats = live.route.router_stats
-        if added:
-            frames = [dict(zip(f[::2], f[1::2], strict=False)).get(_DATA, b"") for _, f in part[len(part) - added :] if f is not None]
-            await self.client.eval(PUBLISH_SCRIPT, 1, live.route.channel, *frames)
         if added or duplicates:
-            pipe = self.client.pipeline(transaction=False)  # counters only: not part of the guarantee
-            pipe.hincrby(stats, "copied", added)
-            if duplicates:
-                pipe.hincrby(stats, "duplicates", duplicates)
-            await pipe.execute()
+            # The added ones, from the stream itself (the data is not sent again), and the counters: not part of the guarantee.
+            first = part[len(part) - added][0] if added else b"0-1"
+            await self._publish(keys=[live.route.stream, live.route.router_stats], args=[first, added, duplicates])
         self.totals.update(copied=added, duplicates=duplicates)
         for group, total in zip(grew[::2], grew[1::2], strict=True):
             name = group.decode() if isinstance(group, bytes) else str(group)
@@ -506,8 +530,93 @@ class RouteCopier:
         return added
 
 
-# KEYS: the route's stream (its name is the channel's: the script runs on the node of the route's slot). ARGV: frames.
-PUBLISH_SCRIPT = "for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end return #ARGV"
+# The copier's read, in Redis: acknowledge its own pending entries up to ARGV[5] (the batch before, copied), then
+# XREADGROUP the next batch and hand back only the entries that some route may want: those whose fold summary is
+# well-formed and holds for some route's filter (ARGV[6], lua_filters), and any whose summary is not (the copier then
+# reads their JSON, as head_of does). Most entries thus never leave Redis: the copier costs the publisher's process
+# only what the routes hold. KEYS: the ingest stream. ARGV: group, consumer, count (0: acknowledge only), start ('0'
+# or an id: own pending entries; '>': new), acknowledge up to (an id, or ''), filters.
+# Returns {entries read, the last one's id, how many of them were trimmed before they were read, {candidates}}.
+READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
+READ_SCRIPT = (
+    f"local READ_MAX = {READ_MAX}\nlocal kinds = {{"
+    + ", ".join(f"['{kind}'] = true" for kind in keys.EVENT_TYPES)
+    + """}
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+if ARGV[5] ~= '' then
+  local ids = {}
+  for _, p in ipairs(redis.call('XPENDING', stream, group, '-', ARGV[5], 2 * READ_MAX, consumer)) do
+    ids[#ids + 1] = p[1]
+  end
+  for i = 1, #ids, 1000 do redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids))) end
+end
+if tonumber(ARGV[3]) == 0 then return {0, '', 0, {}} end
+local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[3], 'STREAMS', stream, ARGV[4])
+if not reply or #reply[1][2] == 0 then return {0, '', 0, {}} end
+local entries = reply[1][2]
+local routes = cjson.decode(ARGV[6])
+local out, trimmed = {}, 0
+for _, e in ipairs(entries) do
+  local f = e[2]
+  if not f then
+    trimmed = trimmed + 1
+  else
+    local fold
+    for i = 1, #f, 2 do
+      if f[i] == 'fold' then fold = f[i + 1] break end
+    end
+    local keep = true
+    if fold then
+      local head = fold
+      local tab = string.find(fold, '\t', 1, true)
+      if tab then head = string.sub(fold, 1, tab - 1) end
+      local p = {string.match(head, '^([^ ]*) ([^ ]*) ([^ ]*) ([^ ]*) ([^ ]*)$')}
+      if #p == 0 then
+        p = {string.match(head, '^([^ ]*) ([^ ]*) ([^ ]*) ([^ ]*)$')}
+        if #p == 4 then p[5] = '-' end
+      end
+      if #p == 5 and kinds[p[3]] and (p[4] == 'bot' or p[4] == 'human') then
+        keep = false
+        for _, clauses in ipairs(routes) do
+          local all = true
+          for _, c in ipairs(clauses) do
+            if not c[2][p[c[1]]] then all = false break end
+          end
+          if all then keep = true break end
+        end
+      end
+    end
+    if keep then out[#out + 1] = e end
+  end
+end
+return {#entries, entries[#entries][1], trimmed, out}
+"""
+)
+
+
+def lua_filters(wheres: Sequence[Sequence[Clause]]) -> str:
+    """The routes' filters for READ_SCRIPT: per route, its clauses as [part of the head (1-based), {value: 1, ...}]."""
+    return orjson.dumps(
+        [[[_INDEX[name] + 1, {_as_written(name, v).decode(): 1 for v in values}] for name, values in where] for where in wheres]
+    ).decode()
+
+
+# KEYS: the route's stream (its name is also the channel's), its counters. ARGV: the first id the write added, how many
+# it added, how many it refused. PUBLISHes the added entries' JSON, read back from the stream, and counts.
+PUBLISH_SCRIPT = """
+local n = tonumber(ARGV[2])
+if n > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', n)) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'data' then redis.call('PUBLISH', KEYS[1], f[i + 1]) break end
+    end
+  end
+  redis.call('HINCRBY', KEYS[2], 'copied', n)
+end
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', ARGV[3]) end
+return n
+"""
 
 
 # ---- counters, for `stats` and /metrics ------------------------------------------------------------------------------
