@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import redis
 import redis.asyncio as aioredis
 
@@ -36,6 +37,16 @@ ROUTES = {  # three slices of different sizes: a wiki's humans, the page creatio
     "creations": ["type=new,log"],
     "bot-articles": ["bot=true", "namespace=0"],
 }
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def copier_done(client: redis.Redis, n: int) -> bool:
@@ -65,6 +76,7 @@ def run_once(tree: Path, redis_url: str, feed: str, n: int, routes: bool) -> dic
         subprocess.Popen([sys.executable, str(tree / name)], cwd=tree, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name in ("subscriber.py", "publisher.py")
     ]
+    redis_cpu = _redis_cpu(client)
     try:
         folded_at = copied_at = 0.0
         deadline = time.monotonic() + 300
@@ -79,6 +91,8 @@ def run_once(tree: Path, redis_url: str, feed: str, n: int, routes: bool) -> dic
             time.sleep(0.005)
         else:
             raise RuntimeError("the pipeline did not finish in 300 s")
+        cpu = [_cpu(p.pid) for p in procs]  # before the stop: what the run took, not the shutdown
+        redis_cpu = _redis_cpu(client) - redis_cpu
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -88,6 +102,8 @@ def run_once(tree: Path, redis_url: str, feed: str, n: int, routes: bool) -> dic
         int(e[0][0].split(b"-")[0]) / 1000 for e in (client.xrange("wiki:events", count=1), client.xrevrange("wiki:events", count=1))
     )
     out = {"publisher": n / (last - first), "fold": n / (folded_at - first)}
+    # CPU time an event: what contention on a shared machine does not change much (the rates above it does)
+    out.update(subscriber_us=cpu[0] / n * 1e6, publisher_us=cpu[1] / n * 1e6, redis_us=redis_cpu / n * 1e6)
     if routes:
         out["copier"] = n / (copied_at - first)
         out["routed"] = sum(client.xlen(keys.Route(name).stream) for name in ROUTES)
@@ -113,15 +129,21 @@ def main() -> None:
                 for name, tree, routes in order:
                     results[name].append(run_once(tree, server.url, feed, args.events, routes))
                     print(f"round {r + 1}: {name}: {results[name][-1]}", flush=True)
-    base = results[variants[0][0]]
     print(f"\nroutes: {args.events:,} events, local SSE -> publisher.py (+ copier) -> subscriber.py, medians of {args.rounds}")
-    print("| variant | publisher events/s | vs before | fold events/s | vs before | copier events/s |")
-    print("|---|---|---|---|---|---|")
-    pub0, fold0 = (statistics.median(x[k] for x in base) for k in ("publisher", "fold"))
+    print("| variant | publisher events/s | vs before | fold events/s | vs before | publisher CPU µs/event | vs before |"
+          " subscriber CPU µs/event | Redis CPU µs/event | copier events/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[name])
+
+    b = variants[0][0]
     for name, _, routes in variants:
-        pub, fold = (statistics.median(x[k] for x in results[name]) for k in ("publisher", "fold"))
-        copier = f"{statistics.median(x['copier'] for x in results[name]):,.0f}" if routes else "-"
-        print(f"| {name} | {pub:,.0f} | {pub / pub0:.2f}× | {fold:,.0f} | {fold / fold0:.2f}× | {copier} |")
+        copier = f"{median(name, 'copier'):,.0f}" if routes else "-"
+        pub, fold, cpu = median(name, "publisher"), median(name, "fold"), median(name, "publisher_us")
+        print(f"| {name} | {pub:,.0f} | {pub / median(b, 'publisher'):.2f}× | {fold:,.0f} | {fold / median(b, 'fold'):.2f}× "
+              f"| {cpu:.1f} | {cpu / median(b, 'publisher_us'):.2f}× | {median(name, 'subscriber_us'):.1f} "
+              f"| {median(name, 'redis_us'):.1f} | {copier} |")  # fmt: skip
     routed = results[variants[2][0]][-1]["routed"]
     print(f"\nthe three routes hold {routed:,.0f} entries ({routed / args.events:.0%} of the events)")
 

@@ -32,6 +32,7 @@ from tests.test_subscriber import load_stream
 from wikipulse import keys
 from wikipulse.cli import main
 from wikipulse.eventstreams import PATH
+from wikipulse.fold import summary_of
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.operations import families, read_scrape
 from wikipulse.query import stats
@@ -170,6 +171,35 @@ async def test_a_replayed_copy_adds_nothing_and_a_second_copier_is_fenced(redis_
     with pytest.raises(LeaseLost, match=r"another router .* holds the lease on route enwiki-humans"):
         await other.copy(entries[-500:])
     await writer.close()
+    await copier._forget()
+
+
+async def test_redis_hands_over_only_what_a_route_may_want(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """The copier's read (READ_SCRIPT) keeps back the entries whose fold summary no route's filter holds for; any entry
+    whose summary is missing or not well-formed is handed over, and judged by its JSON (as the subscriber does)."""
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line]
+    enwiki_human = next(x for x in lines if reference(orjson.loads(x), ENWIKI_HUMANS))
+    other = next(x for x in lines if not reference(orjson.loads(x), ENWIKI_HUMANS))
+    await add_route(redis_client, settings, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=False)
+    copier = RouteCopier(settings, redis_client, keys.Layout(settings.stream))
+    assert await copier.lease.try_acquire() is None
+    await copier.refresh()
+    fold = summary_of(orjson.loads(enwiki_human))
+    added = [
+        await redis_client.xadd(settings.stream, {"data": enwiki_human, "fold": fold}),  # wanted
+        await redis_client.xadd(settings.stream, {"data": other, "fold": summary_of(orjson.loads(other))}),  # kept back
+        await redis_client.xadd(settings.stream, {"data": enwiki_human}),  # no summary: judged by its JSON, wanted
+        await redis_client.xadd(settings.stream, {"data": other, "fold": "not a summary"}),  # by its JSON: not wanted
+        await redis_client.xadd(settings.stream, {"data": enwiki_human, "fold": fold.replace(" edit ", " rename ")}),
+    ]
+    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier._filters]
+    n, last, trimmed, candidates = await copier._read(keys=[settings.stream], args=args)
+    assert (n, last, trimmed) == (5, added[-1], 0)
+    assert [i for i, _ in candidates] == [added[0], added[2], added[3], added[4]]
+    await copier.copy(candidates, ack=False)
+    assert [i for i, _ in await route_entries(redis_client, "enwiki-humans")] == [added[0], added[2], added[4]]
+    await copier._read(keys=[settings.stream], args=[keys.ROUTES_GROUP, "routes", 0, ">", last, "[]"])  # acknowledge
+    assert (await redis_client.xpending(settings.stream, keys.ROUTES_GROUP))["pending"] == 0
     await copier._forget()
 
 

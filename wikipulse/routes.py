@@ -1,10 +1,11 @@
 """Routes: named slices of the feed, each kept as a durable stream and a pub/sub channel of its own (keys.Route).
 
 `python -m wikipulse route add NAME --where FIELD=V1,V2 ...` stores a definition in Redis (keys.ROUTES); the copier,
-in the publisher's process, reads the ingest stream with its own consumer group (keys.ROUTES_GROUP) and copies each
-entry a route's filter holds for, with its original id and fields, to the route's stream, then PUBLISHes its JSON on
-the route's channel. The filter is evaluated on the entry's fold summary (no JSON parse): values in one --where are
-alternatives, several --where must all hold.
+in the publisher's process, reads the ingest stream with its own consumer group (keys.ROUTES_GROUP; the read is a
+script that hands over only the entries some route may want, READ_SCRIPT) and copies each entry a route's filter
+holds for, with its original id and fields, to the route's stream, then PUBLISHes its JSON on the route's channel.
+The filter is evaluated on the entry's fold summary (no JSON parse): values in one --where are alternatives, several
+--where must all hold.
 
 Exactly once into each route's stream, across kill -9, by the router's rules and its writer (router.ShardWriter): a
 stream accepts an explicit id only above its last, so an entry copied again (a restart re-reads its pending entries) is
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 POLL_INTERVAL = 2.0  # seconds between reads of the definitions: a change takes effect within about this
 CATCH_UP_CHUNK = 5000
+GATHER = 0.1  # seconds the copier lets entries gather after a short batch: routes lag the stream by about this
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 FIELDS = ("domain", "type", "bot", "namespace")  # what the fold summary tells
 MAX_VALUES = 200  # alternatives in one --where
@@ -380,6 +382,8 @@ class RouteCopier:
                 await self.copy(candidates, ack=False, trimmed=int(trimmed))
                 acked_to = seen
                 self.backoff.reset()
+                if cursor == ">" and n < count:
+                    await asyncio.sleep(GATHER)  # let a batch gather: each costs round trips a route, whatever its size
         finally:
             await drop(waiter)
             if acked_to:  # a clean stop: the last batch was copied, so a restart need not copy it again
