@@ -464,12 +464,15 @@ class RouteCopier:
         logger.info("route %s: %s -> %s (and its channel)", d.name, describe(d.where), route.stream)
 
     async def _catch_up(self, live: Live) -> None:
-        """Copy what the ingest stream holds after the route's start (or its own last entry) up to its end."""
+        """Copy what the ingest stream holds after the route's start (or its own last entry) up to its end now. What
+        comes after that, the group delivers (it has read no further: it is read by this task only, between refreshes);
+        what it delivers up to there is skipped (done_to)."""
         start = max(id_key(live.definition.start), id_key(await _last_id(self.client, live.route.stream)))
-        at = f"{start[0]}-{start[1]}"
+        end = id_key(await _last_id(self.client, self.stream))
+        at, last = f"{start[0]}-{start[1]}", f"{end[0]}-{end[1]}"
         copied = 0
-        while True:
-            raw = await self.client.xrange(self.stream, f"({at}", "+", count=CATCH_UP_CHUNK)
+        while start < end:
+            raw = await self.client.xrange(self.stream, f"({at}", last, count=CATCH_UP_CHUNK)
             if not raw:
                 break
             entries: list[Entry] = [(i, [x for kv in f.items() for x in kv]) for i, f in raw]
@@ -477,7 +480,7 @@ class RouteCopier:
             part = self._matching(live, entries, self._heads(entries))
             if part:
                 copied += await self._write(live, part)
-        live.done_to = id_key(at)
+        live.done_to = max(start, end)
         await self.client.hset(live.route.router_stats, "live", live.definition.token)
         if copied:
             logger.info("route %s: caught up with %d entries from %s", live.definition.name, copied, self.stream)
