@@ -143,18 +143,23 @@ async def test_a_replayed_copy_adds_nothing_and_a_second_copier_is_fenced(redis_
     await add_route(redis_client, settings, "creations", CREATION_ARGS[1::2], from_stream=True)  # what the stream holds
     copier = RouteCopier(settings, redis_client, keys.Layout(settings.stream))
     assert await copier.lease.try_acquire() is None
-    await copier.refresh()
-    creations = [line for line in lines if reference(orjson.loads(line), CREATIONS)]
-    assert meta_ids(await route_entries(redis_client, "creations")) == [orjson.loads(x)["meta"]["id"] for x in creations]
-    assert await redis_client.xlen(keys.Route("enwiki-humans").stream) == 0
-
+    await copier.refresh()  # the group is made at the earliest route's start: here, the stream's first entry
     more = [line for line in calibrated_lines() if b'"canary"' not in line][3000:6000]
     await load_stream(redis_client, more, with_fold=True)
+    # Declared while the group exists: caught up at once, from the stream's first entry to its end.
+    await add_route(redis_client, settings, "backfill", ["domain=de.wikipedia.org"], from_stream=True)
+    await copier.refresh(force=True)
+    expected_backfill = [orjson.loads(x)["meta"]["id"] for x in lines + more if orjson.loads(x)["meta"]["domain"] == "de.wikipedia.org"]
+    assert meta_ids(await route_entries(redis_client, "backfill")) == expected_backfill
+
     reply = await redis_client.xreadgroup(keys.ROUTES_GROUP, "routes", {settings.stream: ">"}, count=10_000)
     entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
-    await copier.copy(entries[:2000])
+    assert len(entries) == 6000
+    await copier.copy(entries[:5000])
     await copier.copy(entries)  # a crash after the writes, before the XACK: the restarted copier copies them again
-    humans = [orjson.loads(x)["meta"]["id"] for x in more if reference(orjson.loads(x), ENWIKI_HUMANS)]
+    creations = [orjson.loads(x)["meta"]["id"] for x in lines + more if reference(orjson.loads(x), CREATIONS)]
+    assert meta_ids(await route_entries(redis_client, "creations")) == creations  # --from-stream: all the stream held
+    humans = [orjson.loads(x)["meta"]["id"] for x in more if reference(orjson.loads(x), ENWIKI_HUMANS)]  # from its start
     first = sum(1 for x in more[:2000] if reference(orjson.loads(x), ENWIKI_HUMANS))
     got = await route_entries(redis_client, "enwiki-humans")
     assert meta_ids(got) == humans
@@ -162,6 +167,7 @@ async def test_a_replayed_copy_adds_nothing_and_a_second_copier_is_fenced(redis_
     assert all(ingest[i] == fields for i, fields in got)  # the original ids, the same fields
     stats_ = await redis_client.hgetall(keys.Route("enwiki-humans").router_stats)
     assert (int(stats_[b"copied"]), int(stats_[b"duplicates"])) == (len(humans), first)
+    assert meta_ids(await route_entries(redis_client, "backfill")) == expected_backfill  # the group's copies refused
 
     other = RouteCopier(settings, redis_client, keys.Layout(settings.stream))  # a second copier by mistake: no lease
     live, route = copier.routes["enwiki-humans"], keys.Route("enwiki-humans")

@@ -13,11 +13,12 @@ refused and counted as a duplicate; each route's stream is written in id order b
 lease, and a lease per route that fences each MULTI/EXEC), and a batch is written to every route before it is
 acknowledged. The channel is pub/sub's at-most-once: published after the write, only what the write added.
 
-A route starts where the ingest stream ended when it was declared (`start`; 0 with --from-stream): when the copier
-first sees a definition it catches the route up from there to the stream's end (XRANGE), then copies it with the
-group's batches, skipping what the catch-up took. `live` in the route's counters records the catch-up done (for that
-definition's token), so a restart does not scan again; the group is created only while routes exist (an idle group
-would be counted as trimmed unread) and, when it has to be made anew, every route catches up again.
+A route starts where the ingest stream ended when it was declared (`start`; 0 with --from-stream) and holds only what
+came after. The group exists only while routes do (an idle group would count as trimmed unread), and is made at the
+earliest route's start, so it delivers all they may hold. A route declared while the group exists is caught up from its
+start to where the stream ends then (XRANGE), and from there copied with the group's batches (what they bring up to
+that point is skipped). `live` in the route's counters records that it needs no catch-up (for that definition's token),
+so a restart does not scan again.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ class Live:
     lease: Lease
     writer: ShardWriter
     keeper: asyncio.Task[None] | None = None
-    done_to: tuple[int, int] | None = None  # the catch-up copied up to here: the group's entries up to it are skipped
+    done_to: tuple[int, int] | None = None  # its start, or where its catch-up ended: the group's entries up to it are skipped
     reported: dict[str, int] = field(default_factory=dict)
 
 
@@ -422,7 +423,7 @@ class RouteCopier:
         fresh_group = await self._ensure_group(wanted)
         for name, d in sorted(wanted.items()):
             if name not in self.routes:
-                await self._take_up(d, again=fresh_group)
+                await self._take_up(d, fresh_group)
         self._filters = lua_filters([live.definition.where for live in self.routes.values()])
 
     def _refuse(self, name: bytes, exc: Exception) -> None:
@@ -432,7 +433,9 @@ class RouteCopier:
         self.totals[key] += 1
 
     async def _ensure_group(self, wanted: dict[str, Definition]) -> bool:
-        """Whether the group was made now: then every route catches up again (what came meanwhile was not copied)."""
+        """Whether the group was made now. It is made at the earliest route's start, so it delivers everything any
+        route may hold (no catch-up: a route skips what came before its own start); made anew (it was destroyed while
+        routes remained), it delivers again what their streams hold already, and they refuse it."""
         if self._group:
             return False
         groups = []
@@ -443,13 +446,14 @@ class RouteCopier:
         if keys.ROUTES_GROUP in groups:
             self._group = True
             return False
-        for d in wanted.values():  # first: a crash before the catch-ups must find them undone
+        for d in wanted.values():  # first: a crash before they are marked live again must find them so
             await self.client.hdel(keys.Route(d.name).router_stats, "live")
-        await self.client.xgroup_create(self.stream, keys.ROUTES_GROUP, id="$", mkstream=True)
+        earliest = min(id_key(d.start) for d in wanted.values())
+        await self.client.xgroup_create(self.stream, keys.ROUTES_GROUP, id=f"{earliest[0]}-{earliest[1]}", mkstream=True)
         self._group = True
         return True
 
-    async def _take_up(self, d: Definition, again: bool) -> None:
+    async def _take_up(self, d: Definition, fresh_group: bool) -> None:
         route = keys.Route(d.name)
         lease = Lease(self.client, route.router_lease, self.settings.lease_ttl, self.token)
         await lease.wait_until_held(f"the lease on route {d.name}")
@@ -457,10 +461,14 @@ class RouteCopier:
             d, route, matcher(d.where), lease, ShardWriter(self.client, route, lease, self.settings.stream_maxlen, f"route {d.name}")
         )
         live.keeper = asyncio.create_task(lease.keep())
+        live.done_to = id_key(d.start)  # a route holds only what came after its start
         self.routes[d.name] = live
-        done = await self.client.hget(route.router_stats, "live")
-        if again or done is None or done.decode() != d.token:
-            await self._catch_up(live)
+        if fresh_group:  # the group delivers from before its start
+            await self.client.hset(route.router_stats, "live", d.token)
+        else:
+            done = await self.client.hget(route.router_stats, "live")
+            if done is None or done.decode() != d.token:
+                await self._catch_up(live)
         logger.info("route %s: %s -> %s (and its channel)", d.name, describe(d.where), route.stream)
 
     async def _catch_up(self, live: Live) -> None:
@@ -495,12 +503,11 @@ class RouteCopier:
     def _matching(live: Live, entries: Sequence[Entry], heads: Sequence[Head | None]) -> list[Entry]:
         matches = live.matches
         part = [e for e, head in zip(entries, heads, strict=True) if head is not None and matches(head)]
-        done = live.done_to
-        if done is not None and entries:
+        done = live.done_to  # never cleared: a restart's pending entries may go back before it
+        if done is not None and entries and id_key(entries[0][0]) <= done:
             if id_key(entries[-1][0]) <= done:
                 return []
             part = [e for e in part if id_key(e[0]) > done]
-            live.done_to = None  # the batches after this one begin after it
         return part
 
     async def copy(self, entries: Sequence[Entry], ack: bool = True, trimmed: int = 0) -> None:
