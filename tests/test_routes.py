@@ -297,7 +297,10 @@ class Processes:
         self.tmp, self.port = tmp, free_port()
         self.logs: list[Any] = []
         self.env = {**os.environ, "REDIS_URL": redis_url, "WIKI_STREAM_URL": f"http://127.0.0.1:{self.port}{PATH}",
-                    "WIKI_BACKOFF_CAP": "0.5", "LOG_LEVEL": "INFO", "STATS_INTERVAL": "3600"}  # fmt: skip
+                    "WIKI_BACKOFF_CAP": "0.5", "LOG_LEVEL": "INFO", "STATS_INTERVAL": "3600",
+                    # The subject is the routes: wiki:events keeps every event (no other group, a window over n), so
+                    # the reference slices and --from-stream's "all the stream holds" are the whole feed.
+                    "STREAM_KEEP": "100000", "STREAM_CONSUMERS": ""}  # fmt: skip
         feed = [sys.executable, "-m", "wikipulse", "replay", str(events), "--port", str(self.port), "--rate", str(rate)]
         self.feed = self._start(feed, "feed")
         self.publisher = self._start([sys.executable, str(ROOT / "publisher.py")], "publisher")
