@@ -212,6 +212,34 @@ def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(settings: Settings, args: argparse.Namespace) -> int:
+    from wikipulse.routes import route_command
+
+    result = asyncio.run(route_command(settings, args.route_command, args.name, args.where, args.from_stream))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _add_route_parser(sub: Any) -> None:
+    """`route add NAME --where FIELD=V1,V2 [--where ...] [--from-stream]`, `route list`, `route remove NAME` (routes.py)."""
+    route = sub.add_parser("route", help="declare, list or remove routes: named slices of the feed, each a stream and a channel")
+    actions = route.add_subparsers(dest="route_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("add", "declare a route: wiki:route:NAME, a stream and a channel of the events its --where hold for"),
+        ("list", "print the routes and their counters as JSON"),
+        ("remove", "remove a route, its stream and its counters"),
+    ):
+        p = actions.add_parser(action, help=text, description=text, epilog=ENV_HELP)
+        Settings.add_arguments(p, dict.fromkeys(("redis_url", "cluster", "stream", "log_level")))
+        p.set_defaults(func=cmd_route, name=None, where=[], from_stream=False)
+        if action != "list":
+            p.add_argument("name", help="1-40 of a-z, 0-9, - and _")
+        if action == "add":
+            where = "FIELD: domain, type, bot or namespace; its values are alternatives, several --where must all hold"
+            p.add_argument("--where", action="append", default=[], metavar="FIELD=V1,V2", help=where)
+            p.add_argument("--from-stream", action="store_true", help="fill the route from what the stream still holds (else: from now)")
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
@@ -301,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("redis_url", "cluster", "shards", "stream", "group", "log_level"),
     )
     shards.add_argument("--set", type=int, metavar="N", help="record N shards: the fold starts again from what the ingest stream holds")
+
+    _add_route_parser(sub)
 
     sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ARCHIVE)
     sql.add_argument(

@@ -368,3 +368,44 @@ class Layout:
     def router_group(self) -> str:
         """The consumer group the router reads the ingest stream with."""
         return "wikipulse-router"
+
+
+# ---- Routes (routes.py) ----------------------------------------------------------------------------------------------
+# A route is a named slice of the feed, declared by `python -m wikipulse route add`. Its definition lives in the hash
+# ROUTES (name -> JSON {"where": [[field, [values]], ...], "start": id, "token": ...}), so every process sees the same
+# set; at most MAX_ROUTES. The copier (in the publisher's process) reads the ingest stream with the consumer group
+# ROUTES_GROUP and copies each matching entry, with its original id, to the route's stream, and PUBLISHes its JSON on
+# the route's channel; ROUTES_LEASE makes it one copier at a time. Each route's stream is named `wiki:route:NAME` on any
+# layout: without braces, Redis Cluster hashes the whole name, and the route's lease and counters carry that name as
+# their hash tag, so each route has a slot of its own and its fenced write (router.ShardWriter) stays in one slot.
+ROUTES = f"{PREFIX}:routes"
+ROUTES_STATS = f"{PREFIX}:routes:stats"  # the copier's counters: `trimmed` (delivered, then trimmed before copied), `unreadable`
+ROUTES_LEASE = f"{PREFIX}:routes:lease"
+ROUTES_GROUP = "wikipulse-routes"
+ROUTE_PREFIX = "wiki:route:"
+MAX_ROUTES = 16
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one route's keys live (the attribute names are router.Target's, so the router's writer writes it)."""
+
+    name: str
+
+    @property
+    def stream(self) -> str:
+        return f"{ROUTE_PREFIX}{self.name}"
+
+    @property
+    def channel(self) -> str:
+        return f"{ROUTE_PREFIX}{self.name}"
+
+    @property
+    def router_lease(self) -> str:
+        """Held by the copier that writes the route's stream; its write is fenced by it."""
+        return f"{PREFIX}:{{{self.stream}}}:lease"
+
+    @property
+    def router_stats(self) -> str:
+        """`copied`, `duplicates`, `trimmed_unread:<group>` (trimming.py), `live` (the definition's token once caught up)."""
+        return f"{PREFIX}:{{{self.stream}}}:stats"

@@ -31,6 +31,7 @@ from wikipulse import keys
 from wikipulse.connect import SyncClient
 from wikipulse.push import NoticeHub
 from wikipulse.retry import REDIS_ERRORS
+from wikipulse.routes import route_counters
 from wikipulse.settings import Settings
 from wikipulse.status import decode_hash
 from wikipulse.trimming import trimmed_unread
@@ -84,6 +85,7 @@ class Scrape:
     streams: dict[str, int]  # stream -> entries
     groups: list[Group]
     roles_up: dict[str, bool] = field(default_factory=dict)  # role -> its lease(s) held now
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # routes.route_counters
 
 
 def _text(value: Any) -> str:
@@ -159,7 +161,11 @@ def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings, now
     roles_up = {"publisher": publisher_lease == 1, "subscriber": all(shards_served), "archiver": archiver_lease == 1}
     if layout.sharded:
         roles_up["router"] = all(routers_up)
-    return Scrape(_hash(publisher), _hash(archiver), subscribers, routers, _hash(webhook), lengths, groups, roles_up)
+    scrape = Scrape(_hash(publisher), _hash(archiver), subscribers, routers, _hash(webhook), lengths, groups, roles_up)
+    scrape.routes = route_counters(client)  # one more round trip; two while routes are declared
+    if scrape.routes:
+        scrape.roles_up["routes"] = client.exists(keys.ROUTES_LEASE) == 1  # the copier (in the publisher's process)
+    return scrape
 
 
 def _second_round(client: SyncClient, consumers: list[list[str]], behind: list[Group], now: float) -> list[bool]:
@@ -279,7 +285,29 @@ def families(scrape: Scrape, now: float) -> Iterator[Metric]:
     for role, held in scrape.roles_up.items():
         up.add_metric([role], 1 if held else 0)
     yield up
+    yield from route_families(scrape.routes)
     yield GaugeMetricFamily("wikipulse_scrape_timestamp_seconds", "when this scrape read Redis (unix time)", value=now)
+
+
+def route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """Per route (a bounded label: at most keys.MAX_ROUTES): what the copier added, refused as copied before, holds, lost."""
+    copied = CounterMetricFamily("wikipulse_route_copied_events_total", "entries the copier added to the route's stream", labels=["route"])
+    dups = CounterMetricFamily(
+        "wikipulse_route_duplicate_events_total", "entries the route's stream refused as copied before (a restart)", labels=["route"]
+    )
+    length = GaugeMetricFamily("wikipulse_route_stream_length", "entries in the route's stream", labels=["route"])
+    lost = CounterMetricFamily(
+        "wikipulse_route_trimmed_unread_events_total",
+        "route entries trimmed (STREAM_MAXLEN) before the group read them",
+        labels=["route", "group"],
+    )
+    for name, counts in sorted(routes.items()):
+        copied.add_metric([name], counts["copied"])
+        dups.add_metric([name], counts["duplicates"])
+        length.add_metric([name], counts["length"])
+        for group, n in sorted(counts["trimmed_unread"].items()):
+            lost.add_metric([name, group], n)
+    yield from (copied, dups, length, lost)
 
 
 class PipelineCollector(Collector):

@@ -28,6 +28,7 @@ from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.router import Router
+from wikipulse.routes import RouteCopier
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
 
@@ -465,6 +466,7 @@ async def run_publisher(settings: Settings) -> None:
         # Sharded, the publisher's process also routes its stream to the shards' streams (router.py); if either
         # fails, the process does (gather), rather than publish on with nothing routed.
         roles = [publisher.run(), *([Router(settings, client, layout).run()] if layout.sharded else [])]
+        roles.append(RouteCopier(settings, client, layout).run())  # the routes (routes.py): idle while none is declared
         try:
             await asyncio.gather(*roles)
         finally:

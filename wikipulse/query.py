@@ -9,6 +9,7 @@ from wikipulse import keys
 from wikipulse.connect import Client, open_client
 from wikipulse.events import is_valid_domain
 from wikipulse.eventstreams import parse_since
+from wikipulse.routes import read_route_counters
 from wikipulse.series import bucket_range, read_series
 from wikipulse.settings import OperatorError, Settings, SettingsError
 from wikipulse.shards import check_shards
@@ -89,7 +90,9 @@ async def stats(settings: Settings) -> dict[str, Any]:
         groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in await client.xinfo_groups(folded)}
         if settings.group not in groups:
             raise OperatorError(f"no consumer group {settings.group!r} on {folded!r} (there are: {sorted(groups) or 'none'})")
-        return await read_status(client, layout, settings.group)
+        status = await read_status(client, layout, settings.group)
+        status["routes"] = await read_route_counters(client)  # per route: copied, duplicates, length, trimmed_unread
+        return status
 
 
 MAX_LIMIT = 1000

@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
@@ -46,6 +46,18 @@ _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 
 
+class Target(Protocol):
+    """What a ShardWriter writes: a stream, the lease that fences its writer, the hash its trimming counts in, all in one
+    slot (keys.Shard; keys.Route for the routes' copier, routes.py)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def router_lease(self) -> str: ...
+    @property
+    def router_stats(self) -> str: ...
+
+
 class ShardWriter:
     """Writes one shard's part of a batch in one MULTI/EXEC on a connection of its own to the shard's master, fenced by
     the router's lease on the shard: WATCH the lease, check it is ours (or lapsed), then renew it, create a new shard
@@ -56,10 +68,15 @@ class ShardWriter:
     router figures). On a cluster with replicas, a WAIT follows the EXEC in the same round trip: the write returns
     once a replica has the copy (connect.ReplicaWait)."""
 
-    def __init__(self, client: Client, shard: keys.Shard, lease: Lease, settings: Settings) -> None:
+    def __init__(
+        self, client: Client, shard: Target, lease: Lease, settings: Settings, name: str = "", groups: Sequence[str] | None = None
+    ) -> None:
+        """`groups`: the consumer groups a new stream comes with (default: those the deployment runs on a shard stream;
+        a route's stream has none of its own: its readers make theirs)."""
         self.shard, self.lease = shard, lease
+        self.name = name or (f"shard {shard.index}" if isinstance(shard, keys.Shard) else shard.stream)  # for messages
         self.trim_args = (settings.stream_maxlen, settings.stream_keep, int(settings.stream_grace * 1000))
-        self.groups = declared_groups(settings, shard.stream, sharded=True)
+        self.groups = list(groups) if groups is not None else declared_groups(settings, shard.stream, sharded=True)
         self._node = NodeConnection(client, shard.stream)
         self.replicas = ReplicaWait(client, shard.stream)
 
@@ -74,7 +91,7 @@ class ShardWriter:
                 await self.replicas.check(wanted, confirmed)
                 if reply is not None:
                     return self._count(reply)
-            raise LeaseLost(f"the lease on shard {self.shard.index} kept changing during {MAX_ABORTS} writes")
+            raise LeaseLost(f"the lease on {self.name} kept changing during {MAX_ABORTS} writes")
         except BaseException:
             await self._node.drop()
             raise
@@ -88,7 +105,7 @@ class ShardWriter:
         if holder is not None and holder.decode() != token:
             await conn.send_packed_command(pack(("UNWATCH",)))
             await conn.read_response()
-            raise LeaseLost(f"another router ({holder.decode()}) holds the lease on shard {self.shard.index}")
+            raise LeaseLost(f"another router ({holder.decode()}) holds the lease on {self.name}")
         commands = [pack(("MULTI",)), pack(("SET", key, token, "PX", self.lease.ttl_ms))]
         commands += [pack(("EVAL", CREATE_GROUPS_SCRIPT, 1, self.shard.stream, *self.groups))]
         commands += [pack(("XADD", self.shard.stream, entry_id, *fields)) for entry_id, fields in entries if fields is not None]
