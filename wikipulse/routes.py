@@ -39,11 +39,11 @@ import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse import keys
-from wikipulse.connect import Client, SyncClient, pack, raw_connection
+from wikipulse.connect import Client, SyncClient, pack, raw_connection, refresh
 from wikipulse.events import CANARY_DOMAIN, Accepted, is_valid_domain, validate
 from wikipulse.fold import MAX_NAMESPACE, observe, summarize
 from wikipulse.lease import Lease, LeaseLost, new_token
-from wikipulse.retry import REDIS_ERRORS, Backoff, RedisFull, drop, is_full, pause_before_retry
+from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, drop, is_full, pause_before_retry
 from wikipulse.router import ShardWriter
 from wikipulse.settings import Settings, SettingsError
 from wikipulse.streams import Entry
@@ -301,6 +301,7 @@ class RouteCopier:
         self.lease = Lease(client, keys.ROUTES_LEASE, settings.lease_ttl, self.token)
         self.routes: dict[str, Live] = {}
         self.backoff = Backoff(settings.backoff_cap)
+        self.outage = Outage(logger, "routes")
         self.totals: Counter[str] = Counter()
         self._polled = -1e9
         self._group = False  # whether the group is known to exist
@@ -320,9 +321,10 @@ class RouteCopier:
                     await self._copy()
                 except REDIS_ERRORS as exc:
                     delay = self.backoff.next_delay()
-                    logger.warning("routes: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    self.outage.failed(exc, delay)
                     await self._forget()
                     await pause_before_retry(delay)
+                    await refresh(self.client)  # on a cluster, a slot may have moved: the writers reconnect to its node
                 except LeaseLost as exc:
                     logger.error("routes: %s; the copier wrote nothing since, and waits for its leases again", exc)
                     await _end(keeper)
@@ -383,6 +385,7 @@ class RouteCopier:
                 await self.copy(candidates, ack=False, trimmed=int(trimmed))
                 acked_to = seen
                 self.backoff.reset()
+                self.outage.over()
                 if cursor == ">" and n < count:
                     await asyncio.sleep(GATHER)  # let a batch gather: each costs round trips a route, whatever its size
         finally:
