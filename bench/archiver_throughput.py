@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 from bench.common import redis_server
 from wikipulse import keys
 from wikipulse.archiver import Archiver
-from wikipulse.fold import summary_of
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
+from wikipulse.summary import summary_of
 
 
 async def archive_stream(settings: Settings, lines: list[bytes]) -> float:

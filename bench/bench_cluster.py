@@ -29,10 +29,10 @@ import redis.cluster
 from bench.common import report, write_events
 from wikipulse import keys
 from wikipulse.connect import open_client
-from wikipulse.fold import summary_of
 from wikipulse.redis_server import LocalCluster, RedisServer, cluster_binary
 from wikipulse.router import Router
 from wikipulse.settings import Settings
+from wikipulse.summary import summary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

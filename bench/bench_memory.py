@@ -35,13 +35,14 @@ import redis.asyncio as aioredis
 
 from bench.common import redis_server
 from wikipulse import keys
-from wikipulse.fold import fold, summary_of
+from wikipulse.fold import fold
 from wikipulse.ingest import Batch, BatchWriter
 from wikipulse.lease import Lease
 from wikipulse.series import SeriesWriter
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
 from wikipulse.subscriber import Subscriber
+from wikipulse.summary import summary_of
 from wikipulse.trending import TrendIncrements
 
 BATCH = 5000

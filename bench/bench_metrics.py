@@ -21,11 +21,11 @@ from prometheus_client import generate_latest
 
 from bench.common import redis_server
 from wikipulse import keys
-from wikipulse.fold import summary_of
 from wikipulse.operations import read_scrape, registry_for
 from wikipulse.push import NoticeHub
 from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
+from wikipulse.summary import summary_of
 
 
 def measure(client: redis.Redis, settings: Settings, scrapes: int) -> tuple[float, float, float]:

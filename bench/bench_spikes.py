@@ -29,10 +29,10 @@ import redis
 
 from wikipulse import keys
 from wikipulse.eventstreams import PATH
-from wikipulse.fold import summary_of
 from wikipulse.redis_server import RedisServer, free_port
 from wikipulse.simulate import Simulator, Spike
 from wikipulse.spikes import judge
+from wikipulse.summary import summary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

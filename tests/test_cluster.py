@@ -28,11 +28,12 @@ from tests.test_subscriber import LONG, load_stream, stored_counts
 from wikipulse import keys, query
 from wikipulse.connect import open_client, open_sync_client
 from wikipulse.dashboard import read_snapshot
+from wikipulse.errors import OperatorError
 from wikipulse.lease import LeaseLost
 from wikipulse.publisher import Publisher
 from wikipulse.redis_server import LocalCluster
 from wikipulse.router import Router
-from wikipulse.settings import OperatorError, Settings
+from wikipulse.settings import Settings
 from wikipulse.status import read_status
 from wikipulse.subscriber import Subscriber, run_subscriber
 from wikipulse.view import Selection, trimmed_notice

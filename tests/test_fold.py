@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import assert_same, calibrated_lines
 from wikipulse import keys
-from wikipulse.fold import FUTURE_TOLERANCE, fold, observe, parse_summary, summarize
+from wikipulse.fold import FUTURE_TOLERANCE, fold
 from wikipulse.settings import Settings
+from wikipulse.summary import observe, parse_summary, summarize
 
 RETENTION = Settings.from_args(environ={}).retention_seconds()
 

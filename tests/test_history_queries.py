@@ -227,8 +227,8 @@ def test_the_queries_answer_exactly_what_the_events_say(archive: Any, domains: t
 
 
 def test_the_page_says_plainly_when_no_archive_runs_and_refuses_a_bad_address() -> None:
+    from wikipulse.archive_reader import ArchiveNotRunning
     from wikipulse.history_page import load, show
-    from wikipulse.query import ArchiveNotRunning
 
     def nothing(sql: str) -> list[dict[str, Any]]:
         raise ArchiveNotRunning("no archiver answers on 127.0.0.1:8124 (ARCHIVE_PORT) and no CLICKHOUSE_URL is set")

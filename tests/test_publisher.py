@@ -26,11 +26,11 @@ from tests.helpers import (
 )
 from wikipulse import keys
 from wikipulse.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
-from wikipulse.fold import summary_of
 from wikipulse.publisher import Publisher, parse_retry_after
 from wikipulse.redis_server import RedisServer
 from wikipulse.retry import backoff_delay
 from wikipulse.settings import Settings
+from wikipulse.summary import summary_of
 
 EXPECTED = non_canary_ids(calibrated_lines())
 

@@ -30,12 +30,13 @@ from tests.helpers import (
     xlen_at_least,
 )
 from wikipulse import keys
+from wikipulse.errors import OperatorError
 from wikipulse.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
 from wikipulse.policy import check_redis
 from wikipulse.publisher import Publisher
 from wikipulse.redis_server import RedisServer
 from wikipulse.retry import Backoff
-from wikipulse.settings import OperatorError, Settings
+from wikipulse.settings import Settings
 from wikipulse.simulate import Simulator
 from wikipulse.subscriber import Subscriber
 

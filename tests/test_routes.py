@@ -31,15 +31,16 @@ from tests.test_cluster import cluster, cluster_client, cluster_settings  # noqa
 from tests.test_subscriber import load_stream
 from wikipulse import keys
 from wikipulse.cli import main
+from wikipulse.errors import SettingsError
 from wikipulse.eventstreams import PATH
-from wikipulse.fold import summary_of
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.operations import families, read_scrape
 from wikipulse.query import stats
 from wikipulse.redis_server import RedisServer, find_binary, free_port
 from wikipulse.router import ShardWriter
 from wikipulse.routes import Live, RouteCopier, add_route, parse_where
-from wikipulse.settings import Settings, SettingsError
+from wikipulse.settings import Settings
+from wikipulse.summary import summary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_TYPES = {"edit", "new", "log", "categorize"}

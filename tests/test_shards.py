@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 
 from wikipulse import keys
 from wikipulse.connect import open_client
+from wikipulse.errors import OperatorError
 from wikipulse.redis_server import LocalCluster, RedisServer, free_port
-from wikipulse.settings import OperatorError, Settings
+from wikipulse.settings import Settings
 from wikipulse.shards import change_shards, check_shards, is_fold_key, is_lease
 from wikipulse.status import read_status
 

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from wikipulse.cli import build_parser, make_simulator
+from wikipulse.errors import SettingsError
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.eventstreams import PATH, SimulatedSource, event_id
 from wikipulse.redis_server import free_port
-from wikipulse.settings import SettingsError
 from wikipulse.simulate import Simulator, Spike
 
 

@@ -25,7 +25,6 @@ from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
 from wikipulse import keys
 from wikipulse.connect import open_client
-from wikipulse.fold import summary_of
 from wikipulse.ingest import Batch, BatchWriter, Written
 from wikipulse.lease import Lease
 from wikipulse.publisher import Publisher
@@ -37,6 +36,7 @@ from wikipulse.simulate import Simulator
 from wikipulse.status import read_status
 from wikipulse.streams import Entry
 from wikipulse.subscriber import Subscriber
+from wikipulse.summary import summary_of
 
 STREAM = "wiki:events"
 SUB, ARCH = "wikipulse", "archiver"  # the default groups of the subscriber and the archiver
@@ -353,7 +353,7 @@ async def _folded_everywhere(client: Any, layout: keys.Layout, n: int) -> bool:
 
 
 def test_the_settings_refuse_an_unknown_role_and_an_empty_window() -> None:
-    from wikipulse.settings import SettingsError
+    from wikipulse.errors import SettingsError
     from wikipulse.trimming import declared_groups
 
     with pytest.raises(SettingsError, match="unknown 'indexer'"):

@@ -23,7 +23,8 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from wikipulse.settings import OperatorError, Settings, SettingsError, archive_retention_days
+from wikipulse.errors import OperatorError, SettingsError
+from wikipulse.settings import Settings, archive_retention_days
 
 logger = logging.getLogger(__name__)
 

@@ -31,11 +31,12 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.archive import TABLE, Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
 from wikipulse.connect import Client, NodeConnection, open_client, refresh
+from wikipulse.errors import OperatorError, SettingsError
 from wikipulse.events import Accepted, Canary, validate
 from wikipulse.lease import Lease
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry, stop_if_cancelled
-from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.settings import Settings, redact_url
 from wikipulse.streams import Entry, StreamReader
 from wikipulse.trimming import declared_groups, ensure_group
 

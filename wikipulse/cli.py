@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.errors import OperatorError, SettingsError
+from wikipulse.settings import Settings, redact_url
 
 if TYPE_CHECKING:
     from wikipulse.simulate import Simulator
@@ -156,7 +157,7 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import archive_query
+    from wikipulse.archive_reader import archive_query
 
     sys.stdout.buffer.write(archive_query(settings, args.statement))
     return 0

@@ -25,9 +25,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, NoScriptError, ResponseError
 
+from wikipulse.errors import OperatorError
 from wikipulse.keys import Layout
 from wikipulse.retry import REDIS_ERRORS, ReplicaBehind, drop
-from wikipulse.settings import OperatorError, Settings, redact_url
+from wikipulse.settings import Settings, redact_url
 
 # Either client: both have the commands, pipelines and scripts wikipulse uses.
 Client: TypeAlias = aioredis.Redis | RedisCluster

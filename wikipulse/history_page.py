@@ -22,6 +22,8 @@ from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 from starlette.routing import Route
 
+from wikipulse.archive_reader import ArchiveNotRunning, archive_query
+from wikipulse.errors import OperatorError, SettingsError
 from wikipulse.events import is_valid_domain
 from wikipulse.history_queries import (
     BY_LABELS,
@@ -44,8 +46,7 @@ from wikipulse.history_queries import (
     total_of,
     total_sql,
 )
-from wikipulse.query import ArchiveNotRunning, archive_query
-from wikipulse.settings import OperatorError, Settings, SettingsError
+from wikipulse.settings import Settings
 from wikipulse.trending import links
 
 logger = logging.getLogger(__name__)

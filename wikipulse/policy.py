@@ -12,8 +12,9 @@ import logging
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from wikipulse.errors import OperatorError
 from wikipulse.retry import REDIS_ERRORS, Backoff, pause_before_retry
-from wikipulse.settings import OperatorError, Settings, redact_url
+from wikipulse.settings import Settings, redact_url
 from wikipulse.shards import check_shards
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.connect import Client, open_client
 from wikipulse.events import Accepted, Canary, Reject, Rejected, validate
-from wikipulse.fold import summary_of
 from wikipulse.ingest import Batch, BatchWriter, RedisDown, WritesLost
 from wikipulse.lease import Lease, LeaseLost
 from wikipulse.policy import check_redis
@@ -31,6 +30,7 @@ from wikipulse.router import Router
 from wikipulse.routes import RouteCopier
 from wikipulse.settings import Settings
 from wikipulse.sse import ServerSentEvent, SSEDecoder
+from wikipulse.summary import summary_of
 
 logger = logging.getLogger(__name__)
 

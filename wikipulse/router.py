@@ -29,11 +29,11 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.connect import Client, NodeConnection, ReplicaWait, pack, refresh
 from wikipulse.events import Accepted, validate
-from wikipulse.fold import parse_summary
 from wikipulse.lease import Lease, LeaseLost, fenced_error, new_token
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry
 from wikipulse.settings import Settings
 from wikipulse.streams import Entry, StreamReader
+from wikipulse.summary import parse_summary
 from wikipulse.trimming import CREATE_GROUPS_SCRIPT, TRIM_LUA, declared_groups, ensure_group
 
 logger = logging.getLogger(__name__)

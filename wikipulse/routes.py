@@ -40,13 +40,14 @@ from redis.exceptions import ResponseError
 
 from wikipulse import keys
 from wikipulse.connect import Client, SyncClient, pack, raw_connection, refresh
+from wikipulse.errors import SettingsError
 from wikipulse.events import CANARY_DOMAIN, Accepted, is_valid_domain, validate
-from wikipulse.fold import MAX_NAMESPACE, observe, summarize
 from wikipulse.lease import Lease, LeaseLost, new_token
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, drop, is_full, pause_before_retry
 from wikipulse.router import ShardWriter
-from wikipulse.settings import Settings, SettingsError
+from wikipulse.settings import Settings
 from wikipulse.streams import Entry
+from wikipulse.summary import MAX_NAMESPACE, observe, summarize
 
 logger = logging.getLogger(__name__)
 

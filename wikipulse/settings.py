@@ -13,18 +13,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from wikipulse import __version__
+from wikipulse.errors import SettingsError
 
 LIVE_STREAM_URL = "https://stream.wikimedia.org/v2/stream/recentchange"
 MAX_SHARDS = 1024  # a shard is a slot of 16,384, and a consumer task
-
-
-class SettingsError(ValueError):
-    """A configuration value that cannot be used; the message names it."""
-
-
-class OperatorError(Exception):
-    """A condition the operator must fix (Redis unreachable, an evicting Redis, a missing stream):
-    the command line prints the message as one line and exits 1, without a traceback."""
 
 
 def _opt(env: str, help: str, default: Any, **kw: Any) -> Any:

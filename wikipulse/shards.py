@@ -30,7 +30,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from wikipulse import keys
 from wikipulse.connect import Client, SyncClient
-from wikipulse.settings import OperatorError, Settings, redact_url
+from wikipulse.errors import OperatorError
+from wikipulse.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -25,16 +25,18 @@ from redis.exceptions import ResponseError
 from wikipulse import keys
 from wikipulse.connect import Client, open_client, raw_connection, refresh
 from wikipulse.domains import DomainGate
+from wikipulse.errors import OperatorError
 from wikipulse.events import Accepted, Canary, validate
-from wikipulse.fold import Increments, Observation, expand, observe, parse_summary, tally
+from wikipulse.fold import Increments, expand, tally
 from wikipulse.lease import Lease, LeaseLost, fenced_error
 from wikipulse.pages import PageEdit, page_of, parse_page
 from wikipulse.policy import check_redis
 from wikipulse.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, drop, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.series import SeriesWriter, notice
-from wikipulse.settings import OperatorError, Settings
+from wikipulse.settings import Settings
 from wikipulse.spikes import CHECK_EVERY, SpikeWatch
 from wikipulse.streams import Entry, StreamReader
+from wikipulse.summary import Observation, observe, parse_summary
 from wikipulse.trending import fold_pages
 from wikipulse.trimming import declared_groups, ensure_group
 from wikipulse.webhook import AlertWebhook

@@ -21,10 +21,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from wikipulse.connect import open_client
+from wikipulse.errors import OperatorError, SettingsError
 from wikipulse.eventstreams import PATH
 from wikipulse.redis_server import RedisServer, answers, free_port, is_local
 from wikipulse.retry import backoff_delay
-from wikipulse.settings import OperatorError, Settings, SettingsError, redact_url
+from wikipulse.settings import Settings, redact_url
 from wikipulse.shards import check_shards
 
 logger = logging.getLogger(__name__)
