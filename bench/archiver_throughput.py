@@ -20,11 +20,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.common import redis_server
-from wikipulse import keys
-from wikipulse.archiver import Archiver
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.summary import summary_of
+from wikipulse.archive.archiver import Archiver
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.store import keys
 
 
 async def archive_stream(settings: Settings, lines: list[bytes]) -> float:

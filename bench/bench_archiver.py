@@ -27,7 +27,7 @@ import orjson
 from bench import archive_baseline
 from bench.archiver_throughput import archive_stream
 from bench.common import redis_server
-from wikipulse.archive import (
+from wikipulse.archive.table import (
     _E,
     ALIASES,
     CREATE,
@@ -40,8 +40,8 @@ from wikipulse.archive import (
     connect,
     daily_counts_sql,
 )
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.simulate import Simulator
 
 
 def one_at_a_time(archive: Archive, lines: list[bytes]) -> float:

@@ -27,12 +27,12 @@ import redis
 import redis.cluster
 
 from bench.common import report, write_events
-from wikipulse import keys
-from wikipulse.connect import open_client
-from wikipulse.redis_server import LocalCluster, RedisServer, cluster_binary
-from wikipulse.router import Router
-from wikipulse.settings import Settings
-from wikipulse.summary import summary_of
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.redis_server import LocalCluster, RedisServer, cluster_binary
+from wikipulse.ingest.router import Router
+from wikipulse.store import keys
+from wikipulse.store.connect import open_client
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,13 +30,14 @@ from dash import Patch
 from dash._utils import to_json as dash_to_json
 
 from bench.common import redis_server
-from wikipulse import dashboard, keys
-from wikipulse.dashboard import read_snapshot, refresh_view, render, window_buckets
-from wikipulse.figure_patch import shown_state
-from wikipulse.fold import fold
-from wikipulse.series import SeriesRead, bucket_range
-from wikipulse.settings import Settings
-from wikipulse.view import Selection, Snapshot, fill_gaps
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard import app as dashboard
+from wikipulse.dashboard.app import read_snapshot, refresh_view, render, window_buckets
+from wikipulse.dashboard.figure_patch import shown_state
+from wikipulse.dashboard.view import Selection, Snapshot, fill_gaps
+from wikipulse.fold.fold import fold
+from wikipulse.fold.series import SeriesRead, bucket_range
+from wikipulse.store import keys
 
 DOMAINS = tuple(f"d{i}.wikipedia.org" for i in range(10))
 RUNS = 40

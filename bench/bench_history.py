@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from wikipulse.archive import DATA_TABLE, Archive, connect
-from wikipulse.history_queries import HistorySelection, graph_sql, top_editors_sql, top_pages_sql, total_sql
-from wikipulse.settings import Settings
+from wikipulse.archive.table import DATA_TABLE, Archive, connect
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard.history_queries import HistorySelection, graph_sql, top_editors_sql, top_pages_sql, total_sql
 
 YEAR = 365 * 86400
 START = 1_764_547_200  # 2025-12-01 00:00 UTC

@@ -34,16 +34,16 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.common import redis_server
-from wikipulse import keys
-from wikipulse.fold import fold
-from wikipulse.ingest import Batch, BatchWriter
-from wikipulse.lease import Lease
-from wikipulse.series import SeriesWriter
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.subscriber import Subscriber
-from wikipulse.summary import summary_of
-from wikipulse.trending import TrendIncrements
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.fold.fold import fold
+from wikipulse.fold.series import SeriesWriter
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.fold.trending import TrendIncrements
+from wikipulse.ingest.writer import Batch, BatchWriter
+from wikipulse.store import keys
+from wikipulse.store.lease import Lease
 
 BATCH = 5000
 

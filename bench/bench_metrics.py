@@ -20,12 +20,12 @@ import redis
 from prometheus_client import generate_latest
 
 from bench.common import redis_server
-from wikipulse import keys
-from wikipulse.operations import read_scrape, registry_for
-from wikipulse.push import NoticeHub
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.summary import summary_of
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.dashboard.operations import read_scrape, registry_for
+from wikipulse.dashboard.push import NoticeHub
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.store import keys
 
 
 def measure(client: redis.Redis, settings: Settings, scrapes: int) -> tuple[float, float, float]:

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from aiohttp_sse_client import client as sse_client
 
 from bench.common import redis_server, replay_server, report, write_events
-from wikipulse.publisher import Publisher
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.ingest.publisher import Publisher
 
 
 async def naive(url: str, redis_url: str, n: int) -> float:

@@ -43,9 +43,9 @@ import orjson
 import psutil
 from aiohttp import web
 
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.simulate import Simulator
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.devtools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 OBSERVE = """

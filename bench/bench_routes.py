@@ -27,9 +27,9 @@ import redis
 import redis.asyncio as aioredis
 
 from bench.common import redis_server, replay_server, write_events
-from wikipulse import keys
-from wikipulse.routes import add_route
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.ingest.routes import add_route
+from wikipulse.store import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = {  # three slices of different sizes: a wiki's humans, the page creations and logs, the bots' articles

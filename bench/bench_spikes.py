@@ -27,12 +27,12 @@ from pathlib import Path
 import orjson
 import redis
 
-from wikipulse import keys
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.simulate import Simulator, Spike
-from wikipulse.spikes import judge
-from wikipulse.summary import summary_of
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.devtools.simulate import Simulator, Spike
+from wikipulse.fold.spikes import judge
+from wikipulse.store import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,12 +20,12 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.common import redis_server, report, write_events
-from wikipulse import keys
-from wikipulse.events import Accepted, validate
-from wikipulse.fold import fold
-from wikipulse.settings import Settings
-from wikipulse.subscriber import Subscriber, tune_gc
-from wikipulse.summary import summary_of
+from wikipulse.core.events import Accepted, validate
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.fold.fold import fold
+from wikipulse.fold.subscriber import Subscriber, tune_gc
+from wikipulse.store import keys
 
 # Publishes the file's events at a steady rate (argv[3] events/s), in slices every 10 ms.
 PUBLISH_SCRIPT = """

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import orjson
 
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.simulate import Simulator
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.devtools.simulate import Simulator
 
 
 def write_events(path: Path, count: int, seed: int = 1, start: float | None = None) -> None:

@@ -37,11 +37,11 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from bench.common import write_events
 from tests.test_fold import as_reference, reference_fold
 from tests.trending_reference import reference_trending, stored_trending
-from wikipulse import keys
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import LocalCluster, RedisServer, free_port
-from wikipulse.status import decode_hash
-from wikipulse.trimming import trimmed_unread
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import LocalCluster, RedisServer, free_port
+from wikipulse.store import keys
+from wikipulse.store.status import decode_hash
+from wikipulse.store.trimming import trimmed_unread
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTLE_TIMEOUT = 120.0  # seconds without progress before a scenario gives up

@@ -9,9 +9,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from wikipulse.eventstreams import PATH, EventSource, EventStreamsServer, ServerOptions
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.eventstreams import PATH, EventSource, EventStreamsServer, ServerOptions
+from wikipulse.devtools.redis_server import RedisServer, free_port
 
 # Small real recordings, kept in the repository (source and license in tests/data/README.md).
 # Volume comes from the project's own seeded simulator: tests.helpers.calibrated_lines.

@@ -15,11 +15,11 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from wikipulse.eventstreams import PATH, ReplaySource
-from wikipulse.publisher import Publisher
-from wikipulse.redis_server import free_port
-from wikipulse.settings import Settings
-from wikipulse.simulate import LIVE_RATE, Simulator
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.eventstreams import PATH, ReplaySource
+from wikipulse.devtools.redis_server import free_port
+from wikipulse.devtools.simulate import LIVE_RATE, Simulator
+from wikipulse.ingest.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parents[1]  # where ./dash_app.py is
 
@@ -31,7 +31,7 @@ CORPUS_SEED = 7
 @cache
 def calibrated_lines() -> tuple[bytes, ...]:
     """The tests' volume data: 10,000 events in the real schema with the live feed's measured mix
-    (wikipulse.simulate), the same for every run but for their times, which end about now so that
+    (wikipulse.devtools.simulate), the same for every run but for their times, which end about now so that
     every resolution keeps them; 4 canaries, every 2,500th event, the last one among them."""
     sim = Simulator(seed=CORPUS_SEED, start=time.time() - CORPUS_SIZE / LIVE_RATE, canary_every=CORPUS_SIZE // CORPUS_CANARIES)
     return tuple(orjson.dumps(sim.event(i)) for i in range(CORPUS_SIZE))

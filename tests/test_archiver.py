@@ -21,12 +21,12 @@ import redis.asyncio as aioredis
 
 from tests.helpers import calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_subscriber import load_stream
-from wikipulse import keys
-from wikipulse.archive import Archive, batch_token, connect
-from wikipulse.archiver import Archiver
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
+from wikipulse.archive.archiver import Archiver
+from wikipulse.archive.table import Archive, batch_token, connect
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.store import keys
 
 pytest.importorskip("chdb")
 
@@ -213,7 +213,7 @@ async def test_an_unavailable_clickhouse_holds_the_archiver_back_and_nothing_els
 ) -> None:
     """The embedded directory is held by another process: the archiver waits and acknowledges nothing, the
     subscriber folds on; once ClickHouse can be opened, every event is archived."""
-    from wikipulse.subscriber import Subscriber
+    from wikipulse.fold.subscriber import Subscriber
 
     await asyncio.to_thread(Path(archive_settings.archive_dir).mkdir, parents=True)
     dsn = f"chdb://{archive_settings.archive_dir}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from wikipulse import keys
-from wikipulse.redis_server import RedisServer, free_port
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.store import keys
 
 
 def wikipulse(*args: str, redis_url: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -103,7 +103,8 @@ def test_an_archive_directory_that_is_a_file_is_named_not_blamed_on_redis(tmp_pa
 
 def test_a_slow_archiver_is_named_not_blamed_on_redis(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """An archiver that takes longer than `sql` waits: it was "Redis at redis://…: TimeoutError: timed out"."""
-    from wikipulse import cli, query
+    from wikipulse import cli
+    from wikipulse import queries as query
 
     monkeypatch.setattr(query, "ARCHIVER_TIMEOUT", 0.5)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers

@@ -25,18 +25,19 @@ from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
 from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, load_stream, stored_counts
-from wikipulse import keys, query
-from wikipulse.connect import open_client, open_sync_client
-from wikipulse.dashboard import read_snapshot
-from wikipulse.errors import OperatorError
-from wikipulse.lease import LeaseLost
-from wikipulse.publisher import Publisher
-from wikipulse.redis_server import LocalCluster
-from wikipulse.router import Router
-from wikipulse.settings import Settings
-from wikipulse.status import read_status
-from wikipulse.subscriber import Subscriber, run_subscriber
-from wikipulse.view import Selection, trimmed_notice
+from wikipulse import queries as query
+from wikipulse.core.errors import OperatorError
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard.app import read_snapshot
+from wikipulse.dashboard.view import Selection, trimmed_notice
+from wikipulse.devtools.redis_server import LocalCluster
+from wikipulse.fold.subscriber import Subscriber, run_subscriber
+from wikipulse.ingest.publisher import Publisher
+from wikipulse.ingest.router import Router
+from wikipulse.store import keys
+from wikipulse.store.connect import open_client, open_sync_client
+from wikipulse.store.lease import LeaseLost
+from wikipulse.store.status import read_status
 
 SHARDS = 3
 PAGE_DOMAINS = ("commons.wikimedia.org", "www.wikidata.org", "en.wikipedia.org", "de.wikipedia.org")
@@ -231,8 +232,8 @@ async def test_the_archiver_on_a_cluster_archives_every_event_once(
 ) -> None:
     """Its XACK and its batch list are one MULTI: on a cluster they share the ingest stream's slot."""
     pytest.importorskip("chdb")
-    from wikipulse.archive import Archive, connect
-    from wikipulse.archiver import Archiver
+    from wikipulse.archive.archiver import Archiver
+    from wikipulse.archive.table import Archive, connect
 
     s = dataclasses.replace(cluster_settings, archive_dir=str(tmp_path / "clickhouse"), archive_from_stream=True, archive_batch=3000)
     layout = layout_of(s)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_NAMES = {f.metadata["env"] for f in fields(Settings)}
@@ -75,7 +75,7 @@ def test_dashboard_published_on_loopback_only() -> None:
 def test_the_dashboard_health_check_asks_readyz_which_can_fail() -> None:
     """Any path of the page answers 200 with its HTML: the check must ask the route that answers 503 when the
     dashboard cannot serve (tests/test_operations.py: through a Redis outage)."""
-    from wikipulse.operations import READY_PATH
+    from wikipulse.dashboard.operations import READY_PATH
 
     test = compose()["services"]["dash"]["healthcheck"]["test"]
     assert test[:2] == ["CMD", "python"] and f"http://127.0.0.1:8050{READY_PATH}'" in test[-1]

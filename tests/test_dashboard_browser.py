@@ -21,11 +21,11 @@ import redis
 import redis.asyncio as aioredis
 
 from tests.helpers import start_dashboard
-from wikipulse import keys
-from wikipulse.fold import fold
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.series import SeriesWriter, notice
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.fold.fold import fold
+from wikipulse.fold.series import SeriesWriter, notice
+from wikipulse.store import keys
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

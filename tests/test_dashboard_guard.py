@@ -24,12 +24,12 @@ import pytest
 import redis
 
 from tests.helpers import start_dashboard
-from wikipulse import keys
-from wikipulse.guard import callback_refusal, message_refusal, parse_message
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.series import notice
-from wikipulse.socket_push import PAGE_TIMEOUT, PAGES_PER_SOCKET
-from wikipulse.view_updates import UpdateCache
+from wikipulse.dashboard.guard import callback_refusal, message_refusal, parse_message
+from wikipulse.dashboard.socket_push import PAGE_TIMEOUT, PAGES_PER_SOCKET
+from wikipulse.dashboard.view_updates import UpdateCache
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.fold.series import notice
+from wikipulse.store import keys
 
 MAX_PER_ADDRESS = 10
 MAX_PAGES = 14

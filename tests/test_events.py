@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import ENWIKI
 from tests.helpers import calibrated_lines
-from wikipulse import keys
-from wikipulse.events import Accepted, Canary, Reject, Rejected, event_time, is_valid_domain, validate
+from wikipulse.core.events import Accepted, Canary, Reject, Rejected, event_time, is_valid_domain, validate
+from wikipulse.store import keys
 
 
 @pytest.mark.parametrize(

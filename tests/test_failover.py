@@ -28,14 +28,14 @@ from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, run_publisher_until, stop, stream_ids
 from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
-from wikipulse import keys
-from wikipulse.archiver import run_archiver
-from wikipulse.connect import open_client
-from wikipulse.eventstreams import ServerOptions
-from wikipulse.publisher import run_publisher
-from wikipulse.redis_server import LocalCluster, free_port
-from wikipulse.settings import Settings
-from wikipulse.subscriber import run_subscriber
+from wikipulse.archive.archiver import run_archiver
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.eventstreams import ServerOptions
+from wikipulse.devtools.redis_server import LocalCluster, free_port
+from wikipulse.fold.subscriber import run_subscriber
+from wikipulse.ingest.publisher import run_publisher
+from wikipulse.store import keys
+from wikipulse.store.connect import open_client
 
 pytestmark = [
     pytest.mark.slow,
@@ -191,7 +191,7 @@ class Run:
 
 
 def archive_rows(s: Settings) -> tuple[int, int]:
-    from wikipulse.archive import Archive, connect
+    from wikipulse.archive.table import Archive, connect
 
     archive = Archive(connect(s))
     try:

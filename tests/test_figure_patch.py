@@ -12,11 +12,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from wikipulse import keys
-from wikipulse.figure_patch import figure_patch, plan_patch, shown_state
-from wikipulse.push import NoticeHub
-from wikipulse.redis_server import RedisServer
-from wikipulse.view import Selection, ui_revision, utc_iso
+from wikipulse.dashboard.figure_patch import figure_patch, plan_patch, shown_state
+from wikipulse.dashboard.push import NoticeHub
+from wikipulse.dashboard.view import Selection, ui_revision, utc_iso
+from wikipulse.devtools.redis_server import RedisServer
+from wikipulse.store import keys
 
 STEP = 10
 SEL = Selection(("en.wikipedia.org", "de.wikipedia.org"), "10s", "30m", "type")
@@ -129,7 +129,7 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
 
 
 def test_notices_say_from_which_bucket_they_moved() -> None:
-    from wikipulse.series import notice
+    from wikipulse.fold.series import notice
 
     assert orjson.loads(notice(3, ["b", "a", "a"], 1, 1_800_000_010)) == {
         "folded": 3,

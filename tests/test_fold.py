@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import assert_same, calibrated_lines
-from wikipulse import keys
-from wikipulse.fold import FUTURE_TOLERANCE, fold
-from wikipulse.settings import Settings
-from wikipulse.summary import observe, parse_summary, summarize
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import observe, parse_summary, summarize
+from wikipulse.fold.fold import FUTURE_TOLERANCE, fold
+from wikipulse.store import keys
 
 RETENTION = Settings.from_args(environ={}).retention_seconds()
 

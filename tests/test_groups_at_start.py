@@ -15,10 +15,10 @@ import redis.asyncio as aioredis
 from tests.conftest import ServeFn
 from tests.helpers import calibrated_lines, calibrated_source, non_canary_ids, run_publisher_until
 from tests.test_subscriber import load_stream
-from wikipulse import keys
-from wikipulse.archive import Archive, connect
-from wikipulse.redis_server import free_port
-from wikipulse.settings import Settings
+from wikipulse.archive.table import Archive, connect
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.redis_server import free_port
+from wikipulse.store import keys
 
 pytest.importorskip("chdb")
 

@@ -22,10 +22,10 @@ import redis
 
 from tests.test_dashboard_browser import HOSTILE, _callback_request, _post, browser, no_page_outlives_its_test
 from tests.test_history_queries import DEC_1, NOV_1, crafted_events, expected_rows, expected_top
-from wikipulse import keys
-from wikipulse.history_queries import HistorySelection
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard.history_queries import HistorySelection
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.store import keys
 
 pytest.importorskip("chdb")
 pytestmark = pytest.mark.browser

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from wikipulse.history_queries import (
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard.history_queries import (
     MAX_BUCKETS,
     MONTH,
     HistoryError,
@@ -33,7 +34,6 @@ from wikipulse.history_queries import (
     total_sql,
     where,
 )
-from wikipulse.settings import Settings
 
 TODAY = date(2026, 12, 1)
 NOV_1, DEC_1 = 1_793_491_200, 1_796_083_200  # 2026-11-01 and 2026-12-01, 00:00 UTC
@@ -179,7 +179,7 @@ def expected_top(events: list[dict[str, Any]], field: str) -> list[tuple[str, st
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Any]:
     pytest.importorskip("chdb")
-    from wikipulse.archive import Archive, batch_token, connect
+    from wikipulse.archive.table import Archive, batch_token, connect
 
     s = Settings.from_args(environ={}, archive_dir=str(tmp_path / "clickhouse"))
     opened = Archive(connect(s))
@@ -227,8 +227,8 @@ def test_the_queries_answer_exactly_what_the_events_say(archive: Any, domains: t
 
 
 def test_the_page_says_plainly_when_no_archive_runs_and_refuses_a_bad_address() -> None:
-    from wikipulse.archive_reader import ArchiveNotRunning
-    from wikipulse.history_page import load, show
+    from wikipulse.archive.reader import ArchiveNotRunning
+    from wikipulse.dashboard.history_page import load, show
 
     def nothing(sql: str) -> list[dict[str, Any]]:
         raise ArchiveNotRunning("no archiver answers on 127.0.0.1:8124 (ARCHIVE_PORT) and no CLICKHOUSE_URL is set")
@@ -246,7 +246,7 @@ def test_the_page_says_plainly_when_no_archive_runs_and_refuses_a_bad_address() 
 
 
 def test_hostile_rows_from_the_archive_become_text_and_quoted_links() -> None:
-    from wikipulse.history_page import editor_rows, page_rows
+    from wikipulse.dashboard.history_page import editor_rows, page_rows
 
     rows = page_rows([{"site": "en.wikipedia.org", "page": "<script>x</script> & é", "edits": 3, "created": 1, "by_bots": 0},
                       {"site": "evil.example/x?", "page": "T", "edits": 1, "created": 0, "by_bots": 0}])  # fmt: skip

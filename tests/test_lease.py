@@ -9,7 +9,7 @@ import sys
 
 import redis.asyncio as aioredis
 
-from wikipulse.lease import Lease, died_here
+from wikipulse.store.lease import Lease, died_here
 
 
 def dead_pid() -> int:

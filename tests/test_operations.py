@@ -30,14 +30,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import helpers
 from tests.conftest import ServeFn
 from tests.helpers import calibrated_lines, run_publisher_until, stop, wait_for
-from wikipulse import keys, operations
-from wikipulse.eventstreams import ReplaySource, ServerOptions
-from wikipulse.operations import readiness, registry_for
-from wikipulse.publisher import Publisher
-from wikipulse.push import NoticeHub
-from wikipulse.redis_server import RedisServer, free_port
-from wikipulse.settings import Settings
-from wikipulse.subscriber import Subscriber
+from wikipulse.core.settings import Settings
+from wikipulse.dashboard import operations
+from wikipulse.dashboard.operations import readiness, registry_for
+from wikipulse.dashboard.push import NoticeHub
+from wikipulse.devtools.eventstreams import ReplaySource, ServerOptions
+from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.ingest.publisher import Publisher
+from wikipulse.store import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -124,7 +125,7 @@ def pipeline_feed() -> list[bytes]:
 async def test_one_scrape_sees_the_whole_pipeline_exactly(ops_redis: RedisServer, ops_dash: str, eventstreams: ServeFn,
                                                           tmp_path: Path) -> None:  # fmt: skip
     pytest.importorskip("chdb")
-    from wikipulse.archiver import Archiver
+    from wikipulse.archive.archiver import Archiver
 
     lines = pipeline_feed()
     events = [orjson.loads(line) for line in calibrated_lines()[:3000]]
@@ -335,7 +336,7 @@ async def test_an_unreachable_feed_is_said_once_with_the_way_to_run_offline(
         return int(await client.hget(keys.PUBLISHER_STATS, "reconnects") or 0) >= 8
 
     await run_publisher_until(s, retried, timeout=30)
-    said = [r.getMessage() for r in caplog.records if r.name == "wikipulse.publisher" and r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in caplog.records if r.name == "wikipulse.ingest.publisher" and r.levelno >= logging.WARNING]
     assert len(said) == 1, said
     assert "cannot be reached" in said[0] and "python -m wikipulse up --simulate" in said[0] and s.stream_url in said[0]
     assert sum("still unreachable" in r.getMessage() for r in caplog.records) >= 7  # the retries: at debug level only
@@ -346,7 +347,7 @@ def test_the_scrape_on_a_redis_cluster_reads_every_master(tmp_path: Path) -> Non
     so the groups' lag is Redis's own)."""
     import redis.cluster
 
-    from wikipulse.redis_server import LocalCluster
+    from wikipulse.devtools.redis_server import LocalCluster
 
     with LocalCluster(tmp_path / "cluster", masters=3) as cluster:
         client = redis.cluster.RedisCluster.from_url(cluster.url)

@@ -24,13 +24,13 @@ from tests.helpers import (
     stream_ids,
     xlen_at_least,
 )
-from wikipulse import keys
-from wikipulse.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
-from wikipulse.publisher import Publisher, parse_retry_after
-from wikipulse.redis_server import RedisServer
-from wikipulse.retry import backoff_delay
-from wikipulse.settings import Settings
-from wikipulse.summary import summary_of
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
+from wikipulse.devtools.redis_server import RedisServer
+from wikipulse.ingest.publisher import Publisher, parse_retry_after
+from wikipulse.store import keys
+from wikipulse.store.retry import backoff_delay
 
 EXPECTED = non_canary_ids(calibrated_lines())
 

@@ -29,16 +29,16 @@ from tests.helpers import (
     wait_for,
     xlen_at_least,
 )
-from wikipulse import keys
-from wikipulse.errors import OperatorError
-from wikipulse.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
-from wikipulse.policy import check_redis
-from wikipulse.publisher import Publisher
-from wikipulse.redis_server import RedisServer
-from wikipulse.retry import Backoff
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.subscriber import Subscriber
+from wikipulse.core.errors import OperatorError
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
+from wikipulse.devtools.redis_server import RedisServer
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.ingest.publisher import Publisher
+from wikipulse.store import keys
+from wikipulse.store.policy import check_redis
+from wikipulse.store.retry import Backoff
 
 EXPECTED = non_canary_ids(calibrated_lines())
 
@@ -268,7 +268,7 @@ async def _folded(client: aioredis.Redis, n: int) -> bool:
 
 
 async def read_status_of(settings: Settings) -> dict[str, Any]:
-    from wikipulse.query import stats
+    from wikipulse.queries import stats
 
     return await stats(settings)
 

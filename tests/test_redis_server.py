@@ -8,7 +8,7 @@ import psutil
 import pytest
 import redis
 
-from wikipulse.redis_server import RedisServer, find_binary
+from wikipulse.devtools.redis_server import RedisServer, find_binary
 
 
 def test_embedded_redis_listens_on_loopback_only_with_protected_mode_and_aof(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Routes (wikipulse/routes.py): named slices of the feed, each a stream and a channel, against a real Redis.
+"""Routes (wikipulse/ingest/routes.py): named slices of the feed, each a stream and a channel, against a real Redis.
 
 The end-to-end test runs the real processes (a local EventStreams server, publisher.py with its copier) and kills the
 copier's process with SIGKILL while it copies; each route's stream is then compared with a reference slice of the
@@ -29,18 +29,18 @@ from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
 from tests.test_cluster import cluster, cluster_client, cluster_settings  # noqa: F401 (fixtures)
 from tests.test_subscriber import load_stream
-from wikipulse import keys
 from wikipulse.cli import main
-from wikipulse.errors import SettingsError
-from wikipulse.eventstreams import PATH
-from wikipulse.lease import Lease, LeaseLost
-from wikipulse.operations import families, read_scrape
-from wikipulse.query import stats
-from wikipulse.redis_server import RedisServer, find_binary, free_port
-from wikipulse.router import ShardWriter
-from wikipulse.routes import Live, RouteCopier, add_route, parse_where
-from wikipulse.settings import Settings
-from wikipulse.summary import summary_of
+from wikipulse.core.errors import SettingsError
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.dashboard.operations import families, read_scrape
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, find_binary, free_port
+from wikipulse.ingest.router import ShardWriter
+from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
+from wikipulse.queries import stats
+from wikipulse.store import keys
+from wikipulse.store.lease import Lease, LeaseLost
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_TYPES = {"edit", "new", "log", "categorize"}
@@ -240,7 +240,7 @@ async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_
 # ---- the channel -----------------------------------------------------------------------------------------------------
 async def test_subscribe_hears_only_its_slice(redis_client: aioredis.Redis, settings: Settings, eventstreams: ServeFn) -> None:
     """A real client and redis-cli subscribe to a route's channel while the publisher's process copies."""
-    from wikipulse.publisher import run_publisher
+    from wikipulse.ingest.publisher import run_publisher
 
     await add_route(redis_client, settings, "creations", CREATION_ARGS[1::2], from_stream=False)
     await add_route(redis_client, settings, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=False)

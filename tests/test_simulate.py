@@ -13,11 +13,11 @@ import orjson
 import pytest
 
 from wikipulse.cli import build_parser, make_simulator
-from wikipulse.errors import SettingsError
-from wikipulse.events import Accepted, Canary, validate
-from wikipulse.eventstreams import PATH, SimulatedSource, event_id
-from wikipulse.redis_server import free_port
-from wikipulse.simulate import Simulator, Spike
+from wikipulse.core.errors import SettingsError
+from wikipulse.core.events import Accepted, Canary, validate
+from wikipulse.devtools.eventstreams import PATH, SimulatedSource, event_id
+from wikipulse.devtools.redis_server import free_port
+from wikipulse.devtools.simulate import Simulator, Spike
 
 
 def test_same_seed_same_events() -> None:

@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.test_subscriber import load_stream, run_subscriber
-from wikipulse import keys
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator, Spike
-from wikipulse.spikes import FACTOR, MIN_VOLUME, SpikeWatch, is_spike, judge, read_alerts
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.simulate import Simulator, Spike
+from wikipulse.fold.spikes import FACTOR, MIN_VOLUME, SpikeWatch, is_spike, judge, read_alerts
+from wikipulse.store import keys
 
 STEADY = [100, 96, 110, 104, 99, 92, 101, 108, 95, 103, 97, 100]
 
@@ -91,7 +91,7 @@ async def test_the_usual_mix_raises_none(redis_client: aioredis.Redis, settings:
 
 async def test_the_subscriber_process_watches_its_shards(redis_client: aioredis.Redis, settings: Settings) -> None:
     """The watch runs inside `subscribe`, and judges only once the subscriber has caught up."""
-    from wikipulse.subscriber import watch_spikes
+    from wikipulse.fold.subscriber import watch_spikes
 
     now = time.time()
     at = (int(now) // 60 - 5) * 60  # within the watch's first look back

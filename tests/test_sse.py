@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import CAPTURE
-from wikipulse.sse import ServerSentEvent, SSEDecoder
+from wikipulse.ingest.sse import ServerSentEvent, SSEDecoder
 
 
 def decode(*chunks: bytes, max_bytes: int = 1 << 20) -> list[ServerSentEvent]:

@@ -19,10 +19,11 @@ import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_fold import as_reference, reference_fold
-from wikipulse import keys, query
-from wikipulse.settings import Settings
-from wikipulse.subscriber import Subscriber
-from wikipulse.summary import summary_of
+from wikipulse import queries as query
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.store import keys
 
 LONG = "10s=400d,1m=400d,1h=400d"  # keep every resolution, however long a test runs
 

@@ -15,10 +15,10 @@ import redis.asyncio as aioredis
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, events, folded_at_least, load_stream, stat, stored_counts
-from wikipulse import keys
-from wikipulse.lease import LeaseLost
-from wikipulse.settings import Settings
-from wikipulse.subscriber import Subscriber
+from wikipulse.core.settings import Settings
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.store import keys
+from wikipulse.store.lease import LeaseLost
 
 
 async def test_two_subscribers_on_one_host_get_names_of_their_own(redis_client: aioredis.Redis, settings: Settings) -> None:

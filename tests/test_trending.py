@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 
 from tests.test_subscriber import load_stream, run_subscriber
 from tests.trending_reference import reference_trending, stored_trending
-from wikipulse import keys
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.trending import TrendingQuery, read_new_pages, read_trending
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.fold.trending import TrendingQuery, read_new_pages, read_trending
+from wikipulse.store import keys
 
 NOW = int(time.time())
 

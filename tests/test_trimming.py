@@ -23,20 +23,20 @@ from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
 from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
-from wikipulse import keys
-from wikipulse.connect import open_client
-from wikipulse.ingest import Batch, BatchWriter, Written
-from wikipulse.lease import Lease
-from wikipulse.publisher import Publisher
-from wikipulse.query import stats
-from wikipulse.redis_server import LocalCluster, RedisServer
-from wikipulse.router import Router
-from wikipulse.settings import Settings
-from wikipulse.simulate import Simulator
-from wikipulse.status import read_status
-from wikipulse.streams import Entry
-from wikipulse.subscriber import Subscriber
-from wikipulse.summary import summary_of
+from wikipulse.core.settings import Settings
+from wikipulse.core.summary import summary_of
+from wikipulse.devtools.redis_server import LocalCluster, RedisServer
+from wikipulse.devtools.simulate import Simulator
+from wikipulse.fold.subscriber import Subscriber
+from wikipulse.ingest.publisher import Publisher
+from wikipulse.ingest.router import Router
+from wikipulse.ingest.writer import Batch, BatchWriter, Written
+from wikipulse.queries import stats
+from wikipulse.store import keys
+from wikipulse.store.connect import open_client
+from wikipulse.store.lease import Lease
+from wikipulse.store.status import read_status
+from wikipulse.store.streams import Entry
 
 STREAM = "wiki:events"
 SUB, ARCH = "wikipulse", "archiver"  # the default groups of the subscriber and the archiver
@@ -353,8 +353,8 @@ async def _folded_everywhere(client: Any, layout: keys.Layout, n: int) -> bool:
 
 
 def test_the_settings_refuse_an_unknown_role_and_an_empty_window() -> None:
-    from wikipulse.errors import SettingsError
-    from wikipulse.trimming import declared_groups
+    from wikipulse.core.errors import SettingsError
+    from wikipulse.store.trimming import declared_groups
 
     with pytest.raises(SettingsError, match="unknown 'indexer'"):
         Settings.from_args(environ={}, stream_consumers="subscriber,indexer")

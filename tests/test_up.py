@@ -14,7 +14,7 @@ import orjson
 import psutil
 import redis
 
-from wikipulse.redis_server import free_port
+from wikipulse.devtools.redis_server import free_port
 
 
 def test_up_simulate_reaches_the_counters_and_stops_cleanly(tmp_path: Path) -> None:

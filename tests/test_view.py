@@ -5,11 +5,9 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
-from wikipulse import keys
-from wikipulse.dashboard import render
-from wikipulse.lists_view import ListFilter, alert_marks, clean_filter, trending_rows
-from wikipulse.trending import Trend, links
-from wikipulse.view import (
+from wikipulse.dashboard.app import render
+from wikipulse.dashboard.lists_view import ListFilter, alert_marks, clean_filter, trending_rows
+from wikipulse.dashboard.view import (
     Selection,
     SelectionError,
     Snapshot,
@@ -29,6 +27,8 @@ from wikipulse.view import (
     utc_iso,
     zoomed_ranges,
 )
+from wikipulse.fold.trending import Trend, links
+from wikipulse.store import keys
 
 NOW = 1_700_000_005.0
 BUCKETS = [1_699_999_970, 1_699_999_980, 1_699_999_990, 1_700_000_000]

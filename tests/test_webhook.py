@@ -16,13 +16,14 @@ from aiohttp import web
 
 from tests.helpers import calibrated_lines, stop, wait_for
 from tests.test_subscriber import load_stream
-from wikipulse import keys, webhook
-from wikipulse.errors import SettingsError
-from wikipulse.redis_server import free_port
-from wikipulse.settings import Settings
-from wikipulse.spikes import Spike, SpikeWatch
-from wikipulse.subscriber import run_subscriber
-from wikipulse.webhook import AlertWebhook, body_of, describe
+from wikipulse.core.errors import SettingsError
+from wikipulse.core.settings import Settings
+from wikipulse.devtools.redis_server import free_port
+from wikipulse.fold import webhook
+from wikipulse.fold.spikes import Spike, SpikeWatch
+from wikipulse.fold.subscriber import run_subscriber
+from wikipulse.fold.webhook import AlertWebhook, body_of, describe
+from wikipulse.store import keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import redis
 
-from wikipulse import keys
+from wikipulse.store import keys
 
 Contents = dict[str, Any]  # key -> {member: score} | {editor field: bytes} | [new page, newest first]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from wikipulse.errors import OperatorError, SettingsError
-from wikipulse.settings import Settings, redact_url
+from wikipulse.core.errors import OperatorError, SettingsError
+from wikipulse.core.settings import Settings, redact_url
 
 if TYPE_CHECKING:
-    from wikipulse.simulate import Simulator
+    from wikipulse.devtools.simulate import Simulator
 
 logger = logging.getLogger("wikipulse")
 
@@ -61,7 +61,7 @@ def run_until_signal(main: Callable[[], Awaitable[Any]]) -> int:
 
 
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.publisher import run_publisher
+    from wikipulse.ingest.publisher import run_publisher
 
     logger.info(
         "publisher: %s -> %s (channel %r, stream %r)",
@@ -74,14 +74,14 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.subscriber import run_subscriber
+    from wikipulse.fold.subscriber import run_subscriber
 
     logger.info("subscriber: %s (%s)", redact_url(settings.redis_url), settings.source)
     return run_until_signal(lambda: run_subscriber(settings))
 
 
 def cmd_dash(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.dashboard import serve
+    from wikipulse.dashboard.app import serve
 
     serve(settings)
     return 0
@@ -95,13 +95,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _server_options(args: argparse.Namespace) -> Any:
-    from wikipulse.eventstreams import ServerOptions
+    from wikipulse.devtools.eventstreams import ServerOptions
 
     return ServerOptions(rate=args.rate, drop_every=args.drop_every, overlap=args.overlap, malformed_every=args.malformed_every)
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.eventstreams import ReplaySource, serve
+    from wikipulse.devtools.eventstreams import ReplaySource, serve
 
     source = ReplaySource.from_file(args.file)
     return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
@@ -110,7 +110,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def make_simulator(args: argparse.Namespace) -> Simulator:
     """Events stamped at the rate they are served, so event time keeps pace with the clock
     (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
-    from wikipulse.simulate import FEED_LAG, LIVE_RATE, Simulator, Spike
+    from wikipulse.devtools.simulate import FEED_LAG, LIVE_RATE, Simulator, Spike
 
     rate = args.rate if args.rate > 0 else LIVE_RATE
     start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else FEED_LAG)
@@ -124,7 +124,7 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.eventstreams import SimulatedSource, serve
+    from wikipulse.devtools.eventstreams import SimulatedSource, serve
 
     count = args.count
     sim = make_simulator(args)
@@ -141,7 +141,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import counts
+    from wikipulse.queries import counts
 
     result = asyncio.run(counts(settings, args.domain, args.resolution, args.since, args.until, args.by))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
@@ -149,7 +149,7 @@ def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.archiver import run_archiver
+    from wikipulse.archive.archiver import run_archiver
 
     archive = redact_url(settings.clickhouse_url) or settings.archive_dir
     logger.info("archiver: %s -> %s", redact_url(settings.redis_url), archive)
@@ -157,28 +157,28 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.archive_reader import archive_query
+    from wikipulse.archive.reader import archive_query
 
     sys.stdout.buffer.write(archive_query(settings, args.statement))
     return 0
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import history
+    from wikipulse.queries import history
 
     sys.stdout.buffer.write(history(settings, args.domain, args.since, args.until))
     return 0
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import stats
+    from wikipulse.queries import stats
 
     sys.stdout.write(orjson.dumps(asyncio.run(stats(settings)), option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 
 def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import trending
+    from wikipulse.queries import trending
 
     who = "humans" if args.humans else "bots" if args.bots else "all"
     result = asyncio.run(trending(settings, args.domain, args.minutes, args.limit, who, args.namespace))
@@ -187,7 +187,7 @@ def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.query import new_pages
+    from wikipulse.queries import new_pages
 
     result = asyncio.run(new_pages(settings, args.domain, args.limit, args.humans, args.namespace))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -195,9 +195,9 @@ def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse import keys
-    from wikipulse.connect import open_client
-    from wikipulse.shards import change_shards
+    from wikipulse.store import keys
+    from wikipulse.store.connect import open_client
+    from wikipulse.store.shards import change_shards
 
     async def run() -> dict[str, Any]:
         client, layout = await open_client(settings)
@@ -214,7 +214,7 @@ def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_route(settings: Settings, args: argparse.Namespace) -> int:
-    from wikipulse.routes import route_command
+    from wikipulse.ingest.routes import route_command
 
     result = asyncio.run(route_command(settings, args.route_command, args.name, args.where, args.from_stream))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -20,13 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from wikipulse.connect import open_client
-from wikipulse.errors import OperatorError, SettingsError
-from wikipulse.eventstreams import PATH
-from wikipulse.redis_server import RedisServer, answers, free_port, is_local
-from wikipulse.retry import backoff_delay
-from wikipulse.settings import Settings, redact_url
-from wikipulse.shards import check_shards
+from wikipulse.core.errors import OperatorError, SettingsError
+from wikipulse.core.settings import Settings, redact_url
+from wikipulse.devtools.eventstreams import PATH
+from wikipulse.devtools.redis_server import RedisServer, answers, free_port, is_local
+from wikipulse.store.connect import open_client
+from wikipulse.store.retry import backoff_delay
+from wikipulse.store.shards import check_shards
 
 logger = logging.getLogger(__name__)
 

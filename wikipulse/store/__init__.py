@@ -1,0 +1,1 @@
+"""Redis: connecting (one server or a cluster), retrying, leases, the keys, the streams and their bounds."""
