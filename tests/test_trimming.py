@@ -21,11 +21,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
-from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer
+from wikipulse.devtools.reference import reference_fold
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.ingest.publisher import Publisher
