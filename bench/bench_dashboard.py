@@ -35,7 +35,7 @@ from wikipulse.dashboard import app as dashboard
 from wikipulse.dashboard.app import read_snapshot, refresh_view, render, window_buckets
 from wikipulse.dashboard.figure_patch import shown_state
 from wikipulse.dashboard.view import Selection, Snapshot, fill_gaps
-from wikipulse.fold.fold import fold
+from wikipulse.devtools.reference import fold
 from wikipulse.fold.series import SeriesRead, bucket_range
 from wikipulse.store import keys
 

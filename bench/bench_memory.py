@@ -36,8 +36,8 @@ import redis.asyncio as aioredis
 from bench.common import redis_server
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
+from wikipulse.devtools.reference import fold
 from wikipulse.devtools.simulate import Simulator
-from wikipulse.fold.fold import fold
 from wikipulse.fold.series import SeriesWriter
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.fold.trending import TrendIncrements

@@ -23,7 +23,7 @@ from bench.common import redis_server, report, write_events
 from wikipulse.core.events import Accepted, validate
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
-from wikipulse.fold.fold import fold
+from wikipulse.devtools.reference import fold
 from wikipulse.fold.subscriber import Subscriber, tune_gc
 from wikipulse.store import keys
 

@@ -26,12 +26,8 @@ def write_events(path: Path, count: int, seed: int = 1, start: float | None = No
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer]:
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp), appendonly=False).start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), appendonly=False) as server:
+        yield server
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@
 Each scenario writes seeded simulated events to a file, serves them with `python -m wikipulse replay`
 (with its fault options), runs `publisher.py` and `subscriber.py` as separate processes, injects its
 faults while the events flow, waits for the pipeline to settle, and then compares what Redis holds with
-an independent reference fold of the events that were sent (tests/test_fold.py, and for the trending
-and new-pages keys tests/trending_reference.py): nothing lost, nothing counted twice. The soak samples
+an independent reference fold of the events that were sent (wikipulse/devtools/reference.py, the time
+series and the trending and new-pages keys): nothing lost, nothing counted twice. The soak samples
 Redis memory and every process's RSS each 10 s, with short retentions and a short stream so that the steady state is reached within the run.
 """
 
@@ -35,10 +35,9 @@ import redis.cluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from bench.common import write_events
-from tests.test_fold import as_reference, reference_fold
-from tests.trending_reference import reference_trending, stored_trending
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer, free_port
+from wikipulse.devtools.reference import as_reference, reference_fold, reference_trending, stored_trending
 from wikipulse.store import keys
 from wikipulse.store.status import decode_hash
 from wikipulse.store.trimming import trimmed_unread

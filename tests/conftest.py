@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
+from tests.helpers import flushed_client, served
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.eventstreams import PATH, EventSource, EventStreamsServer, ServerOptions
-from wikipulse.devtools.redis_server import RedisServer, free_port
+from wikipulse.devtools.redis_server import RedisServer
 
 # Small real recordings, kept in the repository (source and license in tests/data/README.md).
 # Volume comes from the project's own seeded simulator: tests.helpers.calibrated_lines.
@@ -22,17 +23,14 @@ CAPTURE = DATA / "recentchange-real-capture.sse"
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
+    async with flushed_client(redis_server.url) as client:
+        yield client
 
 
 @pytest.fixture
@@ -54,17 +52,11 @@ ServeFn = Callable[[EventSource, ServerOptions | None], Awaitable[tuple[EventStr
 @pytest.fixture
 async def eventstreams() -> AsyncIterator[ServeFn]:
     """Factory: serve a source on 127.0.0.1, return (server, url); all stopped at teardown."""
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as servers:
 
-    async def serve(source: EventSource, options: ServerOptions | None = None) -> tuple[EventStreamsServer, str]:
-        server = EventStreamsServer(source, options)
-        runner = web.AppRunner(server.app(), shutdown_timeout=0.1)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        return server, f"http://127.0.0.1:{port}{PATH}"
+        async def serve(source: EventSource, options: ServerOptions | None = None) -> tuple[EventStreamsServer, str]:
+            server = EventStreamsServer(source, options)
+            base = await servers.enter_async_context(served(server.app()))
+            return server, base + PATH
 
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
+        yield serve

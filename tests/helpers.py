@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -108,26 +112,41 @@ def xlen_at_least(n: int, stream: str = "wiki:events") -> Callable[[aioredis.Red
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: object) -> AsyncIterator[str]:
-    """A raw aiohttp handler served at the feed's path on 127.0.0.1, for peers that misbehave; yields its URL."""
-    app = web.Application()
-    app.router.add_get(PATH, handler)  # type: ignore[arg-type]
+async def flushed_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the Redis at `url`, emptied first (each test starts from nothing), closed after."""
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """An aiohttp app on a free port of 127.0.0.1 until the block ends; yields its base URL (http://127.0.0.1:PORT)."""
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield f"http://127.0.0.1:{port}{PATH}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: object) -> AsyncIterator[str]:
+    """A raw aiohttp handler served at the feed's path on 127.0.0.1, for peers that misbehave; yields its URL."""
+    app = web.Application()
+    app.router.add_get(PATH, handler)  # type: ignore[arg-type]
+    async with served(app) as base:
+        yield base + PATH
 
 
 def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] | None = None, ready: str = "/", wait: float = 30) -> Any:
     """`./dash_app.py` on `port` (its output appended to the file `log`), once it answers `ready` (`/healthz`: even
     without Redis) within `wait` seconds: a subprocess.Popen."""
-    import os
-    import subprocess
-    import sys
     import urllib.request
 
     full_env = {**os.environ, "REDIS_URL": redis_url, "DASH_PORT": str(port), "LOG_LEVEL": "WARNING", **(env or {})}
@@ -143,3 +162,40 @@ def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] 
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
             time.sleep(0.2)
+
+
+@dataclass
+class Up:
+    """`python -m wikipulse up --simulate` running as a user runs it (up_running), on free ports."""
+
+    process: subprocess.Popen[str]
+    command: list[str]
+    env: dict[str, str]
+    redis_url: str
+    dash_port: int
+    archive_port: int
+    banner: str  # its "wikipulse is up" line
+
+
+@contextlib.contextmanager
+def up_running(data_dir: Path, rate: int, log_level: str, stderr: int = subprocess.STDOUT, wait: float = 60) -> Iterator[Up]:
+    """`up --simulate --rate RATE --data-dir DATA_DIR` once it printed its banner (stdout, with stderr if STDOUT),
+    within `wait` seconds; killed if still running after the block (a test stops it itself, to check how it stops)."""
+    redis_port, dash_port, archive_port = free_port(), free_port(), free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**os.environ, "REDIS_URL": url, "DASH_PORT": str(dash_port), "ARCHIVE_PORT": str(archive_port), "LOG_LEVEL": log_level}
+    command = [sys.executable, "-m", "wikipulse", "up", "--simulate", "--rate", str(rate), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        started = time.monotonic()
+        banner = process.stdout.readline()
+        while "wikipulse is up" not in banner:
+            assert process.poll() is None and time.monotonic() - started < wait, f"up did not start: {banner}"
+            banner = process.stdout.readline()
+        yield Up(process, command, env, url, dash_port, archive_port, banner)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -23,7 +23,6 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
-from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, load_stream, stored_counts
 from wikipulse import queries as query
 from wikipulse.core.errors import OperatorError
@@ -31,6 +30,7 @@ from wikipulse.core.settings import Settings
 from wikipulse.dashboard.app import read_snapshot
 from wikipulse.dashboard.view import Selection, trimmed_notice
 from wikipulse.devtools.redis_server import LocalCluster
+from wikipulse.devtools.reference import reference_fold
 from wikipulse.fold.subscriber import Subscriber, run_subscriber
 from wikipulse.ingest.publisher import Publisher
 from wikipulse.ingest.router import Router

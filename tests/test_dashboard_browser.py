@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from tests.helpers import start_dashboard
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.redis_server import RedisServer, free_port
-from wikipulse.fold.fold import fold
+from wikipulse.devtools.reference import fold
 from wikipulse.fold.series import SeriesWriter, notice
 from wikipulse.store import keys
 

@@ -26,12 +26,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, run_publisher_until, stop, stream_ids
-from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, stored_counts
 from wikipulse.archive.archiver import run_archiver
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.eventstreams import ServerOptions
 from wikipulse.devtools.redis_server import LocalCluster, free_port
+from wikipulse.devtools.reference import reference_fold
 from wikipulse.fold.subscriber import run_subscriber
 from wikipulse.ingest.publisher import run_publisher
 from wikipulse.store import keys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -14,7 +13,8 @@ from hypothesis import strategies as st
 from tests.helpers import assert_same, calibrated_lines
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import observe, parse_summary, summarize
-from wikipulse.fold.fold import FUTURE_TOLERANCE, fold
+from wikipulse.devtools.reference import as_reference, fold, reference_fold
+from wikipulse.fold.fold import FUTURE_TOLERANCE
 from wikipulse.store import keys
 
 RETENTION = Settings.from_args(environ={}).retention_seconds()
@@ -22,45 +22,6 @@ RETENTION = Settings.from_args(environ={}).retention_seconds()
 
 def load() -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in calibrated_lines()]
-
-
-def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[str, str, int, str]]:
-    """(domain, resolution, bucket, dimension) -> count, one event at a time, with no shared code path."""
-    out: Counter[tuple[str, str, int, str]] = Counter()
-    for e in events:
-        if e["meta"]["domain"] == "canary":
-            continue
-        t = int(e["timestamp"])
-        kind = e["type"] if e["type"] in ("edit", "new", "log", "categorize") else "other"
-        who = "bot" if e["bot"] else "human"
-        namespace = e.get("namespace")
-        for name, step in (("10s", 10), ("1m", 60), ("1h", 3600)):
-            for d in (e["meta"]["domain"], "_all"):
-                for dim in ("", kind, who):
-                    out[(d, name, t // step * step, dim)] += 1
-            if type(namespace) is int and namespace == 0:  # articles, the graph's namespace, per domain only
-                for dim in (f"ns{namespace}", f"ns{namespace}{who}"):
-                    out[(e["meta"]["domain"], name, t // step * step, dim)] += 1
-    return out
-
-
-def as_reference(counts: Mapping[tuple[str, str], int] | Mapping[tuple[bytes, bytes], bytes]) -> Counter[tuple[str, str, int, str]]:
-    """Stored {(key, field): n} -> reference_fold's shape, humans worked out as total - bot (not stored)."""
-    out: Counter[tuple[str, str, int, str]] = Counter()
-    for (key, fld), n in counts.items():
-        parts = (key.decode() if isinstance(key, bytes) else key).split(":")
-        # wp:ts:{domain}:RES:WINDOW on one Redis; wp:ts:{shard}:domain:RES:WINDOW sharded (_all: one share a shard)
-        domain, res = (parts[2].strip("{}"), parts[3]) if len(parts) == 5 else (parts[3], parts[4])
-        bucket, _, dim = (fld.decode() if isinstance(fld, bytes) else fld).partition(":")
-        namespaces = [keys.namespace_dimension(k, who) for k in keys.GRAPH_NAMESPACES for who in ("", "bot")]
-        assert dim in ("", *keys.STORED_DIMENSIONS, *namespaces), f"unexpected field {fld!r}"
-        out[(domain, res, int(bucket), dim)] += int(n)
-    for (domain, res, start, dim), n in list(out.items()):
-        if dim == "" or (dim.startswith("ns") and not dim.endswith("bot")):  # humans: everyone minus bots
-            human = n - out.get((domain, res, start, dim + "bot" if dim else "bot"), 0)
-            if human:
-                out[(domain, res, start, dim + "human" if dim else "human")] = human
-    return out
 
 
 def test_fold_equals_reference_at_every_resolution_and_dimension() -> None:

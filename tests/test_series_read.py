@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from wikipulse.core.settings import Settings
-from wikipulse.fold.fold import fold
+from wikipulse.devtools.reference import fold
 from wikipulse.fold.series import SeriesRead, bucket_range, read_series, script_payload
 from wikipulse.store import keys
 

@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
-from tests.test_fold import as_reference, reference_fold
 from wikipulse import queries as query
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
+from wikipulse.devtools.reference import as_reference, reference_fold
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.store import keys
 

@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
-from tests.test_fold import reference_fold
 from tests.test_subscriber import LONG, events, folded_at_least, load_stream, stat, stored_counts
 from wikipulse.core.settings import Settings
+from wikipulse.devtools.reference import reference_fold
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.store import keys
 from wikipulse.store.lease import LeaseLost

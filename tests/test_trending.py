@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.test_subscriber import load_stream, run_subscriber
-from tests.trending_reference import reference_trending, stored_trending
 from wikipulse.core.settings import Settings
+from wikipulse.devtools.reference import reference_trending, stored_trending
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.trending import TrendingQuery, read_new_pages, read_trending
 from wikipulse.store import keys

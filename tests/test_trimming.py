@@ -20,12 +20,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import ServeFn
-from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
-from tests.test_fold import reference_fold
+from tests.helpers import assert_same, calibrated_lines, calibrated_source, flushed_client, stop, wait_for
 from tests.test_subscriber import LONG, stored_counts
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer
+from wikipulse.devtools.reference import reference_fold
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.ingest.publisher import Publisher
@@ -49,17 +49,14 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if request.param == "debian-7.0" and not Path(DEBIAN).exists():
         pytest.skip("no Debian redis-server")
     binary = DEBIAN if request.param == "debian-7.0" else None
-    started = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False, binary=binary).start()
-    yield started
-    started.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False, binary=binary) as started:
+        yield started
 
 
 @pytest.fixture
 async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(server.url)
-    await c.flushall()
-    yield c
-    await c.aclose()
+    async with flushed_client(server.url) as c:
+        yield c
 
 
 @pytest.fixture

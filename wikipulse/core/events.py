@@ -30,9 +30,6 @@ class Reject(enum.Enum):
     TOO_LARGE = "too_large"
 
 
-REJECT_REASONS = tuple(r.value for r in Reject)
-
-
 @dataclass(frozen=True, slots=True)
 class Accepted:
     event: dict[str, Any]

@@ -19,11 +19,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from wikipulse.core.summary import Observation, observe
-from wikipulse.core.wiki_page import PageEdit, page_of
-from wikipulse.fold.trending import TrendIncrements, fold_pages
+from wikipulse.core.summary import Observation
+from wikipulse.fold.trending import TrendIncrements
 from wikipulse.store import keys
 
 FUTURE_TOLERANCE = keys.FUTURE_TOLERANCE
@@ -74,17 +72,6 @@ def tally(observations: Iterable[tuple[Observation, int]], now: float, retention
         else:
             classes[(domain, t - t % step, kind, bot, namespace if namespace in _GRAPH_NAMESPACES else NO_NAMESPACE)] += n
     return classes
-
-
-def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, int]) -> Increments:
-    """The counts and the trending work of validated events, on one Redis's keys, as the subscriber folds them."""
-    out = Increments()
-    observed = [(observe(e), page_of(e)) for e in events]
-    classes = tally(((obs, 1) for obs, _ in observed), now, retention, out)
-    expand(classes, now, retention, out)
-    edits = (PageEdit(d, t, kind, bot, page) for (d, t, kind, bot, _), page in observed if page is not None and t is not None)
-    out.pages = fold_pages(edits, now, {key[0] for key in classes})
-    return out
 
 
 def expand(

@@ -132,7 +132,6 @@ OTHER_DOMAINS = "_other"
 EVENT_TYPES = ("edit", "new", "log", "categorize", "other")
 BOT_DIMENSIONS = ("bot", "human")
 WHO = ("all", "humans", "bots")  # whose events the graph's total and the lists count: everyone, humans or bots
-DIMENSIONS = EVENT_TYPES + BOT_DIMENSIONS
 # What the hashes hold besides the total. Every event is a bot's or a human's, so humans are not
 # stored but read as total - bot (series.SeriesRead): a third fewer writes and fields.
 STORED_DIMENSIONS = (*EVENT_TYPES, "bot")

@@ -1,16 +1,80 @@
-"""An independent reference of the trending and new-pages keys (keys.py, TREND_*), one event at a time in stream
-order, and a reader of what Redis holds in the same shape; shared by tests and bench/scenarios.py."""
+"""Independent references of what Redis should hold after a list of events, readers of what it holds in the
+same shape, and the real fold of a list in one call; shared by the tests and the benchmarks (bench/scenarios.py).
+
+  reference_fold / as_reference          the time series (keys.series_key), per event, with no shared code path
+  reference_trending / stored_trending   the trending and new-pages keys (keys.py, TREND_*), in stream order
+  fold                                   the subscriber's fold (fold.tally, fold.expand, trending.fold_pages) of a
+                                         list, on one Redis's keys: what the reference is compared with
+
+Here rather than under tests/ so that the benchmarks need not import the tests (the tests import bench.common).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
 import redis
 
+from wikipulse.core.summary import observe
+from wikipulse.core.wiki_page import PageEdit, page_of
+from wikipulse.fold.fold import Increments, expand, tally
+from wikipulse.fold.trending import fold_pages
 from wikipulse.store import keys
+
+
+def fold(events: Iterable[dict[str, Any]], now: float, retention: Mapping[str, int]) -> Increments:
+    """The counts and the trending work of validated events, on one Redis's keys, as the subscriber folds them."""
+    out = Increments()
+    observed = [(observe(e), page_of(e)) for e in events]
+    classes = tally(((obs, 1) for obs, _ in observed), now, retention, out)
+    expand(classes, now, retention, out)
+    edits = (PageEdit(d, t, kind, bot, page) for (d, t, kind, bot, _), page in observed if page is not None and t is not None)
+    out.pages = fold_pages(edits, now, {key[0] for key in classes})
+    return out
+
+
+def reference_fold(events: list[dict[str, Any]], now: float) -> Counter[tuple[str, str, int, str]]:
+    """(domain, resolution, bucket, dimension) -> count, one event at a time, with no shared code path."""
+    out: Counter[tuple[str, str, int, str]] = Counter()
+    for e in events:
+        if e["meta"]["domain"] == "canary":
+            continue
+        t = int(e["timestamp"])
+        kind = e["type"] if e["type"] in ("edit", "new", "log", "categorize") else "other"
+        who = "bot" if e["bot"] else "human"
+        namespace = e.get("namespace")
+        for name, step in (("10s", 10), ("1m", 60), ("1h", 3600)):
+            for d in (e["meta"]["domain"], "_all"):
+                for dim in ("", kind, who):
+                    out[(d, name, t // step * step, dim)] += 1
+            if type(namespace) is int and namespace == 0:  # articles, the graph's namespace, per domain only
+                for dim in (f"ns{namespace}", f"ns{namespace}{who}"):
+                    out[(e["meta"]["domain"], name, t // step * step, dim)] += 1
+    return out
+
+
+def as_reference(counts: Mapping[tuple[str, str], int] | Mapping[tuple[bytes, bytes], bytes]) -> Counter[tuple[str, str, int, str]]:
+    """Stored {(key, field): n} -> reference_fold's shape, humans worked out as total - bot (not stored)."""
+    out: Counter[tuple[str, str, int, str]] = Counter()
+    for (key, fld), n in counts.items():
+        parts = (key.decode() if isinstance(key, bytes) else key).split(":")
+        # wp:ts:{domain}:RES:WINDOW on one Redis; wp:ts:{shard}:domain:RES:WINDOW sharded (_all: one share a shard)
+        domain, res = (parts[2].strip("{}"), parts[3]) if len(parts) == 5 else (parts[3], parts[4])
+        bucket, _, dim = (fld.decode() if isinstance(fld, bytes) else fld).partition(":")
+        namespaces = [keys.namespace_dimension(k, who) for k in keys.GRAPH_NAMESPACES for who in ("", "bot")]
+        assert dim in ("", *keys.STORED_DIMENSIONS, *namespaces), f"unexpected field {fld!r}"
+        out[(domain, res, int(bucket), dim)] += int(n)
+    for (domain, res, start, dim), n in list(out.items()):
+        if dim == "" or (dim.startswith("ns") and not dim.endswith("bot")):  # humans: everyone minus bots
+            human = n - out.get((domain, res, start, dim + "bot" if dim else "bot"), 0)
+            if human:
+                out[(domain, res, start, dim + "human" if dim else "human")] = human
+    return out
+
 
 Contents = dict[str, Any]  # key -> {member: score} | {editor field: bytes} | [new page, newest first]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
