@@ -33,6 +33,7 @@ from wikipulse.ingest.routes import route_counters
 from wikipulse.store import keys
 from wikipulse.store.connect import SyncClient
 from wikipulse.store.retry import REDIS_ERRORS
+from wikipulse.store.scripts import lua
 from wikipulse.store.status import decode_hash
 from wikipulse.store.trimming import trimmed_unread
 
@@ -48,17 +49,7 @@ SCRAPE_ERRORS = (*REDIS_ERRORS, RedisClusterException)
 # 100, 1,000 entries cost it 2.7-4.6 ms, 10,000 cost 83 ms (chunks of 1,000: 8.9 and 172 ms; the garbage grows
 # faster than the count; bench/bench_metrics.py). Redis 7 counts itself, for nothing.
 LAG_COUNT_MAX = 1000
-# KEYS: stream. ARGV: the group's last delivered id, how many entries after it to count at most.
-LAG_SCRIPT = """
-local n, at, most = 0, ARGV[1], tonumber(ARGV[2])
-while n < most do
-  local chunk = redis.call('XRANGE', KEYS[1], '(' .. at, '+', 'COUNT', math.min(100, most - n))
-  if #chunk == 0 then break end
-  n = n + #chunk
-  at = chunk[#chunk][1]
-end
-return n
-"""
+LAG_SCRIPT = lua(__package__, "lag")  # counts a group's lag, up to a bound: lag.lua
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Writing folded increments to Redis atomically, and reading the series back.
 
-Writes go through one Lua script so that a batch's increments, its counters and
+Writes go through one Lua script (apply.lua) so that a batch's increments, its counters and
 the XACK of the stream entries that produced them are one atomic step: a crash
 before it leaves the entries pending (they are folded again), a crash after it
 leaves them acknowledged (never folded again). Unless no entries have been claimed
@@ -22,77 +22,12 @@ from typing import Any
 import orjson
 
 from wikipulse.fold.fold import Increments
-from wikipulse.fold.trending import TREND_LUA
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, pack, raw_connection
-from wikipulse.store.lease import FENCE_LUA
 from wikipulse.store.retry import drop
+from wikipulse.store.scripts import script
 
-# KEYS: the stream, the stats hash, the claims counter, the consumer name's lease, then every series hash and ranking
-# zset the batch touches (declared, as Redis asks of scripts: on a cluster they all share the shard's slot). ARGV:
-# group, consumer, the claims count seen before the entries were read ('' if unknown), then one JSON payload
-#   {"ids": [...], "stats": {name: n}, "h": [key no., expire_at, k, field1, n1, ..., fieldk, nk, key no., ...],
-#    "z": [key no., expire_at, k, member1, n1, ...], "t", "g", "n": the trending sections (trending.TREND_LUA)}
-# where a key no. is the key's index in KEYS. One JSON string instead of thousands of ARGV items: packing each
-# item costs the client far more than cjson.decode costs Redis. Flat arrays, because every nested object costs
-# cjson a Lua table. Then the lease token ('' for none: pub/sub mode) and its ttl ms: a process whose consumer
-# name was taken over by another (it stalled past its lease) applies nothing. A full Redis refuses the whole
-# call: the fence's SET (or, with no lease, HINCRBY) is its first write, and Redis refuses a deny-oom command
-# while nothing is written. Last, the notice channel ('' for none) and the notice, PUBLISHed once the batch is applied.
-APPLY_SCRIPT = (
-    FENCE_LUA
-    + """
-local group, consumer, seen = ARGV[1], ARGV[2], ARGV[3]
-if ARGV[5] ~= '' then
-  local holder = fence(KEYS[4], ARGV[5], ARGV[6])
-  if holder then return redis.error_reply('WPLEASE ' .. holder) end
-end
-local p = cjson.decode(ARGV[4])
-local ids = p['ids']
-local nids = #ids
--- No claim since the entries were read: they are all still ours. Else check them one by one.
-if nids > 0 and (seen == '' or (redis.call('GET', KEYS[3]) or '0') ~= seen) then
-  local owned = {}
-  for i = 1, nids, 1000 do
-    local args = {KEYS[1], group, consumer, 0}
-    for j = i, math.min(i + 999, nids) do args[#args + 1] = ids[j] end
-    args[#args + 1] = 'JUSTID'
-    for _, id in ipairs(redis.call('XCLAIM', unpack(args))) do owned[#owned + 1] = id end
-  end
-  if #owned < nids then
-    return owned
-  end
-end
-if nids > 0 then
-  for i = 1, nids, 1000 do
-    redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 999, nids)))
-  end
-end
-for name, n in pairs(p['stats']) do
-  redis.call('HINCRBY', KEYS[2], name, n)
-end
-local h, i = p['h'], 1
-while i <= #h do
-  local key, last = KEYS[h[i]], i + 2 + 2 * h[i + 2]
-  for j = i + 3, last, 2 do redis.call('HINCRBY', key, h[j], h[j + 1]) end
-  redis.call('EXPIREAT', key, h[i + 1])
-  i = last + 1
-end
-local z = p['z']
-i = 1
-while i <= #z do
-  local key, last = KEYS[z[i]], i + 2 + 2 * z[i + 2]
-  for j = i + 3, last, 2 do redis.call('ZINCRBY', key, z[j + 1], z[j]) end
-  redis.call('EXPIREAT', key, z[i + 1])
-  i = last + 1
-end
-"""
-    + TREND_LUA
-    + """
-if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
-return true
-"""
-)
+APPLY_SCRIPT = script(__package__, "apply", "fence")  # every KEYS and ARGV slot and payload section: apply.lua
 
 
 _NOT_IN_IDS = re.compile(rb'[^0-9",-]')
@@ -108,14 +43,15 @@ def script_payload(
     plain values)."""
     declared = [*inc.hashes, *inc.zsets]
     number = {key: FIXED_KEYS + 1 + i for i, key in enumerate(declared)}
-    first_page_key = FIXED_KEYS + 1 + len(declared)
+    trending_keys = FIXED_KEYS + len(declared)  # the trending sections number their keys from here on
     declared += inc.pages.declared(shard)
     payload = orjson.dumps({
         "ids": _json_ids(ids),
         "stats": {k: v for k, v in stats.items() if v},
         "h": _flat(inc.hashes, inc.expire_at, number),
         "z": _flat(inc.zsets, inc.expire_at, number),
-        **inc.pages.payload(first_page_key),
+        "tk": trending_keys,
+        **inc.pages.payload(),
     })  # fmt: skip
     return declared, payload
 

@@ -28,6 +28,7 @@ import orjson
 
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
+from wikipulse.store.scripts import lua
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +90,7 @@ def judge(counts: Counts, minute: int) -> list[Spike]:
     return out
 
 
-# KEYS: keys.ALERTS, the alert's marker. ARGV: the alert (JSON), keys.ALERTS_CHANNEL, how many to keep, marker ttl s.
-ALERT_SCRIPT = """
-if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[4]) then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'alert', ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return 1
-"""
+ALERT_SCRIPT = lua(__package__, "alert")  # raises an alert once: alert.lua
 
 
 class SpikeWatch:

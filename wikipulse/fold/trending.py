@@ -1,7 +1,8 @@
 """Trending pages and new pages: folded with the counts, in the same atomic script, and read back.
 
-A batch's page edits are summed per (domain, minute, page) in stream order, and sent as one section of
-series.APPLY_SCRIPT's payload (TREND_LUA). The key layout and the admission cap are in keys.py (TREND_*).
+A batch's page edits are summed per (domain, minute, page) in stream order, and sent as data: the t, g and n
+sections of the apply script's payload (fold/apply.lua says what they hold, and applies them). The key layout and
+the admission cap are in keys.py (TREND_*).
 Reading: one ZUNION per domain (or per shard, over all domains) over the minutes asked for ranks the pages
 (humans: everyone's keys at weight 1, bots' at -1); then the editors hashes of the top pages' wikis, for those
 minutes only, give their distinct editors and bytes changed.
@@ -19,94 +20,6 @@ import orjson
 
 from wikipulse.core.wiki_page import PageEdit
 from wikipulse.store import keys
-
-# The trending and new-pages sections of series.APPLY_SCRIPT's payload `p` (key numbers index KEYS):
-#   p.t: per domain-minute: all, bot, editors key no., expire_at, cap, editors cap, n, then n pages: member, edits,
-#        bot edits; then k, then k editor entries in the order of the stream: page no. (1..n), editor field, bytes
-#        changed, edits
-#   p.g: per shard-minute: all, bot key no., expire_at, cap, n, then n members: member, edits, bot edits
-#   p.n: new-pages key no., how many to keep, k, then k pairs: event time, JSON item. A sorted set by event time
-#        keeps the newest `keep` whatever order batches are applied in (two consumers of one stream interleave).
-# A page past its minute's cap (keys.TREND_CAP) is counted in the `byeditor` hash's "\trest" field only; an editor of
-# an admitted page past the hash's cap of editor fields (keys.TREND_EDITOR_CAP), in "\trest_editors" only. Both caps
-# admit first come, in the order of the stream (the editors are sent in it, not grouped by page), so a replay split
-# into other batches admits the same. Bots, not humans, are stored (a third of the edits): humans are read as everyone
-# minus bots. An editor's bytes are the page's bytes, so bytes and distinct editors cost one HINCRBY per editor of a
-# page (HINCRBY by 0 still makes the field: an editor who changed no byte is counted).
-TREND_LUA = """
-local function editor_fields(keds)
-  return redis.call('HLEN', keds) - redis.call('HEXISTS', keds, '\\trest') - redis.call('HEXISTS', keds, '\\trest_editors')
-end
-local t = p['t']
-i = 1
-while i <= #t do
-  local kall, kbot, keds = KEYS[t[i]], KEYS[t[i + 1]], KEYS[t[i + 2]]
-  local expire, cap, ecap, n = t[i + 3], t[i + 4], t[i + 5], t[i + 6]
-  local card, rest, admitted = redis.call('ZCARD', kall), 0, {}
-  i = i + 7
-  for j = 1, n do
-    local m, edits, bot = t[i], t[i + 1], t[i + 2]
-    if card < cap or redis.call('ZSCORE', kall, m) then
-      if tonumber(redis.call('ZINCRBY', kall, edits, m)) == edits then card = card + 1 end
-      if bot > 0 then redis.call('ZINCRBY', kbot, bot, m) end
-      admitted[j] = true
-    else
-      rest = rest + edits
-    end
-    i = i + 3
-  end
-  -- fields: at least the editor fields keds holds (HLEN counts the two rest fields too, and each admitted entry one,
-  -- new or not); exact after a recount, which only a minute near its cap needs
-  local k, fields, erest = t[i], redis.call('HLEN', keds), 0
-  i = i + 1
-  for _ = 1, k do
-    local f, b = t[i + 1], t[i + 2]
-    if admitted[t[i]] then
-      if fields < ecap or redis.call('HEXISTS', keds, f) == 1 then
-        redis.call('HINCRBY', keds, f, b)
-        fields = fields + 1
-      else
-        fields = editor_fields(keds)
-        if fields < ecap then
-          redis.call('HINCRBY', keds, f, b)
-          fields = fields + 1
-        else
-          erest = erest + t[i + 3]
-        end
-      end
-    end
-    i = i + 4
-  end
-  if rest > 0 then redis.call('HINCRBY', keds, '\\trest', rest) end
-  if erest > 0 then redis.call('HINCRBY', keds, '\\trest_editors', erest) end
-  redis.call('EXPIREAT', kall, expire)
-  redis.call('EXPIREAT', kbot, expire)
-  redis.call('EXPIREAT', keds, expire)
-end
-local g = p['g']
-i = 1
-while i <= #g do
-  local kall, kbot, expire, cap, n = KEYS[g[i]], KEYS[g[i + 1]], g[i + 2], g[i + 3], g[i + 4]
-  local card = redis.call('ZCARD', kall)
-  i = i + 5
-  for _ = 1, n do
-    local m, edits, bot = g[i], g[i + 1], g[i + 2]
-    if card < cap or redis.call('ZSCORE', kall, m) then
-      if tonumber(redis.call('ZINCRBY', kall, edits, m)) == edits then card = card + 1 end
-      if bot > 0 then redis.call('ZINCRBY', kbot, bot, m) end
-    end
-    i = i + 3
-  end
-  redis.call('EXPIREAT', kall, expire)
-  redis.call('EXPIREAT', kbot, expire)
-end
-local new = p['n']
-if #new > 0 then
-  local key, keep, k = KEYS[new[1]], new[2], new[3]
-  for j = 4, 3 + 2 * k, 1000 do redis.call('ZADD', key, unpack(new, j, math.min(j + 999, 3 + 2 * k))) end
-  redis.call('ZREMRANGEBYRANK', key, 0, -keep - 1)
-end
-"""
 
 
 def member(namespace: int, title: str) -> str:
@@ -168,9 +81,10 @@ class TrendIncrements:
             out.append(shard.new_pages)
         return out
 
-    def payload(self, first_key: int) -> dict[str, list[Any]]:
-        """The t, g and n sections, their keys numbered from first_key on in declared() order."""
-        number = first_key
+    def payload(self) -> dict[str, list[Any]]:
+        """The t, g and n sections of the apply script's payload (their layout: fold/apply.lua), their keys numbered
+        from 1 in declared() order."""
+        number = 1
         t: list[Any] = []
         for (_domain, minute), here in self.pages.items():
             expire = minute + keys.TREND_RETENTION

@@ -25,8 +25,9 @@ from redis.exceptions import ResponseError
 from wikipulse.core.settings import Settings
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
-from wikipulse.store.lease import FENCE_LUA, Lease, LeaseLost, fenced_error
+from wikipulse.store.lease import Lease, LeaseLost, fenced_error
 from wikipulse.store.retry import REDIS_ERRORS, Backoff, RedisFull, pause_before_retry, stop_if_cancelled
+from wikipulse.store.scripts import script
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +36,7 @@ TIMEOUT = 10.0  # seconds one post may take, connecting included
 BLOCK_MS = 5000  # how long one read of the alerts stream waits for a new alert
 RETRIED = (408, 429)  # refusals worth asking again (with any 5xx)
 
-# KEYS: the webhook's state hash, its lease. ARGV: lease token, lease ttl ms, position, the counter to bump ('' for
-# none), now. The position and the count of the alert it handled are written together, only by the lease's holder.
-STORE_SCRIPT = (
-    FENCE_LUA
-    + """
-local holder = fence(KEYS[2], ARGV[1], ARGV[2])
-if holder then return redis.error_reply('WPLEASE ' .. holder) end
-redis.call('HSET', KEYS[1], 'position', ARGV[3], 'updated_at', ARGV[5])
-if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[4], 1) end
-return 1
-"""
-)
+STORE_SCRIPT = script(__package__, "webhook_store", "fence")  # stores the position, fenced: webhook_store.lua
 
 
 def site(url: str) -> str:

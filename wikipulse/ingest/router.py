@@ -33,17 +33,16 @@ from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack, refresh
 from wikipulse.store.lease import Lease, LeaseLost, fenced_error, new_token
 from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry
+from wikipulse.store.scripts import script
 from wikipulse.store.streams import Entry, StreamReader
-from wikipulse.store.trimming import CREATE_GROUPS_SCRIPT, TRIM_LUA, declared_groups, ensure_group
+from wikipulse.store.trimming import CREATE_GROUPS_SCRIPT, declared_groups, ensure_group
 
 logger = logging.getLogger(__name__)
 
 CONSUMER = "router"  # one router at a time (the leases), so one name: a restarted router finds its pending entries
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
-# Trims a shard stream and counts what each group lost (trimming.py). KEYS: the stream, the shard's router stats.
-# ARGV: maxlen, keep, grace ms. Returns {group, trimmed unread so far, ...} for the groups that lost entries now.
-TRIM_SCRIPT = TRIM_LUA + "return trim(KEYS[1], tonumber(ARGV[1]), KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))"
+TRIM_SCRIPT = script(__package__, "trim_shard", "trim")  # trims a shard stream: trim_shard.lua
 
 
 class Target(Protocol):

@@ -19,40 +19,15 @@ import socket
 import redis.asyncio as aioredis
 
 from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full
+from wikipulse.store.scripts import lua
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10.0  # seconds; a process that died holds its lease at most this long
 
-# KEYS: the lease. ARGV: the holder it may have (ours, to renew it; a dead one's, to take over), our token,
-# ttl ms. Takes the lease when it is free or held by that holder; returns the holder after.
-TAKE_SCRIPT = """
-local holder = redis.call('GET', KEYS[1])
-if not holder or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return ARGV[2]
-end
-return holder
-"""
-
-# KEYS: the lease. ARGV: token. Deletes it only when ours.
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# The check a fenced script starts with (KEYS[n] the lease, token and ttl ms in ARGV): a lease held by
-# another process ends the script before it writes anything; a lapsed one is taken again. Its SET is
-# the script's first write, so a Redis at maxmemory refuses the whole script there (see its callers).
-FENCE_LUA = """
-local function fence(key, token, ttl)
-  local holder = redis.call('GET', key)
-  if holder and holder ~= token then return holder end
-  redis.call('SET', key, token, 'PX', ttl)
-  return nil
-end
-"""
-LEASE_LOST = "WPLEASE"  # the error a fenced script answers with, followed by the holder's token
+TAKE_SCRIPT = lua(__package__, "lease_take")
+RELEASE_SCRIPT = lua(__package__, "lease_release")
+LEASE_LOST = "WPLEASE"  # the error a fenced script (fence.lua) answers with, followed by the holder's token
 
 
 class LeaseLost(Exception):
