@@ -8,14 +8,19 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import ResponseError
 
 from tests.conftest import ServeFn
 from tests.helpers import (
@@ -32,10 +37,10 @@ from tests.helpers import (
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
-from wikipulse.devtools.redis_server import RedisServer
+from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
-from wikipulse.ingest.publisher import Publisher
+from wikipulse.ingest.publisher import Publisher, run_publisher
 from wikipulse.store import keys
 from wikipulse.store.policy import check_redis
 from wikipulse.store.retry import Backoff
@@ -245,6 +250,35 @@ async def test_an_evicting_redis_is_refused_unless_allowed(redis_client: aioredi
         await check_redis(redis_client, dataclasses.replace(settings, allow_eviction=True))
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_a_role_that_fails_stops_the_others_in_its_process(
+    redis_client: aioredis.Redis, settings: Settings, eventstreams: ServeFn
+) -> None:
+    """The routes' copier fails (another application's string where the route definitions live): the publisher
+    beside it stops too, and the copier's error is what the process ends with. Before, `gather`
+    raised the error and left the publisher running (feed read, lease renewed) while the process shut down."""
+    _, url = await eventstreams(calibrated_source(), ServerOptions(rate=2000))
+    task = asyncio.create_task(run_publisher(dataclasses.replace(settings, stream_url=url)))
+    await wait_for(lambda: xlen_at_least(200)(redis_client), 20, "200 events", task)
+    await redis_client.set(keys.ROUTES, "not a hash")  # the copier reads it within POLL_INTERVAL
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await asyncio.wait_for(task, 20)
+    left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(("Publisher.", "RouteCopier.", "log_stats"))]  # type: ignore[union-attr]
+    assert not left, left
+
+
+def test_the_process_of_a_failing_role_exits_with_the_cause_said_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.set(keys.ROUTES, "not a hash")
+    client.close()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "WIKI_STREAM_URL": f"http://127.0.0.1:{free_port()}/v2/stream/recentchange"}
+    result = subprocess.run([sys.executable, "-m", "wikipulse", "publish"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    said = [line for line in result.stderr.splitlines() if "WRONGTYPE" in line]
+    assert len(said) == 1 and "publish: error:" in said[0], result.stderr
 
 
 # ---- helpers ---------------------------------------------------------------------------------
