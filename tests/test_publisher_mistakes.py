@@ -36,7 +36,7 @@ from tests.helpers import (
 )
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
-from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
+from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource, frame
 from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
@@ -240,6 +240,37 @@ async def test_a_full_redis_pauses_the_feed_and_channel_and_stream_agree(
     entries = await redis_client.xrange("wiki:events")
     assert_same(received, [e[b"data"] for _, e in entries])  # the channel got exactly what the stream holds
     assert int(await redis_client.hget(keys.PUBLISHER_STATS, "paused_full")) >= 1
+
+
+async def test_a_lease_renewal_refused_by_a_full_redis_is_waited_out(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """A full Redis refuses the lease's renewal as it refuses the writes (a deny-oom SET). Before, that killed the
+    renewal task without a word: on a quiet feed the lease then lapsed under the running publisher."""
+    lines = calibrated_lines()[:100]
+    source = ReplaySource(lines)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b":ok\n\n" + b"".join(frame(i, source.data(i)) for i in range(len(source))))
+        await asyncio.sleep(30)  # then quiet: only the renewals keep the lease
+        return resp
+
+    async with serving(handler) as url:
+        s = dataclasses.replace(settings, stream_url=url, lease_ttl=0.3)
+        async with aioredis.Redis.from_url(s.redis_url) as client, aiohttp.ClientSession() as session:
+            publisher = Publisher(s, client, session)
+            task = asyncio.create_task(publisher.run())
+            try:
+                await wait_for(lambda: xlen_at_least(len(non_canary_ids(lines)))(client), 10, "the events", task)
+                await redis_client.config_set("maxmemory", 1)  # every write refused, the renewals' too
+                await asyncio.sleep(0.5)  # renewals every 0.1 s
+                await redis_client.config_set("maxmemory", 0)
+                await asyncio.sleep(0.5)
+                assert not task.done()
+                assert await redis_client.get(keys.PUBLISHER_LEASE) == publisher.lease.token.encode()  # renewed again
+            finally:
+                await redis_client.config_set("maxmemory", 0)
+                await stop(task)
 
 
 async def test_an_evicting_redis_is_refused_unless_allowed(redis_client: aioredis.Redis, settings: Settings) -> None:
