@@ -85,13 +85,7 @@ class Publisher:
         self.totals.update(published=written, duplicates=duplicates)
         if duplicates:
             logger.warning("%d events were in the stream already (written by another publisher): not added again", duplicates)
-        for group, lost in grew.items():
-            logger.error(
-                "entries were trimmed from the stream before consumer group %s had read them: %d entries trimmed unread so far "
-                "(is it stopped? raise STREAM_MAXLEN, %d, to bridge longer outages; a group no consumer has read yet holds "
-                "STREAM_GRACE, %gs; drop a role the deployment does not run from STREAM_CONSUMERS)",
-                group, lost, self.settings.stream_maxlen, self.settings.stream_grace,
-            )  # fmt: skip
+        say_trimmed_unread(grew, self.settings)
         await self.recovery.written(batch.last_id, had_position)
 
     async def heartbeat(self) -> None:
@@ -182,6 +176,17 @@ class Publisher:
             await self.drain()
         except RECOVERABLE as exc:
             logger.warning("could not flush the last batch on shutdown (%s); it will be re-read on restart", exc)
+
+
+def say_trimmed_unread(grew: dict[str, int], settings: Settings) -> None:
+    """{group: entries trimmed unread so far}, for the groups that lost entries to the write just made."""
+    for group, lost in grew.items():
+        logger.error(
+            "entries were trimmed from the stream before consumer group %s had read them: %d entries trimmed unread so far "
+            "(is it stopped? raise STREAM_MAXLEN, %d, to bridge longer outages; a group no consumer has read yet holds "
+            "STREAM_GRACE, %gs; drop a role the deployment does not run from STREAM_CONSUMERS)",
+            group, lost, settings.stream_maxlen, settings.stream_grace,
+        )  # fmt: skip
 
 
 def log_totals(publisher: Publisher) -> None:
