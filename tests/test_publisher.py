@@ -28,7 +28,8 @@ from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.eventstreams import MALFORMED_FRAMES, ReplaySource, ServerOptions, event_id, frame
 from wikipulse.devtools.redis_server import RedisServer
-from wikipulse.ingest.publisher import Publisher, parse_retry_after
+from wikipulse.ingest.feed import parse_retry_after
+from wikipulse.ingest.publisher import Publisher
 from wikipulse.store import keys
 from wikipulse.store.retry import backoff_delay
 

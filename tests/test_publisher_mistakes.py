@@ -8,14 +8,19 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import ResponseError
 
 from tests.conftest import ServeFn
 from tests.helpers import (
@@ -31,11 +36,11 @@ from tests.helpers import (
 )
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
-from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource
-from wikipulse.devtools.redis_server import RedisServer
+from wikipulse.devtools.eventstreams import EventStreamsServer, ReplaySource, ServerOptions, SimulatedSource, frame
+from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
-from wikipulse.ingest.publisher import Publisher
+from wikipulse.ingest.publisher import Publisher, run_publisher
 from wikipulse.store import keys
 from wikipulse.store.policy import check_redis
 from wikipulse.store.retry import Backoff
@@ -237,6 +242,37 @@ async def test_a_full_redis_pauses_the_feed_and_channel_and_stream_agree(
     assert int(await redis_client.hget(keys.PUBLISHER_STATS, "paused_full")) >= 1
 
 
+async def test_a_lease_renewal_refused_by_a_full_redis_is_waited_out(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """A full Redis refuses the lease's renewal as it refuses the writes (a deny-oom SET). Before, that killed the
+    renewal task without a word: on a quiet feed the lease then lapsed under the running publisher."""
+    lines = calibrated_lines()[:100]
+    source = ReplaySource(lines)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b":ok\n\n" + b"".join(frame(i, source.data(i)) for i in range(len(source))))
+        await asyncio.sleep(30)  # then quiet: only the renewals keep the lease
+        return resp
+
+    async with serving(handler) as url:
+        s = dataclasses.replace(settings, stream_url=url, lease_ttl=0.3)
+        async with aioredis.Redis.from_url(s.redis_url) as client, aiohttp.ClientSession() as session:
+            publisher = Publisher(s, client, session)
+            task = asyncio.create_task(publisher.run())
+            try:
+                await wait_for(lambda: xlen_at_least(len(non_canary_ids(lines)))(client), 10, "the events", task)
+                await redis_client.config_set("maxmemory", 1)  # every write refused, the renewals' too
+                await asyncio.sleep(0.5)  # renewals every 0.1 s
+                await redis_client.config_set("maxmemory", 0)
+                await asyncio.sleep(0.5)
+                assert not task.done()
+                assert await redis_client.get(keys.PUBLISHER_LEASE) == publisher.lease.token.encode()  # renewed again
+            finally:
+                await redis_client.config_set("maxmemory", 0)
+                await stop(task)
+
+
 async def test_an_evicting_redis_is_refused_unless_allowed(redis_client: aioredis.Redis, settings: Settings) -> None:
     await redis_client.config_set("maxmemory-policy", "allkeys-lru")
     try:
@@ -245,6 +281,35 @@ async def test_an_evicting_redis_is_refused_unless_allowed(redis_client: aioredi
         await check_redis(redis_client, dataclasses.replace(settings, allow_eviction=True))
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_a_role_that_fails_stops_the_others_in_its_process(
+    redis_client: aioredis.Redis, settings: Settings, eventstreams: ServeFn
+) -> None:
+    """The routes' copier fails (another application's string where the route definitions live): the publisher
+    beside it stops too, and the copier's error is what the process ends with. Before, `gather`
+    raised the error and left the publisher running (feed read, lease renewed) while the process shut down."""
+    _, url = await eventstreams(calibrated_source(), ServerOptions(rate=2000))
+    task = asyncio.create_task(run_publisher(dataclasses.replace(settings, stream_url=url)))
+    await wait_for(lambda: xlen_at_least(200)(redis_client), 20, "200 events", task)
+    await redis_client.set(keys.ROUTES, "not a hash")  # the copier reads it within POLL_INTERVAL
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await asyncio.wait_for(task, 20)
+    left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(("Publisher.", "RouteCopier.", "log_stats"))]  # type: ignore[union-attr]
+    assert not left, left
+
+
+def test_the_process_of_a_failing_role_exits_with_the_cause_said_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.set(keys.ROUTES, "not a hash")
+    client.close()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "WIKI_STREAM_URL": f"http://127.0.0.1:{free_port()}/v2/stream/recentchange"}
+    result = subprocess.run([sys.executable, "-m", "wikipulse", "publish"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    said = [line for line in result.stderr.splitlines() if "WRONGTYPE" in line]
+    assert len(said) == 1 and "publish: error:" in said[0], result.stderr
 
 
 # ---- helpers ---------------------------------------------------------------------------------

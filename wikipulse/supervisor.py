@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from wikipulse.core.errors import OperatorError, SettingsError
 from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.tasks import together
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import RedisServer, answers, free_port, is_local
 from wikipulse.store.connect import open_client
@@ -191,7 +192,6 @@ async def _run_up(plan: Plan, lock: FolderLock) -> None:
     settings = plan.settings
     redis_server = await start_redis(plan)
     children: list[Child] = []
-    tasks: list[asyncio.Task[None]] = []
     try:
         await check_shards_of(settings)
         feed_port = free_port()
@@ -205,23 +205,23 @@ async def _run_up(plan: Plan, lock: FolderLock) -> None:
             children.append(Child("feed", args, env))
         children += [Child("publisher", ["publish"], env), Child("subscriber", ["subscribe"], env), Child("archiver", ["archive"], env),
                      Child("dashboard", ["dash"], env)]  # fmt: skip
-        for child in children:
-            tasks.append(asyncio.create_task(child.supervise(), name=child.name))
-            if child.name == "feed":
-                await wait_for_port(feed_port)
-        await wait_for_port(settings.port, 60.0)
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-        lock.note(f"http://{host}:{settings.port}/")
-        print(
-            f"wikipulse is up: dashboard at http://{host}:{settings.port}/  (feed: {settings.stream_url}; Ctrl-C stops everything)",
-            flush=True,
-        )
-        await asyncio.gather(*tasks)
+        # One group: a supervisor that fails stops the others and the start-up (not found only once it is over), and
+        # a start-up that fails stops the supervisors; the error is raised once every one has stopped.
+        async with together() as group:
+            for child in children:
+                group.create_task(child.supervise(), name=child.name)
+                if child.name == "feed":
+                    await wait_for_port(feed_port)
+            await wait_for_port(settings.port, 60.0)
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+            lock.note(f"http://{host}:{settings.port}/")
+            print(
+                f"wikipulse is up: dashboard at http://{host}:{settings.port}/  (feed: {settings.stream_url}; Ctrl-C stops everything)",
+                flush=True,
+            )
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(c.stop() for c in reversed(children)))
+        # Stopping is not a group: every child is stopped, whatever another's stop raised.
+        await asyncio.gather(*(c.stop() for c in reversed(children)), return_exceptions=True)
         if redis_server is not None:
             await asyncio.to_thread(redis_server.stop)
         logger.info("everything stopped")
