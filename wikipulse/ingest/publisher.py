@@ -30,7 +30,7 @@ from wikipulse.store import keys
 from wikipulse.store.connect import Client, open_client
 from wikipulse.store.lease import Lease
 from wikipulse.store.policy import check_redis
-from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full, pause_before_retry
+from wikipulse.store.retry import REDIS_ERRORS, RedisFull, pause_before_retry
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Publisher:
         await self.recovery.wait_for_redis()
         await self.lease.wait_until_held("the publisher lease (one publisher per Redis and feed)")
         try:
-            async with background(self._keep_lease(), "the publisher's lease renewal"):
+            async with background(self.lease.keep(), "the publisher's lease renewal"):
                 while True:
                     delay = await self._run_once()
                     self.totals["reconnects"] += 1
@@ -128,16 +128,6 @@ class Publisher:
                     await pause_before_retry(delay)
         finally:
             await self.lease.release()
-
-    async def _keep_lease(self) -> None:
-        """Renew the lease; a full Redis refuses a renewal as it refuses the writes, which say so and wait (recovery)."""
-        while True:
-            try:
-                await self.lease.keep()
-            except ResponseError as exc:
-                if not is_full(exc):
-                    raise
-                await pause_before_retry(self.lease.ttl / 3)
 
     async def _run_once(self) -> float:
         """One connection and what follows its end: the wait before the next one."""

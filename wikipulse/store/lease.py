@@ -17,6 +17,7 @@ import secrets
 import socket
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full
 from wikipulse.store.scripts import lua
@@ -105,6 +106,12 @@ class Lease:
                 holder = await self.try_acquire()
             except REDIS_ERRORS as exc:
                 logger.debug("could not renew lease %s (%s); the next write re-takes it if it lapsed", self.key, exc)
+                continue
+            except ResponseError as exc:
+                if not is_full(exc):
+                    raise
+                # A full Redis refuses the renewal as it refuses the writes, which say so and wait: this waits too.
+                logger.debug("could not renew lease %s: Redis is full; the next write re-takes it if it lapsed", self.key)
                 continue
             if holder is not None and holder != reported:
                 logger.warning("lease %s was taken by %s while this process held it", self.key, holder)
