@@ -104,9 +104,9 @@ def test_an_archive_directory_that_is_a_file_is_named_not_blamed_on_redis(tmp_pa
 def test_a_slow_archiver_is_named_not_blamed_on_redis(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """An archiver that takes longer than `sql` waits: it was "Redis at redis://…: TimeoutError: timed out"."""
     from wikipulse import cli
-    from wikipulse import queries as query
+    from wikipulse.archive import reader
 
-    monkeypatch.setattr(query, "ARCHIVER_TIMEOUT", 0.5)
+    monkeypatch.setattr(reader, "ARCHIVER_TIMEOUT", 0.5)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
         port = silent.getsockname()[1]
         assert cli.main(["sql", "SELECT 1", "--archive-port", str(port)]) == 1

@@ -20,7 +20,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse.core.events import Accepted, Canary, Reject, Rejected, validate
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.core.summary import summary_of
 from wikipulse.ingest.router import Router
 from wikipulse.ingest.routes import RouteCopier
@@ -86,7 +86,9 @@ class Dedup:
 
 
 class Publisher:
-    def __init__(self, settings: Settings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None) -> None:
+    def __init__(
+        self, settings: PublisherSettings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None
+    ) -> None:
         self.settings = settings
         self.client = client
         self.layout = layout or keys.Layout(settings.stream)
@@ -457,7 +459,7 @@ async def log_stats(publisher: Publisher, interval: float) -> None:
             await publisher.heartbeat()
 
 
-async def run_publisher(settings: Settings) -> None:
+async def run_publisher(settings: PublisherSettings) -> None:
     client, layout = await open_client(settings)
     async with client, aiohttp.ClientSession(read_bufsize=1 << 20) as session:
         await check_redis(client, settings)
