@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="serve FILE (JSON lines or an .sse capture) as a local EventStreams server")
     replay.add_argument("file")
     _add_server_args(replay)
+    Logging.add_arguments(replay)
     replay.set_defaults(func=cmd_replay, settings_class=Logging)
 
     simulate = sub.add_parser("simulate", help="serve simulated events as a local EventStreams server, or write them with --out")
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a spike: DOMAIN at 20x its rate for 2 minutes, SECONDS after the first event (default 60)",
     )
     _add_server_args(simulate)
+    Logging.add_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate, settings_class=Logging)
 
     counts = command("counts", cmd_counts, "print a domain's counts as JSON {bucket_start: count}", CountsSettings)
