@@ -21,7 +21,7 @@ from wikipulse.core.settings import (
     ArchiveSettings,
     CountsSettings,
     DashboardSettings,
-    Logging,
+    LogSettings,
     PublisherSettings,
     RedisSettings,
     Settings,
@@ -103,7 +103,7 @@ def _server_options(args: argparse.Namespace) -> Any:
     return ServerOptions(rate=args.rate, drop_every=args.drop_every, overlap=args.overlap, malformed_every=args.malformed_every)
 
 
-def cmd_replay(settings: Logging, args: argparse.Namespace) -> int:
+def cmd_replay(settings: LogSettings, args: argparse.Namespace) -> int:
     from wikipulse.devtools.eventstreams import ReplaySource, serve
 
     source = ReplaySource.from_file(args.file)
@@ -126,7 +126,7 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         raise SettingsError(f"--spike {args.spike!r}: {exc}") from None
 
 
-def cmd_simulate(settings: Logging, args: argparse.Namespace) -> int:
+def cmd_simulate(settings: LogSettings, args: argparse.Namespace) -> int:
     from wikipulse.devtools.eventstreams import SimulatedSource, serve
 
     count = args.count
@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="serve FILE (JSON lines or an .sse capture) as a local EventStreams server")
     replay.add_argument("file")
     _add_server_args(replay)
-    Logging.add_arguments(replay)
-    replay.set_defaults(func=cmd_replay, settings_class=Logging)
+    LogSettings.add_arguments(replay)
+    replay.set_defaults(func=cmd_replay, settings_class=LogSettings)
 
     simulate = sub.add_parser("simulate", help="serve simulated events as a local EventStreams server, or write them with --out")
     simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a spike: DOMAIN at 20x its rate for 2 minutes, SECONDS after the first event (default 60)",
     )
     _add_server_args(simulate)
-    Logging.add_arguments(simulate)
-    simulate.set_defaults(func=cmd_simulate, settings_class=Logging)
+    LogSettings.add_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate, settings_class=LogSettings)
 
     counts = command("counts", cmd_counts, "print a domain's counts as JSON {bucket_start: count}", CountsSettings)
     counts.add_argument("domain", help="e.g. en.wikipedia.org, or _all for every domain together")
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings: Logging = args.settings_class.from_args(args)
+        settings: LogSettings = args.settings_class.from_args(args)
     except SettingsError as exc:
         parser.error(str(exc))
     setup_logging(settings.log_level)

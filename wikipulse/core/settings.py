@@ -36,7 +36,7 @@ __all__ = [
     "ArchiverSettings",
     "CountsSettings",
     "DashboardSettings",
-    "Logging",
+    "LogSettings",
     "PublisherSettings",
     "RedisSettings",
     "ServiceSettings",
@@ -67,12 +67,12 @@ READ_BATCH_FACTOR = 10
 
 
 @dataclass(frozen=True)
-class Logging(Options):
+class LogSettings(Options):
     log_level: str = opt("LOG_LEVEL", "logging level", "INFO")
 
 
 @dataclass(frozen=True)
-class RedisSettings(Logging):
+class RedisSettings(LogSettings):
     """Where the deployment lives in Redis: every command that talks to Redis has these."""
 
     redis_url: str = opt(
@@ -159,7 +159,7 @@ class Retention(Options):
 
 
 @dataclass(frozen=True)
-class ArchiveSettings(Logging):
+class ArchiveSettings(LogSettings):
     """Where the archive is: every command that reads or writes it has these."""
 
     clickhouse_url: str = opt(
