@@ -113,3 +113,42 @@ def test_a_slow_archiver_is_named_not_blamed_on_redis(monkeypatch: pytest.Monkey
     error = capsys.readouterr().err
     said = f"python -m wikipulse sql: error: the archiver on 127.0.0.1:{port} did not answer within 0.5 s (a slow query?)"
     assert error.splitlines() == [said]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dash", "--channel", "x"),  # the dashboard reads no pub/sub channel: it was accepted, and ignored
+        ("history", "_all", "--redis-url", "redis://127.0.0.1:1/0"),  # the archive's, not Redis's: it was ignored
+        ("sql", "SELECT 1", "--shards", "2"),
+        ("archive", "--source", "pubsub"),  # the subscriber's
+        ("publish", "--clickhouse-url", "http://h:8123"),  # the archiver's
+    ],
+)
+def test_a_flag_the_role_does_not_use_is_refused(args: tuple[str, ...]) -> None:
+    """Each command takes its role's settings only (settings.py): argparse's own error, before anything runs."""
+    result = wikipulse(*args, timeout=15)
+    assert result.returncode == 2, result
+    assert f"unrecognized arguments: {' '.join(args[-2:])}" in result.stderr
+
+
+def test_history_honours_its_archive_flags() -> None:
+    result = wikipulse("history", "_all", "--clickhouse-url", "notaurl")
+    one_clear_line(result, "not a ClickHouse URL: notaurl")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("command", [("counts", "en.wikipedia.org"), ("stats",), ("trending",), ("new-pages",)])
+async def test_queries_read_a_sharded_deployment_with_cluster_and_shards(
+    redis_client: aioredis.Redis, redis_server: RedisServer, command: tuple[str, ...]
+) -> None:
+    """The query commands take --cluster and --shards: a deployment of SHARDS=2 is read with --shards 2 (without
+    it, refused in one line), with the cluster question answered by --cluster off instead of asked."""
+    await redis_client.set(keys.SHARDS_RECORD, 2)
+    shard = keys.Layout("wiki:events", 2, cluster=False).all_shards[0]  # stats reads shard 0's fold group
+    await redis_client.xgroup_create(shard.stream, "wikipulse", id="0", mkstream=True)
+    await redis_client.xadd("wiki:events", {"raw": "{}"})
+    refused = wikipulse(*command, redis_url=redis_server.url)
+    one_clear_line(refused, "SHARDS=2")
+    result = wikipulse(*command, "--cluster", "off", "--shards", "2", redis_url=redis_server.url)
+    assert result.returncode == 0, result.stderr

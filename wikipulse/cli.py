@@ -10,30 +10,33 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from wikipulse.core.errors import OperatorError, SettingsError
-from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.options import Options
+from wikipulse.core.settings import (
+    ArchiverSettings,
+    ArchiveSettings,
+    CountsSettings,
+    DashboardSettings,
+    LogSettings,
+    PublisherSettings,
+    RedisSettings,
+    Settings,
+    ShardsSettings,
+    StatsSettings,
+    SubscriberSettings,
+    redact_url,
+)
 
 if TYPE_CHECKING:
     from wikipulse.devtools.simulate import Simulator
 
 logger = logging.getLogger("wikipulse")
+S = TypeVar("S", bound=Options)
 
-REDIS = ("redis_url", "cluster", "shards", "log_level")
-PUBLISHER = (*REDIS, "stream_url", "channel", "stream", "stream_maxlen", "user_agent", "since", "reset_position",
-             "idle_timeout", "backoff_cap", "batch_size", "batch_delay", "max_event_bytes", "dedup_window", "stats_interval",
-             "lease_ttl", "allow_eviction", "stream_keep", "stream_grace", "stream_consumers")  # fmt: skip
-SUBSCRIBER = (*REDIS, "shard", "source", "channel", "stream", "group", "consumer", "claim_idle", "max_domains", "retention", "batch_size",
-              "batch_delay", "backoff_cap", "max_event_bytes", "stats_interval", "lease_ttl", "allow_eviction",
-              "alert_webhook", "stream_consumers")  # fmt: skip
-DASH = (*REDIS, "host", "port", "stream", "group", "channel", "clickhouse_url", "archive_port",
-        "max_pages", "max_pages_per_address", "push_backlog")  # the archive: for /history
-ARCHIVE = ("clickhouse_url", "archive_dir", "archive_port", "log_level")
-ARCHIVER = (*REDIS, *ARCHIVE, "stream", "archive_group", "archive_retention", "archive_from_stream", "archive_batch", "max_event_bytes",
-            "backoff_cap", "stats_interval", "lease_ttl", "allow_eviction", "stream_consumers")  # fmt: skip
 ENV_HELP = "Every option can also be set through the environment variable named in its help; a flag wins over it."
 
 
@@ -60,7 +63,7 @@ def run_until_signal(main: Callable[[], Awaitable[Any]]) -> int:
     return 0
 
 
-def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_publish(settings: PublisherSettings, args: argparse.Namespace) -> int:
     from wikipulse.ingest.publisher import run_publisher
 
     logger.info(
@@ -73,14 +76,14 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
     return run_until_signal(lambda: run_publisher(settings))
 
 
-def cmd_subscribe(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_subscribe(settings: SubscriberSettings, args: argparse.Namespace) -> int:
     from wikipulse.fold.subscriber import run_subscriber
 
     logger.info("subscriber: %s (%s)", redact_url(settings.redis_url), settings.source)
     return run_until_signal(lambda: run_subscriber(settings))
 
 
-def cmd_dash(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_dash(settings: DashboardSettings, args: argparse.Namespace) -> int:
     from wikipulse.dashboard.app import serve
 
     serve(settings)
@@ -100,7 +103,7 @@ def _server_options(args: argparse.Namespace) -> Any:
     return ServerOptions(rate=args.rate, drop_every=args.drop_every, overlap=args.overlap, malformed_every=args.malformed_every)
 
 
-def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_replay(settings: LogSettings, args: argparse.Namespace) -> int:
     from wikipulse.devtools.eventstreams import ReplaySource, serve
 
     source = ReplaySource.from_file(args.file)
@@ -123,7 +126,7 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         raise SettingsError(f"--spike {args.spike!r}: {exc}") from None
 
 
-def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_simulate(settings: LogSettings, args: argparse.Namespace) -> int:
     from wikipulse.devtools.eventstreams import SimulatedSource, serve
 
     count = args.count
@@ -140,7 +143,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return run_until_signal(lambda: serve(source, _server_options(args), args.host, args.port))
 
 
-def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_counts(settings: CountsSettings, args: argparse.Namespace) -> int:
     from wikipulse.queries import counts
 
     result = asyncio.run(counts(settings, args.domain, args.resolution, args.since, args.until, args.by))
@@ -148,7 +151,7 @@ def cmd_counts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_archive(settings: ArchiverSettings, args: argparse.Namespace) -> int:
     from wikipulse.archive.archiver import run_archiver
 
     archive = redact_url(settings.clickhouse_url) or settings.archive_dir
@@ -156,28 +159,28 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     return run_until_signal(lambda: run_archiver(settings))
 
 
-def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_sql(settings: ArchiveSettings, args: argparse.Namespace) -> int:
     from wikipulse.archive.reader import archive_query
 
     sys.stdout.buffer.write(archive_query(settings, args.statement))
     return 0
 
 
-def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_history(settings: ArchiveSettings, args: argparse.Namespace) -> int:
     from wikipulse.queries import history
 
     sys.stdout.buffer.write(history(settings, args.domain, args.since, args.until))
     return 0
 
 
-def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_stats(settings: StatsSettings, args: argparse.Namespace) -> int:
     from wikipulse.queries import stats
 
     sys.stdout.write(orjson.dumps(asyncio.run(stats(settings)), option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 
-def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_trending(settings: RedisSettings, args: argparse.Namespace) -> int:
     from wikipulse.queries import trending
 
     who = "humans" if args.humans else "bots" if args.bots else "all"
@@ -186,7 +189,7 @@ def cmd_trending(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_new_pages(settings: RedisSettings, args: argparse.Namespace) -> int:
     from wikipulse.queries import new_pages
 
     result = asyncio.run(new_pages(settings, args.domain, args.limit, args.humans, args.namespace))
@@ -194,7 +197,7 @@ def cmd_new_pages(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_shards(settings: ShardsSettings, args: argparse.Namespace) -> int:
     from wikipulse.store import keys
     from wikipulse.store.connect import open_client
     from wikipulse.store.shards import change_shards
@@ -213,7 +216,7 @@ def cmd_shards(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_route(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_route(settings: RedisSettings, args: argparse.Namespace) -> int:
     from wikipulse.ingest.routes import route_command
 
     result = asyncio.run(route_command(settings, args.route_command, args.name, args.where, args.from_stream))
@@ -231,8 +234,8 @@ def _add_route_parser(sub: Any) -> None:
         ("remove", "remove a route, its stream and its counters"),
     ):
         p = actions.add_parser(action, help=text, description=text, epilog=ENV_HELP)
-        Settings.add_arguments(p, dict.fromkeys(("redis_url", "cluster", "stream", "log_level")))
-        p.set_defaults(func=cmd_route, name=None, where=[], from_stream=False)
+        RedisSettings.add_arguments(p)
+        p.set_defaults(func=cmd_route, settings_class=RedisSettings, name=None, where=[], from_stream=False)
         if action != "list":
             p.add_argument("name", help="1-40 of a-z, 0-9, - and _")
         if action == "add":
@@ -256,24 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(
-        name: str, func: Callable[[Settings, argparse.Namespace], int], help: str, options: Sequence[str]
-    ) -> argparse.ArgumentParser:
+    def command(name: str, func: Callable[[S, argparse.Namespace], int], help: str, settings: type[S]) -> argparse.ArgumentParser:
+        """A command whose flags are its role's settings (`settings`): what the role reads, no more."""
         p = sub.add_parser(name, help=help, description=help, epilog=ENV_HELP)
-        Settings.add_arguments(p, dict.fromkeys(options))
-        p.set_defaults(func=func)
+        settings.add_arguments(p)
+        p.set_defaults(func=func, settings_class=settings)
         return p
 
-    command("publish", cmd_publish, "read the EventStreams feed and republish every event to Redis", PUBLISHER)
-    command("subscribe", cmd_subscribe, "fold events into per-domain time series in Redis", SUBSCRIBER)
-    command("dash", cmd_dash, "serve the live dashboard", DASH)
-    command("archive", cmd_archive, "archive every event in ClickHouse, acknowledged after ClickHouse's receipt", ARCHIVER)
-    up = command(
-        "up",
-        cmd_up,
-        "run everything (Redis included, if none answers) as one supervised group",
-        (*PUBLISHER, *SUBSCRIBER, *DASH, *ARCHIVER),
-    )
+    command("publish", cmd_publish, "read the EventStreams feed and republish every event to Redis", PublisherSettings)
+    command("subscribe", cmd_subscribe, "fold events into per-domain time series in Redis", SubscriberSettings)
+    command("dash", cmd_dash, "serve the live dashboard", DashboardSettings)
+    command("archive", cmd_archive, "archive every event in ClickHouse, acknowledged after ClickHouse's receipt", ArchiverSettings)
+    up = command("up", cmd_up, "run everything (Redis included, if none answers) as one supervised group", Settings)
     feed = up.add_mutually_exclusive_group()
     feed.add_argument("--simulate", action="store_true", help="feed the pipeline from a local simulated EventStreams server")
     feed.add_argument("--replay", metavar="FILE", help="feed the pipeline from a local server replaying FILE (JSON lines or .sse)")
@@ -283,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="serve FILE (JSON lines or an .sse capture) as a local EventStreams server")
     replay.add_argument("file")
     _add_server_args(replay)
-    replay.set_defaults(func=cmd_replay)
+    LogSettings.add_arguments(replay)
+    replay.set_defaults(func=cmd_replay, settings_class=LogSettings)
 
     simulate = sub.add_parser("simulate", help="serve simulated events as a local EventStreams server, or write them with --out")
     simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -298,17 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a spike: DOMAIN at 20x its rate for 2 minutes, SECONDS after the first event (default 60)",
     )
     _add_server_args(simulate)
-    simulate.set_defaults(func=cmd_simulate)
+    LogSettings.add_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate, settings_class=LogSettings)
 
-    counts = command("counts", cmd_counts, "print a domain's counts as JSON {bucket_start: count}", ("redis_url", "retention", "log_level"))
+    counts = command("counts", cmd_counts, "print a domain's counts as JSON {bucket_start: count}", CountsSettings)
     counts.add_argument("domain", help="e.g. en.wikipedia.org, or _all for every domain together")
     counts.add_argument("--resolution", default="1m", choices=("10s", "1m", "1h"))
     counts.add_argument("--since", help="start: unix seconds or ISO date (default: one hour of buckets back)")
     counts.add_argument("--until", help="end: unix seconds or ISO date (default now)")
     counts.add_argument("--by", choices=("type", "bot"), help="break down by event type or bot/human")
 
-    redis_only = ("redis_url", "log_level")
-    trend = command("trending", cmd_trending, "print the most-edited pages now as JSON", redis_only)
+    trend = command("trending", cmd_trending, "print the most-edited pages now as JSON", RedisSettings)
     trend.add_argument("--domain", help="one wiki, e.g. en.wikipedia.org (default: every wiki)")
     trend.add_argument("--minutes", type=int, default=5, help="over the last 5 or 60 minutes (default 5)")
     trend.add_argument("--limit", type=int, default=10, help="how many pages (default 10)")
@@ -316,28 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--humans", action="store_true", help="edits by humans only (bots left out)")
     who.add_argument("--bots", action="store_true", help="edits by bots only")
     trend.add_argument("--namespace", help="namespaces, e.g. 0 or 0,1 (default: all)")
-    new = command("new-pages", cmd_new_pages, "print the newest page creations as JSON, newest first", redis_only)
+    new = command("new-pages", cmd_new_pages, "print the newest page creations as JSON, newest first", RedisSettings)
     new.add_argument("--domain", help="one wiki (default: every wiki)")
     new.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     new.add_argument("--humans", action="store_true", help="created by humans only")
     new.add_argument("--namespace", default="0", help="namespaces, e.g. 0,2, or all (default 0: articles)")
 
-    command("stats", cmd_stats, "print the pipeline's counters as JSON", ("redis_url", "stream", "group", "log_level"))
+    command("stats", cmd_stats, "print the pipeline's counters as JSON", StatsSettings)
     shards = command(
         "shards",
         cmd_shards,
         "print the deployment's shard count recorded in Redis; --set N changes it, every process stopped (README: Changing SHARDS)",
-        ("redis_url", "cluster", "shards", "stream", "group", "log_level"),
+        ShardsSettings,
     )
     shards.add_argument("--set", type=int, metavar="N", help="record N shards: the fold starts again from what the ingest stream holds")
 
     _add_route_parser(sub)
 
-    sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ARCHIVE)
+    sql = command("sql", cmd_sql, "query the archive (read-only): rows as JSON lines", ArchiveSettings)
     sql.add_argument(
         "statement", help='one SELECT, WITH, SHOW, DESCRIBE or EXPLAIN, e.g. "SELECT domain, count() FROM events GROUP BY domain"'
     )
-    hist = command("history", cmd_history, "events a day for a domain, from the archive, as JSON lines", ("redis_url", *ARCHIVE))
+    hist = command("history", cmd_history, "events a day for a domain, from the archive, as JSON lines", ArchiveSettings)
     hist.add_argument("domain", help="e.g. de.wikipedia.org, or _all for every domain")
     hist.add_argument("--since", help="start: unix seconds or ISO date (default: 30 days back)")
     hist.add_argument("--until", help="end: unix seconds or ISO date (default now)")
@@ -348,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_args(args)
+        settings: LogSettings = args.settings_class.from_args(args)
     except SettingsError as exc:
         parser.error(str(exc))
     setup_logging(settings.log_level)
@@ -361,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OperatorError as exc:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
     except RedisError as exc:  # the one-shot commands (counts, stats): the long-running ones retry
-        sys.stderr.write(f"{parser.prog} {args.command}: error: Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}\n")
+        where = redact_url(settings.redis_url) if isinstance(settings, RedisSettings) else "?"
+        sys.stderr.write(f"{parser.prog} {args.command}: error: Redis at {where}: {type(exc).__name__}: {exc}\n")
     except OSError as exc:  # not Redis's (redis-py raises its own errors for its connections): a file, a socket elsewhere
         sys.stderr.write(f"{parser.prog} {args.command}: error: {type(exc).__name__}: {exc}\n")
     return 1

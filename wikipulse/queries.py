@@ -8,7 +8,7 @@ from typing import Any
 from wikipulse.archive.reader import archive_query
 from wikipulse.core.errors import OperatorError, SettingsError
 from wikipulse.core.events import is_valid_domain
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import ArchiveSettings, CountsSettings, RedisSettings, StatsSettings
 from wikipulse.devtools.eventstreams import parse_since
 from wikipulse.fold.series import bucket_range, read_series
 from wikipulse.ingest.routes import read_route_counters
@@ -49,7 +49,7 @@ def bounded_range(res: keys.Resolution, since: str | None, until: str | None, re
     return start, end
 
 
-async def open_reader(settings: Settings) -> tuple[Client, keys.Layout]:
+async def open_reader(settings: RedisSettings) -> tuple[Client, keys.Layout]:
     """open_client for a command that only reads: it refuses a shard count other than the deployment's (shards.py),
     which would read other keys than the pipeline writes."""
     client, layout = await open_client(settings)
@@ -61,7 +61,9 @@ async def open_reader(settings: Settings) -> tuple[Client, keys.Layout]:
     return client, layout
 
 
-async def counts(settings: Settings, domain: str, resolution: str, since: str | None, until: str | None, by: str | None) -> dict[int, Any]:
+async def counts(
+    settings: CountsSettings, domain: str, resolution: str, since: str | None, until: str | None, by: str | None
+) -> dict[int, Any]:
     if domain not in (keys.ALL_DOMAINS, keys.OTHER_DOMAINS) and not is_valid_domain(domain):
         raise SettingsError(f"not a domain: {domain!r}")
     res = keys.RESOLUTION_BY_NAME[resolution]
@@ -81,7 +83,7 @@ async def counts(settings: Settings, domain: str, resolution: str, since: str | 
     return out
 
 
-async def stats(settings: Settings) -> dict[str, Any]:
+async def stats(settings: StatsSettings) -> dict[str, Any]:
     client, layout = await open_reader(settings)
     async with client:
         if not await client.exists(settings.stream):
@@ -119,7 +121,7 @@ def parse_namespaces(text: str | None) -> list[int] | None:
 
 
 async def trending(
-    settings: Settings, domain: str | None, minutes: int, limit: int, who: str = "all", namespaces: str | None = None
+    settings: RedisSettings, domain: str | None, minutes: int, limit: int, who: str = "all", namespaces: str | None = None
 ) -> dict[str, Any]:
     from wikipulse.fold.trending import links, read_trending
 
@@ -139,7 +141,9 @@ async def trending(
     }  # fmt: skip
 
 
-async def new_pages(settings: Settings, domain: str | None, limit: int, humans: bool, namespaces: str | None = "0") -> list[dict[str, Any]]:
+async def new_pages(
+    settings: RedisSettings, domain: str | None, limit: int, humans: bool, namespaces: str | None = "0"
+) -> list[dict[str, Any]]:
     from wikipulse.fold.trending import links, read_new_pages
 
     if not 1 <= limit <= keys.NEW_PAGES_KEEP:
@@ -150,7 +154,7 @@ async def new_pages(settings: Settings, domain: str | None, limit: int, humans: 
     return [{**item, **links(item["domain"], item["title"], item["revision"])} for item in items]
 
 
-def history(settings: Settings, domain: str, since: str | None, until: str | None) -> bytes:
+def history(settings: ArchiveSettings, domain: str, since: str | None, until: str | None) -> bytes:
     """Events a day for a domain (or _all) from the archive, over any range it holds (default: the last 30 days)."""
     from wikipulse.archive.table import daily_counts_sql
 

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
 from wikipulse.core.errors import OperatorError, SettingsError
 from wikipulse.core.events import Accepted, Canary, validate
-from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.settings import ArchiverSettings, redact_url
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, open_client, refresh
 from wikipulse.store.lease import Lease
@@ -90,7 +90,8 @@ def archive_is_empty(archive: Archive) -> bool:
 
 class Archiver:
     def __init__(
-        self, settings: Settings, client: Client, layout: keys.Layout | None = None, query_limits: dict[str, int | str] | None = None
+        self, settings: ArchiverSettings, client: Client, layout: keys.Layout | None = None,
+        query_limits: dict[str, int | str] | None = None,
     ) -> None:
         self.settings = settings
         self.query_limits = query_limits  # archive.QUERY_LIMITS unless overridden (tests)
@@ -302,7 +303,7 @@ async def log_stats(archiver: Archiver, interval: float) -> None:
         logger.info("archived %d, rejected %d", t["archived"], sum(v for k, v in t.items() if k.startswith("rejected:")))
 
 
-async def run_archiver(settings: Settings) -> None:
+async def run_archiver(settings: ArchiverSettings) -> None:
     client, layout = await open_client(settings)
     async with client:
         await check_redis(client, settings)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from wikipulse.core.errors import OperatorError
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import ArchiveSettings
 
 
 class ArchiveNotRunning(OperatorError):
     """No archiver answers queries and no ClickHouse server is configured (a reader that may not open the directory)."""
 
 
-def archive_query(settings: Settings, sql: str, embedded: bool = True) -> bytes:
+def archive_query(settings: ArchiveSettings, sql: str, embedded: bool = True) -> bytes:
     """A read-only statement's rows as JSON lines. While the archiver runs it holds the embedded engine (one
     process at a time), so the query goes to its endpoint on 127.0.0.1; otherwise straight to ClickHouse.
     `embedded=False` (a long-running reader: the History page) never opens the embedded directory itself, which

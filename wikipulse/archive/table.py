@@ -24,7 +24,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from wikipulse.core.errors import OperatorError, SettingsError
-from wikipulse.core.settings import Settings, archive_retention_days
+from wikipulse.core.settings import ArchiveSettings, archive_retention_days
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
     return " ".join(str(exc).split())[:limit]
 
 
-def dsn(settings: Settings) -> str:
+def dsn(settings: ArchiveSettings) -> str:
     """clickhouse-connect's DSN: the server's URL, or the embedded engine's directory."""
     if settings.clickhouse_url:
         return settings.clickhouse_url
     return f"chdb://{Path(settings.archive_dir).resolve()}"
 
 
-def connect(settings: Settings) -> Client:
+def connect(settings: ArchiveSettings) -> Client:
     """A client for the configured engine; ArchiveUnavailable if it cannot be opened now."""
     if not settings.clickhouse_url:
         Path(settings.archive_dir).mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import orjson
 from dash import ALL, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import DashboardSettings
 from wikipulse.dashboard.figure_patch import figure_patch, plan_patch, shown_state
 from wikipulse.dashboard.guard import CONNECTION, Guard, GuardMiddleware
 from wikipulse.dashboard.history_page import PATH as HISTORY_PATH
@@ -260,7 +260,7 @@ h1 .push { font-size: 12px; font-weight: normal; color: #888; margin-left: 12px;
 """
 
 
-def build_app(settings: Settings, client: SyncClient | None = None) -> dash.Dash:
+def build_app(settings: DashboardSettings, client: SyncClient | None = None) -> dash.Dash:
     cluster = is_cluster_sync(settings)
     layout = keys.Layout(settings.stream, settings.shards, cluster)
     client = client or open_sync_client(settings, cluster, socket_timeout=5, socket_connect_timeout=5)
@@ -649,7 +649,7 @@ def ticker(snap: Snapshot) -> list[html.Tr]:
     return rows
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: DashboardSettings) -> None:
     """The page under uvicorn, a production ASGI server (debug is never on), until SIGINT or SIGTERM: both stop
     it gracefully and the process exits 0, as the other scripts do."""
     import uvicorn

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from wikipulse.archive.reader import ArchiveNotRunning, archive_query
 from wikipulse.core.errors import OperatorError, SettingsError
 from wikipulse.core.events import is_valid_domain
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import ArchiveSettings
 from wikipulse.dashboard.history_queries import (
     BY_LABELS,
     EARLIEST,
@@ -60,7 +60,7 @@ NO_ARCHIVE = (
 )
 
 
-def archive_reader(settings: Settings) -> Ask:
+def archive_reader(settings: ArchiveSettings) -> Ask:
     """A query's rows, through the archiver or CLICKHOUSE_URL (never the embedded directory: see the module)."""
 
     def ask(sql: str) -> list[dict[str, Any]]:
@@ -295,7 +295,7 @@ def register_live_link(app: dash.Dash) -> None:
     )
 
 
-def mount_history(app: dash.Dash, settings: Settings, css: str = "", ask: Ask | None = None) -> dash.Dash:
+def mount_history(app: dash.Dash, settings: ArchiveSettings, css: str = "", ask: Ask | None = None) -> dash.Dash:
     """Serve the History view at PATH on the live page's server, and link the live page to it."""
     from dash import _get_app
 

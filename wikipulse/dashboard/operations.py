@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisClusterException, ResponseError
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import DashboardSettings
 from wikipulse.dashboard.push import NoticeHub
 from wikipulse.ingest.routes import route_counters
 from wikipulse.store import keys
@@ -110,7 +110,7 @@ def _groups(stream: str, info: Any, rows: Any) -> list[Group]:
     return groups
 
 
-def read_scrape(client: SyncClient, layout: keys.Layout, settings: Settings, now: float) -> Scrape:
+def read_scrape(client: SyncClient, layout: keys.Layout, settings: DashboardSettings, now: float) -> Scrape:
     """Everything a scrape shows, in two pipelined round trips (on a cluster, one per master each, at once)."""
     shards = layout.all_shards
     streams = [layout.stream, *(shard.stream for shard in shards)] if layout.sharded else [layout.stream]
@@ -304,7 +304,7 @@ def route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Metric]:
 class PipelineCollector(Collector):
     """Reads Redis on every scrape (prometheus-client calls collect()); Redis unreachable is `wikipulse_redis_up 0`."""
 
-    def __init__(self, client: SyncClient, layout: keys.Layout, settings: Settings, hub: NoticeHub) -> None:
+    def __init__(self, client: SyncClient, layout: keys.Layout, settings: DashboardSettings, hub: NoticeHub) -> None:
         self.client, self.layout, self.settings, self.hub = client, layout, settings, hub
 
     def collect(self) -> Iterator[Metric]:
@@ -329,14 +329,14 @@ def readiness(client: SyncClient, hub: NoticeHub) -> str | None:
     return None
 
 
-def registry_for(client: SyncClient, layout: keys.Layout, settings: Settings, hub: NoticeHub) -> CollectorRegistry:
+def registry_for(client: SyncClient, layout: keys.Layout, settings: DashboardSettings, hub: NoticeHub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)  # no Redis read at registration: only on a scrape
     registry.register(PipelineCollector(client, layout, settings, hub))
     ProcessCollector(registry=registry)  # the dashboard process's own memory, CPU, open files
     return registry
 
 
-def register_operations(app: dash.Dash, client: SyncClient, layout: keys.Layout, settings: Settings, hub: NoticeHub) -> None:
+def register_operations(app: dash.Dash, client: SyncClient, layout: keys.Layout, settings: DashboardSettings, hub: NoticeHub) -> None:
     """Add the three routes to the FastAPI backend, ahead of Dash's catch-all. Plain functions: FastAPI runs them in
     its thread pool, so a scrape's blocking Redis reads never hold up the event loop (push, websockets)."""
     from fastapi.responses import PlainTextResponse, Response

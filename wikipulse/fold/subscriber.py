@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.events import Accepted, Canary, validate
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import SubscriberSettings
 from wikipulse.core.summary import Observation, observe, parse_summary
 from wikipulse.core.wiki_page import PageEdit, page_of, parse_page
 from wikipulse.fold.domains import DomainGate
@@ -149,7 +149,7 @@ class Batch:
 
 
 class Subscriber:
-    def __init__(self, settings: Settings, client: Client, shard: keys.Shard | None = None) -> None:
+    def __init__(self, settings: SubscriberSettings, client: Client, shard: keys.Shard | None = None) -> None:
         self.settings = settings
         self.client = client
         self.shard = shard or keys.Layout(settings.stream).all_shards[0]  # the stream it folds, and where its keys live
@@ -164,7 +164,7 @@ class Subscriber:
         self.caught_up = settings.source == "pubsub"  # the last read found no backlog (pub/sub has none)
         self.gate = DomainGate(client, settings.max_domains)
         self.totals: Counter[str] = Counter()
-        self.batch_size = settings.batch_size * 10  # reads are cheap; bigger batches fold better
+        self.batch_size = settings.read_batch_size  # reads are cheap; bigger batches fold better
 
     def use_name(self, consumer: str, lease: Lease | None = None) -> None:
         self.consumer = consumer
@@ -478,7 +478,7 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 1000)
 
 
-async def run_subscriber(settings: Settings) -> None:
+async def run_subscriber(settings: SubscriberSettings) -> None:
     tune_gc()
     client, layout = await open_client(settings)
     async with client:

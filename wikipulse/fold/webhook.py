@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from redis.exceptions import ResponseError
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import SubscriberSettings
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
 from wikipulse.store.lease import Lease, LeaseLost, fenced_error
@@ -64,7 +64,7 @@ def body_of(entry_id: str, raw: Any) -> bytes | None:
 
 
 class AlertWebhook:
-    def __init__(self, settings: Settings, client: Client, attempts: int | None = None, timeout: float | None = None) -> None:
+    def __init__(self, settings: SubscriberSettings, client: Client, attempts: int | None = None, timeout: float | None = None) -> None:
         self.url, self.client = settings.alert_webhook, client
         self.attempts = ATTEMPTS if attempts is None else attempts
         self.timeout = TIMEOUT if timeout is None else timeout

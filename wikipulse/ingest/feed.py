@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.ingest.sse import ServerSentEvent, SSEDecoder
 from wikipulse.store.retry import Backoff, stop_if_cancelled
 
@@ -66,7 +66,7 @@ class Connection:
     last *complete* event: the feed sends no heartbeats, and a peer that trickles bytes but no events is as dead as a
     silent one."""
 
-    def __init__(self, response: aiohttp.ClientResponse, settings: Settings, position: str | None) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, settings: PublisherSettings, position: str | None) -> None:
         self.response, self.idle_timeout = response, settings.idle_timeout
         self.decoder = SSEDecoder(settings.max_event_bytes)
         self.decoder.last_event_id = position  # an event without `id:` carries the last one, per the spec
@@ -97,7 +97,7 @@ class Connection:
 
 
 class Feed:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: PublisherSettings, session: aiohttp.ClientSession) -> None:
         self.settings, self.session = settings, session
         self.since = settings.since  # dropped when the feed rejects it
         self.backoff = Backoff(settings.backoff_cap)

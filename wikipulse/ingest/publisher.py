@@ -18,7 +18,7 @@ from collections import Counter
 import aiohttp
 from redis.exceptions import ResponseError
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.core.tasks import background, run_together
 from wikipulse.ingest.batcher import Batcher
 from wikipulse.ingest.feed import FEED_ERRORS, Connection, Feed, FeedEnded, Rejected400
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, settings: Settings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None) -> None:
+    def __init__(
+        self, settings: PublisherSettings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None
+    ) -> None:
         s = self.settings = settings
         self.client = client
         self.layout = layout or keys.Layout(s.stream)
@@ -168,7 +170,7 @@ class Publisher:
             logger.warning("could not flush the last batch on shutdown (%s); it will be re-read on restart", exc)
 
 
-def say_trimmed_unread(grew: dict[str, int], settings: Settings) -> None:
+def say_trimmed_unread(grew: dict[str, int], settings: PublisherSettings) -> None:
     """{group: entries trimmed unread so far}, for the groups that lost entries to the write just made."""
     for group, lost in grew.items():
         logger.error(
@@ -196,7 +198,7 @@ async def log_stats(publisher: Publisher, interval: float) -> None:
             await publisher.heartbeat()
 
 
-async def run_publisher(settings: Settings) -> None:
+async def run_publisher(settings: PublisherSettings) -> None:
     client, layout = await open_client(settings)
     async with client, aiohttp.ClientSession(read_bufsize=1 << 20) as session:
         await check_redis(client, settings)

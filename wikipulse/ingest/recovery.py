@@ -15,7 +15,7 @@ from collections import Counter
 
 from redis.exceptions import ResponseError
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.ingest.batcher import Batcher
 from wikipulse.ingest.writer import RedisDown, WritesLost
 from wikipulse.store import keys
@@ -30,7 +30,13 @@ RECOVERABLE = (RedisDown, WritesLost, RedisFull, LeaseLost)  # what a write rais
 
 class Recovery:
     def __init__(
-        self, settings: Settings, client: Client, publisher_keys: keys.PublisherKeys, lease: Lease, batcher: Batcher, totals: Counter[str]
+        self,
+        settings: PublisherSettings,
+        client: Client,
+        publisher_keys: keys.PublisherKeys,
+        lease: Lease,
+        batcher: Batcher,
+        totals: Counter[str],
     ) -> None:
         self.settings, self.client, self.keys = settings, client, publisher_keys
         self.lease, self.batcher, self.totals = lease, batcher, totals

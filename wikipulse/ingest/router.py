@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from redis.exceptions import ResponseError
 
 from wikipulse.core.events import Accepted, validate
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.core.summary import parse_summary
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack, refresh
@@ -68,7 +68,7 @@ class ShardWriter:
     once a replica has the copy (connect.ReplicaWait)."""
 
     def __init__(
-        self, client: Client, shard: Target, lease: Lease, settings: Settings, name: str = "", groups: Sequence[str] | None = None
+        self, client: Client, shard: Target, lease: Lease, settings: PublisherSettings, name: str = "", groups: Sequence[str] | None = None
     ) -> None:
         """`groups`: the consumer groups a new stream comes with (default: those the deployment runs on a shard stream;
         a route's stream has none of its own: its readers make theirs)."""
@@ -177,7 +177,7 @@ def split(entries: Sequence[Entry], layout: keys.Layout, max_bytes: int) -> tupl
 
 
 class Router:
-    def __init__(self, settings: Settings, client: Client, layout: keys.Layout) -> None:
+    def __init__(self, settings: PublisherSettings, client: Client, layout: keys.Layout) -> None:
         self.settings, self.client, self.layout = settings, client, layout
         token = new_token()
         self.leases = [Lease(client, shard.router_lease, settings.lease_ttl, token) for shard in layout.all_shards]
@@ -240,7 +240,7 @@ class Router:
         s = self.settings
         reader = StreamReader(self.client, self.layout.stream, self.layout.router_group, CONSUMER)
         cursor = "0"
-        count = s.batch_size * 10
+        count = s.read_batch_size
         try:
             await reader.send(cursor, count, None)
             while True:

@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 
 from wikipulse.core.errors import SettingsError
 from wikipulse.core.events import CANARY_DOMAIN, Accepted, is_valid_domain, validate
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings, RedisSettings
 from wikipulse.core.summary import MAX_NAMESPACE, observe, summarize
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.store import keys
@@ -205,7 +205,7 @@ async def _last_id(client: Client, stream: str) -> str:
     return last.decode() if isinstance(last, bytes) else str(last)
 
 
-async def add_route(client: Client, settings: Settings, name: str, wheres: Sequence[str], from_stream: bool) -> Definition:
+async def add_route(client: Client, settings: RedisSettings, name: str, wheres: Sequence[str], from_stream: bool) -> Definition:
     check_name(name)
     where = parse_filter(wheres)
     start = "0-0" if from_stream else await _last_id(client, settings.stream)
@@ -245,7 +245,7 @@ async def remove_route(client: Client, name: str) -> None:
     await _drop_keys(client, keys.Route(name))
 
 
-async def route_command(settings: Settings, action: str, name: str | None, wheres: Sequence[str], from_stream: bool) -> Any:
+async def route_command(settings: RedisSettings, action: str, name: str | None, wheres: Sequence[str], from_stream: bool) -> Any:
     """What `route add|list|remove` prints."""
     from wikipulse.store.connect import open_client
 
@@ -296,7 +296,7 @@ class Live:
 
 
 class RouteCopier:
-    def __init__(self, settings: Settings, client: Client, layout: keys.Layout) -> None:
+    def __init__(self, settings: PublisherSettings, client: Client, layout: keys.Layout) -> None:
         self.settings, self.client, self.stream = settings, client, layout.stream
         self.token = new_token()
         self.lease = Lease(client, keys.ROUTES_LEASE, settings.lease_ttl, self.token)
@@ -361,7 +361,7 @@ class RouteCopier:
         """Own pending entries first (a restart's), then new ones; each batch copied to every route before it is acked
         (by the next read, in Redis: READ_SCRIPT). Redis hands over only the entries some route may want."""
         cursor, acked_to, seen = "0", "", "$"
-        count = min(self.settings.batch_size * 10, READ_MAX)
+        count = min(self.settings.read_batch_size, READ_MAX)
         waiter = raw_connection(self.client, self.stream)  # its own: a blocking read cancelled on a pooled one leaks it
         try:
             while True:

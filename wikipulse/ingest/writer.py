@@ -16,7 +16,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from wikipulse.core.events import parse_dt
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import PublisherSettings
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
 from wikipulse.store.lease import Lease, fenced_error
@@ -66,7 +66,7 @@ class Written(NamedTuple):
 class BatchWriter:
     def __init__(
         self,
-        settings: Settings,
+        settings: PublisherSettings,
         client: Client,
         lease: Lease,
         publisher_keys: keys.PublisherKeys = keys.UNSHARDED_PUBLISHER,

@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, NoScriptError, ResponseError
 
 from wikipulse.core.errors import OperatorError
-from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.settings import RedisSettings, redact_url
 from wikipulse.store.keys import Layout
 from wikipulse.store.retry import REDIS_ERRORS, ReplicaBehind, drop
 
@@ -42,7 +42,7 @@ def _cluster_enabled(info: dict[str, Any] | None) -> bool:
     return bool(info and info.get("cluster_enabled"))
 
 
-async def is_cluster(settings: Settings) -> bool:
+async def is_cluster(settings: RedisSettings) -> bool:
     """What settings.cluster says, or (auto) what the server says. Raises OperatorError when that is unanswerable."""
     if settings.cluster != "auto":
         return settings.cluster == "on"
@@ -54,7 +54,7 @@ async def is_cluster(settings: Settings) -> bool:
         raise OperatorError(f"Redis at {redact_url(settings.redis_url)} unreachable: {type(exc).__name__}: {exc}") from None
 
 
-async def open_client(settings: Settings, **options: Any) -> tuple[Client, Layout]:
+async def open_client(settings: RedisSettings, **options: Any) -> tuple[Client, Layout]:
     """A client for settings.redis_url (a cluster's node: any of them) and the deployment's layout."""
     cluster = await is_cluster(settings)
     layout = Layout(settings.stream, settings.shards, cluster)
@@ -70,7 +70,7 @@ async def open_client(settings: Settings, **options: Any) -> tuple[Client, Layou
     return client, layout
 
 
-def open_sync_client(settings: Settings, cluster: bool, **options: Any) -> SyncClient:
+def open_sync_client(settings: RedisSettings, cluster: bool, **options: Any) -> SyncClient:
     """The blocking client of the page's callbacks."""
     client: SyncClient
     if cluster:
@@ -80,7 +80,7 @@ def open_sync_client(settings: Settings, cluster: bool, **options: Any) -> SyncC
     return client
 
 
-def is_cluster_sync(settings: Settings) -> bool:
+def is_cluster_sync(settings: RedisSettings) -> bool:
     if settings.cluster != "auto":
         return settings.cluster == "on"
     try:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from wikipulse.core.errors import OperatorError
-from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.settings import ServiceSettings, redact_url
 from wikipulse.store.retry import REDIS_ERRORS, Backoff, pause_before_retry
 from wikipulse.store.shards import check_shards
 
@@ -33,14 +33,14 @@ async def maxmemory_policy(client: aioredis.Redis) -> str | None:
     return None if policy is None else str(policy)
 
 
-async def check_redis(client: aioredis.Redis, settings: Settings) -> None:
+async def check_redis(client: aioredis.Redis, settings: ServiceSettings) -> None:
     """Wait for Redis to answer, then refuse an evicting one (OperatorError) unless allow_eviction, and a shard count
     other than the deployment's (shards.py; recorded here by the first writer)."""
     await _check_policy(client, settings)
     await check_shards(client, settings)
 
 
-async def _check_policy(client: aioredis.Redis, settings: Settings) -> None:
+async def _check_policy(client: aioredis.Redis, settings: ServiceSettings) -> None:
     backoff = Backoff(settings.backoff_cap)
     while True:
         try:

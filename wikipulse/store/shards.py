@@ -29,7 +29,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from wikipulse.core.errors import OperatorError
-from wikipulse.core.settings import Settings, redact_url
+from wikipulse.core.settings import RedisSettings, ShardsSettings, redact_url
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, SyncClient
 
@@ -45,7 +45,7 @@ def _recorded(raw: bytes | str | None) -> int | None:
         return None  # not ours: refused below as a count that does not match
 
 
-def refusal(raw: bytes | str | None, settings: Settings) -> str | None:
+def refusal(raw: bytes | str | None, settings: RedisSettings) -> str | None:
     """Why a process with settings.shards must not run on a Redis whose record says `raw` (None: it may)."""
     if raw is None or _recorded(raw) == settings.shards:
         return None
@@ -57,7 +57,7 @@ def refusal(raw: bytes | str | None, settings: Settings) -> str | None:
     )
 
 
-async def check_shards(client: Client, settings: Settings, record: bool = True) -> None:
+async def check_shards(client: Client, settings: RedisSettings, record: bool = True) -> None:
     """Refuse (OperatorError) a count other than the recorded one; with `record`, the first writer records its own."""
     if record:
         await client.set(keys.SHARDS_RECORD, settings.shards, nx=True)
@@ -66,7 +66,7 @@ async def check_shards(client: Client, settings: Settings, record: bool = True) 
         raise OperatorError(why)
 
 
-def check_shards_sync(client: SyncClient, settings: Settings) -> None:
+def check_shards_sync(client: SyncClient, settings: RedisSettings) -> None:
     """The page's check at start (it records nothing). A page started before Redis checks nothing: it reads only."""
     try:
         raw = client.get(keys.SHARDS_RECORD)
@@ -127,7 +127,7 @@ async def _scan(client: Client) -> list[str]:
     return [k.decode(errors="replace") if isinstance(k, bytes) else k async for k in client.scan_iter(match=f"{keys.PREFIX}:*", count=1000)]
 
 
-async def change_shards(client: Client, settings: Settings, new: int, cluster: bool) -> Change:
+async def change_shards(client: Client, settings: ShardsSettings, new: int, cluster: bool) -> Change:
     """Record `new` as the deployment's count; see the module's docstring. OperatorError while a process runs."""
     was = _recorded(await client.get(keys.SHARDS_RECORD))
     found = await _scan(client)

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import ResponseError
 
-from wikipulse.core.settings import Settings
+from wikipulse.core.settings import StreamGroupsSettings
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
 from wikipulse.store.scripts import script
@@ -48,7 +48,7 @@ CREATE_GROUPS_SCRIPT = script(__package__, "create_groups", "trim")
 ROLES = ("subscriber", "archiver")  # the consumers a deployment can run on the stream (settings.stream_consumers)
 
 
-def declared_groups(settings: Settings, stream: str, sharded: bool) -> list[str]:
+def declared_groups(settings: StreamGroupsSettings, stream: str, sharded: bool) -> list[str]:
     """The consumer groups the deployment runs on `stream` (created with it). Sharded, the ingest stream
     (settings.stream) is read by the router and the archiver, each shard stream by the subscribers."""
     roles = settings.consumer_roles()
