@@ -30,7 +30,7 @@ import redis
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import RedisServer, free_port
-from wikipulse.devtools.simulate import Simulator, Spike
+from wikipulse.devtools.simulate import SimulatedSpike, Simulator
 from wikipulse.fold.spikes import judge
 from wikipulse.store import keys
 
@@ -49,7 +49,7 @@ def minute_counts(sim: Simulator, n: int) -> dict[int, Counter[str]]:
 def false_alerts(hours: float, domain: str) -> None:
     n = int(hours * 3600 * 35)
     rows = []
-    for name, spike in (("the usual mix", None), (f"with a spike on {domain}", Spike(domain, 12 * 3600 + 17))):
+    for name, spike in (("the usual mix", None), (f"with a spike on {domain}", SimulatedSpike(domain, 12 * 3600 + 17))):
         started = time.perf_counter()
         sim = Simulator(seed=31, start=0, canary_every=0, spike=spike)
         counts = minute_counts(sim, sim.index_at(hours * 3600))

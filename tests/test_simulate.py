@@ -17,7 +17,7 @@ from wikipulse.core.errors import SettingsError
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.devtools.eventstreams import PATH, SimulatedSource, event_id
 from wikipulse.devtools.redis_server import free_port
-from wikipulse.devtools.simulate import Simulator, Spike
+from wikipulse.devtools.simulate import SimulatedSpike, Simulator
 
 
 def test_same_seed_same_events() -> None:
@@ -43,7 +43,7 @@ def test_served_events_are_stamped_at_the_serving_rate() -> None:
 
 
 def test_an_injected_spike_is_its_wiki_at_twenty_times_its_rate_for_two_minutes() -> None:
-    sim = Simulator(seed=1, start=0, spike=Spike("en.wikipedia.org", at=600))
+    sim = Simulator(seed=1, start=0, spike=SimulatedSpike("en.wikipedia.org", at=600))
     per_minute: Counter[int] = Counter()
     titles: Counter[str] = Counter()
     end = sim.index_at(900)

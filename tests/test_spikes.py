@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from tests.helpers import stop, wait_for
 from tests.test_subscriber import load_stream, run_subscriber
 from wikipulse.core.settings import Settings
-from wikipulse.devtools.simulate import Simulator, Spike
-from wikipulse.fold.spikes import FACTOR, MIN_VOLUME, SpikeWatch, is_spike, judge, read_alerts
+from wikipulse.devtools.simulate import SimulatedSpike, Simulator
+from wikipulse.fold.spikes import CHECK_EVERY, FACTOR, MIN_VOLUME, SpikeWatch, is_spike, judge, read_alerts
 from wikipulse.store import keys
 
 STEADY = [100, 96, 110, 104, 99, 92, 101, 108, 95, 103, 97, 100]
@@ -36,7 +38,7 @@ def test_one_alert_per_episode_measured_against_the_usual_level() -> None:
     assert [s.minute for m in range(70) for s in judge(counts, m * 60)] == [61 * 60, 66 * 60]
 
 
-def feed(seconds: int, spike: Spike | None, rate: float = 8.0) -> tuple[Simulator, list[bytes]]:
+def feed(seconds: int, spike: SimulatedSpike | None, rate: float = 8.0) -> tuple[Simulator, list[bytes]]:
     start = time.time() - seconds
     sim = Simulator(seed=21, start=start, rate=rate, canary_every=0, spike=spike)
     return sim, [orjson.dumps(sim.event(i)) for i in range(sim.index_at(time.time() - 1))]
@@ -54,7 +56,7 @@ async def test_an_injected_spike_raises_exactly_one_alert_at_its_time(
 ) -> None:
     now = time.time()
     at = (int(now) // 60 - 20) * 60 + spike_at  # 20 minutes ago, after half an hour of the usual mix
-    sim, lines = feed(50 * 60, Spike("en.wikipedia.org", at))
+    sim, lines = feed(50 * 60, SimulatedSpike("en.wikipedia.org", at))
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(keys.ALERTS_CHANNEL)
     await load_stream(redis_client, lines, with_fold=True)
@@ -95,7 +97,7 @@ async def test_the_subscriber_process_watches_its_shards(redis_client: aioredis.
 
     now = time.time()
     at = (int(now) // 60 - 5) * 60  # within the watch's first look back
-    _, lines = feed(45 * 60, Spike("en.wikipedia.org", at))
+    _, lines = feed(45 * 60, SimulatedSpike("en.wikipedia.org", at))
     await load_stream(redis_client, lines, with_fold=True)
     subscriber = await run_subscriber(settings, redis_client, len(lines))
     subscriber.caught_up = False  # as while a backlog is folded: minutes read now would look quiet
@@ -111,3 +113,41 @@ async def test_the_subscriber_process_watches_its_shards(redis_client: aioredis.
     finally:
         task.cancel()
     assert [a["domain"] for a in await read_alerts(redis_client, 10)] == ["en.wikipedia.org"]
+
+
+async def test_a_full_redis_pauses_the_watch_said_once_and_the_spike_is_alerted_after(
+    redis_client: aioredis.Redis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An alert is a write: a Redis at maxmemory (noeviction, as wikipulse requires) refuses it with OOM. The watch
+    must not die of it unseen: it says so once, goes on, and raises the alert once Redis takes writes again."""
+    from wikipulse.fold.subscriber import watch_spikes
+
+    at = (int(time.time()) // 60 - 5) * 60  # within the watch's first look back
+    _, lines = feed(45 * 60, SimulatedSpike("en.wikipedia.org", at))
+    await load_stream(redis_client, lines, with_fold=True)
+    subscriber = await run_subscriber(settings, redis_client, len(lines))
+    assert (await redis_client.config_get("maxmemory-policy"))["maxmemory-policy"] == "noeviction"
+    await redis_client.config_set("maxmemory", 1)  # full: every write refused, reads still served
+    task = asyncio.create_task(watch_spikes(redis_client, subscriber))
+    try:
+        await wait_for(lambda: _said(caplog, "spike alerts paused"), 10, "the watch to say Redis is full", task)
+        await asyncio.sleep(CHECK_EVERY + 1)  # a second check, refused too
+        assert not task.done(), "the watch died"
+        assert await read_alerts(redis_client, 10) == []
+        await redis_client.config_set("maxmemory", 0)
+        await wait_for(lambda: _has_alerts(redis_client), 2 * CHECK_EVERY, "the alert once Redis takes writes", task)
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await stop(task)
+    assert [a["domain"] for a in await read_alerts(redis_client, 10)] == ["en.wikipedia.org"]
+    full = [r for r in caplog.records if "spike alerts paused" in r.getMessage()]
+    assert len(full) == 1 and full[0].levelno == logging.ERROR and "OOM" in full[0].getMessage()
+    assert await _said(caplog, "spike alerts resumed")
+
+
+async def _said(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
+async def _has_alerts(client: aioredis.Redis) -> bool:
+    return bool(await read_alerts(client, 10))

@@ -163,7 +163,7 @@ async def test_a_cancellation_lost_in_a_library_still_stops_it(redis_client: aio
     """On Python 3.11 redis-py can turn a cancellation into a TimeoutError it swallows, and cleanup
     that fails while cancelled replaces it with an error: the loop must stop all the same."""
     subscriber = Subscriber(settings, redis_client)
-    read, losing = subscriber.read, asyncio.Event()
+    read, losing = subscriber.stream.read, asyncio.Event()
     losing.set()
 
     async def read_that_loses_a_cancellation(start: str, block: int | None) -> tuple[list[Any], bytes]:
@@ -176,7 +176,7 @@ async def test_a_cancellation_lost_in_a_library_still_stops_it(redis_client: aio
                 raise ConnectionError("the connection could not be closed") from None
             return [], b"0"
 
-    subscriber.read = read_that_loses_a_cancellation  # type: ignore[method-assign]
+    subscriber.stream.read = read_that_loses_a_cancellation  # type: ignore[method-assign]
     task = asyncio.create_task(subscriber.run_stream())
     await asyncio.sleep(0.5)  # idle, in a blocking read
     task.cancel()

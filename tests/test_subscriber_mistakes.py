@@ -68,8 +68,8 @@ async def test_a_process_that_stalled_past_its_lease_applies_nothing(redis_clien
     a = Subscriber(s, redis_client)
     await a.ensure_group()
     await a.take_name()
-    assert a._lease_keeper is not None
-    a._lease_keeper.cancel()  # A stalls: it renews nothing from here on
+    assert a.name.keeper is not None
+    a.name.keeper.cancel()  # A stalls: it renews nothing from here on
     taken, claims = await a.read(">", None)
     await asyncio.sleep(0.8)  # the lease lapses
     expected = len(non_canary_ids(lines))

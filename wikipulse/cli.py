@@ -113,7 +113,7 @@ def cmd_replay(settings: LogSettings, args: argparse.Namespace) -> int:
 def make_simulator(args: argparse.Namespace) -> Simulator:
     """Events stamped at the rate they are served, so event time keeps pace with the clock
     (a count of them ends now; an endless feed starts a few seconds back, like the live lag)."""
-    from wikipulse.devtools.simulate import FEED_LAG, LIVE_RATE, Simulator, Spike
+    from wikipulse.devtools.simulate import FEED_LAG, LIVE_RATE, SimulatedSpike, Simulator
 
     rate = args.rate if args.rate > 0 else LIVE_RATE
     start = args.start if args.start is not None else time.time() - (args.count / rate if args.count else FEED_LAG)
@@ -121,7 +121,7 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         return Simulator(seed=args.seed, start=start, rate=rate)
     domain, _, after = args.spike.partition("@")
     try:
-        return Simulator(seed=args.seed, start=start, rate=rate, spike=Spike(domain, start + float(after or 60)))
+        return Simulator(seed=args.seed, start=start, rate=rate, spike=SimulatedSpike(domain, start + float(after or 60)))
     except ValueError as exc:  # an unknown wiki or a malformed SECONDS
         raise SettingsError(f"--spike {args.spike!r}: {exc}") from None
 

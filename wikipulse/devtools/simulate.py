@@ -7,7 +7,7 @@ the rest over a long tail of ~900 wikis; 32% bots; meta.dt lags timestamp ~1.6 s
 ~2% out of order; a canary event about hourly at the live rate. Titles are drawn log-uniformly
 (a few hot pages per wiki, a long tail of pages edited once), so trending lists have a head.
 
-A Spike adds a burst on one wiki (e.g. 20x its share of the rate for two minutes, on a few
+A SimulatedSpike adds a burst on one wiki (e.g. 20x its share of the rate for two minutes, on a few
 titles): the events of the spike window come faster, and the added ones are that wiki's.
 """
 
@@ -166,7 +166,7 @@ SPIKE_TITLES = 5  # a spike edits this many pages of its wiki
 
 
 @dataclass(frozen=True)
-class Spike:
+class SimulatedSpike:
     """`domain` at `factor` times its usual rate from time `at` for `seconds`."""
 
     domain: str
@@ -182,7 +182,7 @@ def _tail_domains() -> list[str]:
 
 class Simulator:
     def __init__(
-        self, seed: int = 0, start: float = 0.0, rate: float = LIVE_RATE, canary_every: int = 126_000, spike: Spike | None = None
+        self, seed: int = 0, start: float = 0.0, rate: float = LIVE_RATE, canary_every: int = 126_000, spike: SimulatedSpike | None = None
     ) -> None:
         self.seed, self.start, self.rate, self.canary_every, self.spike = seed, start, rate, canary_every, spike
         tail = _tail_domains()
