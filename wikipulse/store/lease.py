@@ -75,13 +75,22 @@ class Lease:
 
     async def try_acquire(self) -> str | None:
         """Take or renew the lease: None when it is ours, else the other holder's token."""
-        holder = _text(await self._take(keys=[self.key], args=[self.token, self.token, self.ttl_ms]))
-        if holder != self.token and died_here(holder):
-            logger.info("lease %s: its holder %s is no longer running on this host; taking it over", self.key, holder)
-            holder = _text(await self._take(keys=[self.key], args=[holder, self.token, self.ttl_ms]))
-        if holder != self.token:
-            return holder
+        # Held before the take answers: another lease of this process that reads this fresh token in between must not
+        # judge its holder dead (died_here) and take the lease over.
+        held = self.token in _HELD
         _HELD.add(self.token)
+        try:
+            holder = _text(await self._take(keys=[self.key], args=[self.token, self.token, self.ttl_ms]))
+            if holder != self.token and died_here(holder):
+                logger.info("lease %s: its holder %s is no longer running on this host; taking it over", self.key, holder)
+                holder = _text(await self._take(keys=[self.key], args=[holder, self.token, self.ttl_ms]))
+        except BaseException:
+            if not held:  # no answer: as it was
+                _HELD.discard(self.token)
+            raise
+        if holder != self.token:
+            _HELD.discard(self.token)
+            return holder
         return None
 
     async def wait_until_held(self, what: str) -> None:
