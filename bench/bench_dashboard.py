@@ -31,9 +31,11 @@ from dash._utils import to_json as dash_to_json
 
 from bench.common import redis_server
 from wikipulse.core.settings import Settings
-from wikipulse.dashboard import app as dashboard
-from wikipulse.dashboard.app import read_snapshot, refresh_view, render, window_buckets
+from wikipulse.dashboard import layout as dashboard_layout
+from wikipulse.dashboard.callbacks import refresh_view
+from wikipulse.dashboard.data import read_snapshot, window_buckets
 from wikipulse.dashboard.figure_patch import shown_state
+from wikipulse.dashboard.layout import render
 from wikipulse.dashboard.view import Selection, Snapshot, fill_gaps
 from wikipulse.devtools.reference import fold
 from wikipulse.fold.series import SeriesRead, bucket_range
@@ -88,7 +90,7 @@ def to_json(outputs: tuple[Any, ...]) -> str:
 
 
 def baseline_refresh(client: redis.Redis, sel: Selection) -> str:
-    with mock.patch.object(dashboard, "make_figure", graph_objects_figure):
+    with mock.patch.object(dashboard_layout, "make_figure", graph_objects_figure):
         return to_json(render(naive_snapshot(client, sel, time.time()), sel))
 
 
@@ -97,7 +99,7 @@ def refresh(client: redis.Redis, sel: Selection) -> str:
 
 
 def pushed_update(client: redis.Redis, sel: Selection, patched: bool) -> tuple[str, str]:
-    """(the figure, every output) as one pushed update encodes them (dashboard.refresh_view): the whole refresh, or a
+    """(the figure, every output) as one pushed update encodes them (callbacks.refresh_view): the whole refresh, or a
     Patch of the figure the page drew a bucket earlier, after a batch that moved the last two buckets."""
     buckets = window_buckets(sel, time.time())
     step = sel.res.step

@@ -27,7 +27,7 @@ from tests.test_subscriber import LONG, load_stream, stored_counts
 from wikipulse import queries as query
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
-from wikipulse.dashboard.app import read_snapshot
+from wikipulse.dashboard.data import read_snapshot
 from wikipulse.dashboard.view import Selection, trimmed_notice
 from wikipulse.devtools.redis_server import LocalCluster
 from wikipulse.devtools.reference import reference_fold

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
-from wikipulse.dashboard.app import render
+from wikipulse.dashboard.layout import render
 from wikipulse.dashboard.lists_view import ListFilter, alert_marks, clean_filter, trending_rows
 from wikipulse.dashboard.view import (
     Selection,

@@ -30,7 +30,7 @@ def shown_state(sel: Selection, zoom: Any, buckets: list[int], traces: int, mark
     ranges = zoomed_ranges(zoom, sel)
     view = ui_revision(sel) + "|" + orjson.dumps(ranges, option=orjson.OPT_SORT_KEYS).decode()
     first, last = (buckets[0], buckets[-1]) if buckets else (None, None)
-    # The selection and zoom again, as values: the push (dashboard.py) computes the page's next update from them.
+    # The selection and zoom again, as values: the push (push_routes.py) computes the page's next update from them.
     args = [list(sel.domains), sel.resolution, sel.window, sel.breakdown, sel.who, sel.namespace]
     zoomed = {"rev": ui_revision(sel), **ranges} if ranges else None
     return {"view": view, "mark": mark, "first": first, "last": last, "traces": traces, "args": args, "zoom": zoomed}

@@ -173,11 +173,6 @@ def search_from_selection(sel: HistorySelection) -> str:
     return "?" + urlencode({"domains": ",".join(sel.domains), "since": sel.first_day, "until": sel.last_day, "by": sel.by})
 
 
-def live_search(domains: tuple[str, ...]) -> str:
-    """The live page's query for the same wikis (its own defaults for the rest)."""
-    return "?" + urlencode({"domains": ",".join(domains)}) if domains else ""
-
-
 # ---- SQL -------------------------------------------------------------------------------------------------
 
 

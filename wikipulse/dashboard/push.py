@@ -1,7 +1,7 @@
 """Server push: the page moves when the data moves, not on a timer.
 
 The subscriber announces every applied batch on keys.NOTICES (series.APPLY_SCRIPT). A dashboard process holds one
-Redis subscription to it (NoticeHub), whatever the number of open pages, and each socket's push loop (dashboard.py)
+Redis subscription to it (NoticeHub), whatever the number of open pages, and each socket's push loop (socket_push.py)
 waits on the hub and sends its pages the update over the socket (view_updates.py: computed once per view and
 version): a page costs no Redis read per event, and nothing at all while nothing happens. Bursts are coalesced: a
 page is pushed to at most once per MIN_PUSH_GAP. The hub admits pages up to a cap per process and per client address.
@@ -54,7 +54,7 @@ class NoticeHub:
         self._woken_at = -math.inf
         self._wake_due: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopper: asyncio.Task[None] | None = None
+        self._stopper: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> tuple[int, bool]:
@@ -80,8 +80,8 @@ class NoticeHub:
         if self._stopper is not None:
             self._stopper.cancel()
             self._stopper = None
-        if not self.subscribed:
-            self._changed = asyncio.Event()
+        if not self.subscribed:  # none, or one being let go (_stop_if_idle): another, at once
+            self._changed = self._changed or asyncio.Event()  # the same one: no waiter is left on a forgotten event
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="wikipulse-notice-hub")
 
     def page_closed(self, address: str = "") -> None:
@@ -90,7 +90,7 @@ class NoticeHub:
         if not self.by_address[address]:
             del self.by_address[address]
         if self.pages == 0 and self._stopper is None:
-            self._stopper = asyncio.get_running_loop().create_task(self._stop_when_idle())
+            self._stopper = asyncio.get_running_loop().call_later(IDLE_STOP, self._stop_if_idle)
 
     @property
     def mark(self) -> str:
@@ -149,14 +149,13 @@ class NoticeHub:
             logger.warning("notices: Redis is %s", "back" if up else "unavailable; resubscribing")
             self._announce()
 
-    async def _stop_when_idle(self) -> None:
-        await asyncio.sleep(IDLE_STOP)
-        if self.pages == 0 and self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def _stop_if_idle(self) -> None:
+        """IDLE_STOP after the last page closed. A timer, not a task, and the subscription is forgotten as it is
+        cancelled: no moment remains at which a page opens, sees it still held, and waits on it as it closes."""
         self._stopper = None
+        if self.pages == 0 and self._task is not None:
+            self._task.cancel()  # it closes its connection by itself
+            self._task = None
 
     async def _listen(self) -> None:
         backoff = Backoff(5.0)

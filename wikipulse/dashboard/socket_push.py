@@ -31,7 +31,7 @@ from wikipulse.store.retry import REDIS_ERRORS
 PAGES_PER_SOCKET = 8  # tabs of one browser; a socket claiming more pages is crafted
 PAGE_TIMEOUT = 10.0  # seconds a page has to say what it shows
 ALIVE_CHECK = 60.0  # seconds between two questions to a pushed page: one that does not answer is let go
-LISTS_GAP = 5.0  # seconds between two pushes of the lists (dashboard.LISTS_MS): they cost more than the counts
+LISTS_GAP = 5.0  # seconds between two pushes of the lists (layout.LISTS_MS): they cost more than the counts
 POLLING = "polling every 2 s"
 
 
@@ -144,7 +144,7 @@ class SocketPush:
                 page.asking[store] = asyncio.create_task(self._ask(conn, renderer, page, graph))
             return
         if graph and time.monotonic() - page.asked_at > ALIVE_CHECK and "alive" not in page.asking:
-            page.asking["alive"] = asyncio.create_task(self._check_alive(conn, renderer, page))
+            page.asking["alive"] = asyncio.create_task(check_alive(self.hub, conn, renderer, page))
         if isinstance(shown, dict) and graph:
             make = functools.partial(self.graph_update, shown, state[0])
         elif isinstance(shown, list) and not graph:
@@ -166,18 +166,6 @@ class SocketPush:
                 page.lists = then
         await self.guard.push(conn, set_props_message(page.head, "pushed" if graph else "lists-pushed", payload))
 
-    async def _check_alive(self, conn: Connection, renderer: str, page: PushedPage) -> None:
-        """A tab closed behind a socket its other tabs keep open says nothing: one that does not answer is let go."""
-        page.asked_at = time.monotonic()
-        try:
-            await page.ws.get_prop("shown", "data", timeout=PAGE_TIMEOUT)
-        except TimeoutError:
-            self._stop_pushing(conn, renderer, page)
-        except WebsocketDisconnected:
-            pass
-        finally:
-            page.asking.pop("alive", None)
-
     async def _ask(self, conn: Connection, renderer: str, page: PushedPage, graph: bool) -> None:
         store = "shown" if graph else "lists-shown"
         page.asked_at = time.monotonic()
@@ -185,7 +173,7 @@ class SocketPush:
             said = page.said
             shown = await page.ws.get_prop(store, "data", timeout=PAGE_TIMEOUT)
         except TimeoutError:  # gone (a closed tab), or too slow to be pushed to: it polls again, if it is there
-            self._stop_pushing(conn, renderer, page)
+            stop_pushing(self.hub, conn, renderer, page)
             return
         except WebsocketDisconnected:
             return
@@ -209,16 +197,30 @@ class SocketPush:
             page.shown = shown if isinstance(shown, dict) else None
             page.lists = lists if isinstance(lists, list) else None
 
-    def _stop_pushing(self, conn: Connection, renderer: str, page: PushedPage) -> None:
-        if conn.pages.pop(renderer, None) is not None:
-            self.hub.page_closed(conn.address)
-            page.ws.set_prop_sync("tick", "disabled", False)
-            page.ws.set_prop_sync("lists-tick", "disabled", False)
-            page.ws.set_prop_sync("push-status", "children", POLLING)
-            if not conn.pages:
-                conn.drop()  # none of its pages answers: a socket nobody reads, holding what was queued on it
-
 
 def page_id(ws: Any) -> str:
     """The page a websocket callback runs for (Dash 4.4's handle keeps it private)."""
     return str(ws._renderer_id)
+
+
+async def check_alive(hub: NoticeHub, conn: Connection, renderer: str, page: PushedPage) -> None:
+    """A tab closed behind a socket its other tabs keep open says nothing: one that does not answer is let go."""
+    page.asked_at = time.monotonic()
+    try:
+        await page.ws.get_prop("shown", "data", timeout=PAGE_TIMEOUT)
+    except TimeoutError:
+        stop_pushing(hub, conn, renderer, page)
+    except WebsocketDisconnected:
+        pass
+    finally:
+        page.asking.pop("alive", None)
+
+
+def stop_pushing(hub: NoticeHub, conn: Connection, renderer: str, page: PushedPage) -> None:
+    if conn.pages.pop(renderer, None) is not None:
+        hub.page_closed(conn.address)
+        page.ws.set_prop_sync("tick", "disabled", False)
+        page.ws.set_prop_sync("lists-tick", "disabled", False)
+        page.ws.set_prop_sync("push-status", "children", POLLING)
+        if not conn.pages:
+            conn.drop()  # none of its pages answers: a socket nobody reads, holding what was queued on it

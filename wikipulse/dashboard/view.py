@@ -23,10 +23,10 @@ from wikipulse.store.status import STALE_AFTER
 from wikipulse.store.trimming import trimmed_unread
 
 # The work one page refresh may ask for. A refresh reads one HGETALL per domain and window hash and sends
-# every point of every trace: ten domains by type at MAX_POINTS are ~30 k points and 2,400 HGETALLs at most
-# (12 domains of 1 h over 400 days were 10,000 HGETALLs, 15 MB and 2 s a request before these caps).
+# every point of every trace: ten domains by type over the longest window (120 d of 1 h, 2,880 buckets a trace)
+# are ~30 k points and 2,400 HGETALLs at most (12 domains of 1 h over 400 days were 10,000 HGETALLs, 15 MB and 2 s
+# a request before these caps). Longer ranges are for `counts` (and its coarser resolutions).
 MAX_DOMAINS = 10  # picked at once
-MAX_POINTS = 3_000  # buckets per trace: longer ranges are for `counts` (and its coarser resolutions)
 WINDOWS = {
     "10s": ("10m", "30m", "1h", "6h"),
     "1m": ("1h", "6h", "24h", "2d"),
