@@ -266,7 +266,6 @@ async def read(archiver: Archiver, cursor: str, count: int) -> list[Entry]:
     return entries
 
 
-
 async def archive_all(settings: Settings, client: aioredis.Redis, archive: Archive) -> None:
     """Run an archiver on `archive` in this process until every entry of the stream is acknowledged."""
     archiver = Archiver(settings, client)

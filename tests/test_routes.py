@@ -1,4 +1,4 @@
-"""Routes (wikipulse/ingest/routes.py): named slices of the feed, each a stream and a channel, against a real Redis.
+"""Routes (wikipulse/ingest/routes.py, route_*.py): named slices of the feed, each a stream and a channel, against a real Redis.
 
 The end-to-end test runs the real processes (a local EventStreams server, publisher.py with its copier) and kills the
 copier's process with SIGKILL while it copies; each route's stream is then compared with a reference slice of the
@@ -36,6 +36,7 @@ from wikipulse.core.summary import summary_of
 from wikipulse.dashboard.operations import families, read_scrape
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import RedisServer, find_binary, free_port
+from wikipulse.ingest.route_reader import READ_SCRIPT
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
 from wikipulse.queries import stats
@@ -199,13 +200,14 @@ async def test_redis_hands_over_only_what_a_route_may_want(redis_client: aioredi
         await redis_client.xadd(settings.stream, {"data": other, "fold": "not a summary"}),  # by its JSON: not wanted
         await redis_client.xadd(settings.stream, {"data": enwiki_human, "fold": fold.replace(" edit ", " rename ")}),
     ]
-    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier._filters]
-    n, last, trimmed, candidates = await copier._read(keys=[settings.stream], args=args)
+    read = redis_client.register_script(READ_SCRIPT)
+    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier.filters]
+    n, last, trimmed, candidates = await read(keys=[settings.stream], args=args)
     assert (n, last, trimmed) == (5, added[-1], 0)
     assert [i for i, _ in candidates] == [added[0], added[2], added[3], added[4]]
     await copier.copy(candidates, ack=False)
     assert [i for i, _ in await route_entries(redis_client, "enwiki-humans")] == [added[0], added[2], added[4]]
-    await copier._read(keys=[settings.stream], args=[keys.ROUTES_GROUP, "routes", 0, ">", last, "[]"])  # acknowledge
+    await read(keys=[settings.stream], args=[keys.ROUTES_GROUP, "routes", 0, ">", last, "[]"])  # acknowledge
     assert (await redis_client.xpending(settings.stream, keys.ROUTES_GROUP))["pending"] == 0
     await copier._forget()
 
