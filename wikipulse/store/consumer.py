@@ -7,7 +7,8 @@ A StreamConsumer owns everything but what to do with a batch (a Handler's part):
   the group vanished (Redis lost its data, or someone deleted it): said once, made again, and read from its start.
 - **the reads**: the consumer's own pending entries first (a restart's, delivered and never acknowledged), then new
   ones, blocking at most `block_ms` on an idle stream; with `read_ahead`, the next read is on its way while the handler
-  works on this batch; with `gather`, a short batch is followed by a pause (at a trickle, fewer and larger batches).
+  works on this batch; with `gather`, the read after a short batch waits until `gather` seconds after the handler was
+  done with it (at a trickle, fewer and larger batches).
 - **the replica**: with `confirm` (a handler whose batches have an effect on another master or outside Redis), a batch
   is handed over only once a replica of the stream's master has it (streams.StreamReader's confirmation): else a
   failover could take entries away whose copies or rows exist elsewhere, and the publisher would write them again.
@@ -188,7 +189,7 @@ class StreamConsumer:
     async def _reads(self, handler: Handler) -> None:
         source = self.source
         cursor, sent = "0", False
-        short, batch_at = False, 0.0  # the last batch was short of its count, and when it came
+        short, batch_at = False, 0.0  # the last batch was short of its count, and when the handler was done with it
         while True:
             stop_if_cancelled()
             if not sent:
@@ -208,7 +209,7 @@ class StreamConsumer:
                 continue
             if cursor != NEW:
                 cursor = batch.last.decode()
-            short, batch_at = batch.read < count, time.monotonic()
+            short = batch.read < count
             held = source.last_held(batch.entries) if self.confirm else None
             if self.read_ahead and not (short and self.gather):
                 # Redis reads the next batch meanwhile; first, a replica confirms it has this one.
@@ -219,6 +220,7 @@ class StreamConsumer:
             elif held is not None:
                 await source.confirm(held)
             await handler.handle(batch)
+            batch_at = time.monotonic()
             self.progress()
 
     async def _log_stats(self, handler: Handler, interval: float | None) -> None:

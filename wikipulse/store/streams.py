@@ -59,8 +59,10 @@ class StreamReader:
     async def confirm(self, last: bytes) -> None:
         """Return once a replica has the batch whose last_held id is `last` (raises ReplicaBehind); nothing else in
         flight."""
-        await self._node.connection.send_packed_command(await self._confirmation(last))
-        await self.confirmed()
+        confirmation = await self._confirmation(last)
+        if confirmation:  # else no replica to wait for (one Redis, or a master without one)
+            await self._node.connection.send_packed_command(confirmation)
+            await self.confirmed()
 
     async def confirmed(self) -> None:
         """After send(confirm=...): return once a replica has the previous batch (raises ReplicaBehind)."""
