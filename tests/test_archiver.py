@@ -27,6 +27,7 @@ from wikipulse.core.settings import Settings
 from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.devtools.simulate import Simulator
 from wikipulse.store import keys
+from wikipulse.store.streams import Entry
 
 pytest.importorskip("chdb")
 
@@ -71,12 +72,12 @@ async def test_a_batch_retried_after_its_insert_landed_adds_no_row(
     await archiver.ensure_group()
     # An archiver reads a partial batch A (the feed is slow), records its size, inserts it; reads and records the next
     # batch B while A is inserted (as consume does); and dies before A's XACK. Both are pending, A's rows are in.
-    batch_a = await archiver.read(">", s.archive_batch)
+    batch_a = await read(archiver, ">", s.archive_batch)
     assert len(batch_a) == 1200
     await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_a))
     archiver.insert(opened, batch_a)
     await load_stream(redis_client, lines[1200:2000], with_fold=True)
-    batch_b = await archiver.read(">", s.archive_batch)
+    batch_b = await read(archiver, ">", s.archive_batch)
     await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch_b))
     await archiver.reader.close()
     await load_stream(redis_client, lines[2000:], with_fold=True)  # more arrives meanwhile
@@ -258,6 +259,11 @@ async def test_the_same_archive_on_a_clickhouse_server(redis_client: aioredis.Re
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+async def read(archiver: Archiver, cursor: str, count: int) -> list[Entry]:
+    """One batch, read as the archiver reads it (on one Redis, no replica to confirm it)."""
+    await archiver.reader.send(cursor, count, 1000 if cursor == ">" else None)
+    entries, _ = await archiver.reader.receive()
+    return entries
 
 
 async def archive_all(settings: Settings, client: aioredis.Redis, archive: Archive) -> None:
@@ -433,7 +439,7 @@ async def test_a_heavy_query_neither_stops_the_inserts_nor_runs_past_its_limits(
 
     s = archive_settings
     archiver = Archiver(s, redis_client)
-    archiver.query_limits = {"max_execution_time": 10}  # QUERY_LIMITS' 30 s, shorter for the test
+    archiver.queries.limits = {"max_execution_time": 10}  # QUERY_LIMITS' 30 s, shorter for the test
     await archiver.open_archive()
     await archiver.ensure_group()
     runner = web.AppRunner(archiver.app())
@@ -486,7 +492,7 @@ async def test_an_archive_of_the_release_before_keeps_working(redis_client: aior
     old.command(f"ALTER TABLE events MODIFY TTL {archive_baseline.ttl_clause(400)}")  # ARCHIVE_RETENTION=400d then
     archiver = Archiver(s, redis_client)
     for acked in (True, False):  # a batch archived and acknowledged, then one archived and left pending
-        batch = await archiver.read(">", 1000 if acked else 600)
+        batch = await read(archiver, ">", 1000 if acked else 600)
         ids = [entry_id for entry_id, _ in batch]
         await redis_client.rpush(keys.archiver_batches(s.archive_group), len(batch))
         rows = [[entry_id, dict(zip((f or [])[::2], (f or [])[1::2], strict=True))[b"data"]] for entry_id, f in batch]

@@ -1,4 +1,4 @@
-"""Routes (wikipulse/ingest/routes.py): named slices of the feed, each a stream and a channel, against a real Redis.
+"""Routes (wikipulse/ingest/routes.py, route_*.py): named slices of the feed, each a stream and a channel, against a real Redis.
 
 The end-to-end test runs the real processes (a local EventStreams server, publisher.py with its copier) and kills the
 copier's process with SIGKILL while it copies; each route's stream is then compared with a reference slice of the
@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,13 @@ from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.dashboard.operations import families, read_scrape
 from wikipulse.devtools.eventstreams import PATH
-from wikipulse.devtools.redis_server import RedisServer, find_binary, free_port
+from wikipulse.devtools.redis_server import LocalCluster, RedisServer, find_binary, free_port
+from wikipulse.ingest.route_reader import READ_SCRIPT
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
 from wikipulse.queries import stats
 from wikipulse.store import keys
+from wikipulse.store.connect import open_client
 from wikipulse.store.lease import Lease, LeaseLost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,13 +201,14 @@ async def test_redis_hands_over_only_what_a_route_may_want(redis_client: aioredi
         await redis_client.xadd(settings.stream, {"data": other, "fold": "not a summary"}),  # by its JSON: not wanted
         await redis_client.xadd(settings.stream, {"data": enwiki_human, "fold": fold.replace(" edit ", " rename ")}),
     ]
-    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier._filters]
-    n, last, trimmed, candidates = await copier._read(keys=[settings.stream], args=args)
+    read = redis_client.register_script(READ_SCRIPT)
+    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier.filters]
+    n, last, trimmed, candidates = await read(keys=[settings.stream], args=args)
     assert (n, last, trimmed) == (5, added[-1], 0)
     assert [i for i, _ in candidates] == [added[0], added[2], added[3], added[4]]
     await copier.copy(candidates, ack=False)
     assert [i for i, _ in await route_entries(redis_client, "enwiki-humans")] == [added[0], added[2], added[4]]
-    await copier._read(keys=[settings.stream], args=[keys.ROUTES_GROUP, "routes", 0, ">", last, "[]"])  # acknowledge
+    await read(keys=[settings.stream], args=[keys.ROUTES_GROUP, "routes", 0, ">", last, "[]"])  # acknowledge
     assert (await redis_client.xpending(settings.stream, keys.ROUTES_GROUP))["pending"] == 0
     await copier._forget()
 
@@ -436,3 +439,50 @@ async def test_routes_on_a_cluster(cluster_client: RedisCluster, cluster_setting
         assert meta_ids(got) == [orjson.loads(x)["meta"]["id"] for x in lines if reference(orjson.loads(x), where)]
         assert all(ingest[i] == fields for i, fields in got)
     assert (await cluster_client.hget(keys.Route("creations").router_stats, "duplicates")) is not None
+
+
+# ---- through a failover: a replica of the ingest master first ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("replicated"), masters=3, replicas=1, node_timeout_ms=30_000) as c:
+        yield c
+
+
+async def test_a_batch_is_copied_only_once_a_replica_of_the_ingest_master_has_it(replicated: LocalCluster, settings: Settings) -> None:
+    """The replica of the ingest stream's master stopped (SIGSTOP: it falls behind): entries added meanwhile are not
+    copied to any route (a failover could take them away, and the publisher write them again under new ids) until the
+    replica has them; then each is copied once."""
+    s = dataclasses.replace(settings, redis_url=replicated.url, shards=3, consumer="", backoff_cap=0.5)
+    client, layout = await open_client(s)
+    assert isinstance(client, RedisCluster)
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line][:2000]
+    replica = replicated.replica_of(replicated.master_of(s.stream))
+    task: asyncio.Task[None] | None = None
+    try:
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        await add_route(client, s, "creations", CREATION_ARGS[1::2], from_stream=True)
+        copier = RouteCopier(s, client, layout)
+        task = asyncio.create_task(copier.run())
+        first = [x for x in lines[:1000] if reference(orjson.loads(x), CREATIONS)]
+        await load_stream(client, lines[:1000], with_fold=True)
+
+        async def copied(n: int) -> bool:
+            return int(await client.xlen(keys.Route("creations").stream)) >= n
+
+        await wait_for(lambda: copied(len(first)), 30, "the first entries copied", task)
+        replicated.pause(replica)
+        try:
+            await load_stream(client, lines[1000:], with_fold=True)
+            await asyncio.sleep(5)  # WAIT's 2 s, twice over: the copier retries, copying nothing
+            assert await client.xlen(keys.Route("creations").stream) == len(first)
+        finally:
+            replicated.resume(replica)
+        every = [x for x in lines if reference(orjson.loads(x), CREATIONS)]
+        await wait_for(lambda: copied(len(every)), 30, "the rest copied once the replica has it", task)
+        await asyncio.sleep(0.5)
+        got = await route_entries(client, "creations")
+        assert meta_ids(got) == [orjson.loads(x)["meta"]["id"] for x in every]  # each once, in order
+    finally:
+        if task is not None:
+            await stop(task)
+        await client.aclose()

@@ -1,7 +1,8 @@
 """Redis stream -> ClickHouse: every event archived, acknowledged only after ClickHouse confirmed the insert.
 
 Its own consumer group on the stream (`archive_group`), one archiver per group (a lease; a second one stands
-by) under one consumer name: read, insert, then XACK, the next batch read while ClickHouse inserts one. A crash before the XACK leaves
+by) under one consumer name: read, insert, then XACK, the next batch read while ClickHouse inserts one (the reading
+loop is store/consumer.py's, each batch confirmed on a replica before it is inserted). A crash before the XACK leaves
 the batch pending; the next archiver reads its pending entries first, in the batch sizes recorded in Redis,
 so it re-reads the same batches and inserts them with the same deduplication tokens (a digest of their
 stream ids): ClickHouse drops the second insert. Were the boundaries ever to change (entries
@@ -9,14 +10,13 @@ claimed from another consumer name), the table's ReplacingMergeTree on the event
 `FINAL` reads it exactly (README: the archive).
 
 The archiver holds the embedded engine's directory (only one process can), so it also answers read-only
-queries on 127.0.0.1 (`POST /query`, JSON lines), for `sql` and `history` while it runs. They run beside the
-inserts, never in their way: each query slot is a chDB handle of its own (one engine, any number of handles, which
-run concurrently) in a thread of its own, within archive.QUERY_LIMITS; a query finding every slot busy is refused.
+queries on 127.0.0.1 for `sql` and `history` while it runs (query_server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -26,32 +26,27 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import ResponseError
 
-from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, QueryRefused, batch_token, connect
-from wikipulse.core.errors import OperatorError, SettingsError
+from wikipulse.archive.query_server import QueryServer
+from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.core.settings import ArchiverSettings, redact_url
 from wikipulse.store import keys
-from wikipulse.store.connect import Client, NodeConnection, open_client, refresh
+from wikipulse.store.connect import Client, NodeConnection, open_client
+from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import Lease
 from wikipulse.store.policy import check_redis
-from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry, stop_if_cancelled
-from wikipulse.store.streams import Entry, StreamReader
-from wikipulse.store.trimming import declared_groups, ensure_group
+from wikipulse.store.retry import pause_before_retry
+from wikipulse.store.streams import Batch, Entry, StreamReader
+from wikipulse.store.trimming import declared_groups
 
 logger = logging.getLogger(__name__)
 
 CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds the pending batch under this name
-# At a trickle (the live feed's ~35 events/s) an insert waits until this long after the last one, so the table
+# At a trickle (the live feed's ~35 events/s) a read waits until this long after the last batch, so the table
 # gets about one part a second, not one per read.
 MIN_INSERT_INTERVAL = 1.0
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
-# Queries at once beside the inserts, each a handle and a thread: they share the CPU, not a lock (a 20,000-event
-# insert: 0.42 s alone, 1.1 s beside one 1e11-row scan, 2.6 s beside two, on 2 loaded cores; BENCHMARKS.md), and
-# how long a query waits for a free slot before it is refused (HTTP 429).
-QUERY_SLOTS = 2
-QUERY_WAIT = 5.0
 
 
 def rows_of(entries: Sequence[Entry], max_bytes: int, counters: Counter[str]) -> tuple[list[bytes], list[bytes]]:
@@ -88,25 +83,33 @@ def archive_is_empty(archive: Archive) -> bool:
     return not archive.query(f"SELECT 1 FROM {TABLE} LIMIT 1")[1]
 
 
-class Archiver:
+class Archiver(Handler):
+    doing = "archiving"
+
     def __init__(
-        self, settings: ArchiverSettings, client: Client, layout: keys.Layout | None = None,
+        self,
+        settings: ArchiverSettings,
+        client: Client,
+        layout: keys.Layout | None = None,
         query_limits: dict[str, int | str] | None = None,
     ) -> None:
-        self.settings = settings
-        self.query_limits = query_limits  # archive.QUERY_LIMITS unless overridden (tests)
-        self.query_slots: asyncio.Queue[Archive] | None = None
-        self.query_thread = ThreadPoolExecutor(QUERY_SLOTS, thread_name_prefix="clickhouse-query")
-        self.client = client
+        self.settings, self.client = settings, client
         self.layout = layout or keys.Layout(settings.stream)
         self.lease = Lease(client, self.layout.archiver_lease(settings.archive_group), settings.lease_ttl)
         self.archive: Archive | None = None
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")  # every ClickHouse call, one at a time
+        self.queries = QueryServer(settings, query_limits)
         self.totals: Counter[str] = Counter()
-        self.backoff = Backoff(settings.backoff_cap)
-        self.outage = Outage(logger, "archiver")
         self.reader = StreamReader(client, settings.stream, settings.archive_group, CONSUMER)
+        declared = declared_groups(settings, settings.stream, self.layout.sharded)
+        self.consumer = StreamConsumer(client, settings.stream, settings.archive_group, CONSUMER, log=logger, what="archiver",
+                                       declared=declared, count=settings.archive_batch, backoff_cap=settings.backoff_cap,
+                                       start=self._start_of_new_group, confirm=True, gather=MIN_INSERT_INTERVAL,
+                                       source=self.reader)  # fmt: skip
         self.acks = NodeConnection(client, settings.stream)  # its XACK, batch list and stats: one MULTI, in the stream's slot
+        self._recorded: list[int] = []  # the sizes of the pending batches, to read them again in the same batches
+        self._replays: collections.deque[bool] = collections.deque()  # for each read on its way: whether it replays
+        self._inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -117,29 +120,18 @@ class Archiver:
             try:
                 archive = Archive(await self.call(connect, self.settings))
                 await self.call(archive.ensure_schema, self.settings.archive_retention)
-                await self.open_query_slots()
+                await self.queries.open(self.call)
                 self.archive = archive
             except ArchiveUnavailable as exc:
-                delay = self.backoff.next_delay()
+                delay = self.consumer.backoff.next_delay()
                 logger.error("ClickHouse unavailable (%s); nothing is acknowledged until it is back; retrying in %.1fs", exc, delay)
                 await pause_before_retry(delay)
         return self.archive
 
-    async def open_query_slots(self) -> None:
-        """QUERY_SLOTS clients for the endpoint's queries, apart from the inserts' (a client's calls are serialised)."""
-        slots: asyncio.Queue[Archive] = asyncio.Queue()
-        for _ in range(QUERY_SLOTS):
-            slots.put_nowait(Archive(await self.call(connect, self.settings), self.query_limits))
-        self.query_slots = slots
-
     async def ensure_group(self) -> None:
         """The group, if missing: a new stream comes with every declared group (trimming.py), so a fresh deployment's
         first events are archived however late the archiver starts."""
-        s = self.settings
-        declared = declared_groups(s, s.stream, self.layout.sharded)
-        how = await ensure_group(self.client, s.stream, s.archive_group, declared, self._start_of_new_group)
-        if how is not None:
-            logger.info("created consumer group %s on %s from %s", s.archive_group, s.stream, "its first entry" if how == "0" else "now")
+        await self.consumer.ensure_group()
 
     async def _start_of_new_group(self) -> str:
         """A new group on a stream that exists: from its first entry over an empty archive (nothing of this deployment
@@ -154,85 +146,57 @@ class Archiver:
         keeper = asyncio.create_task(self.lease.keep())
         try:
             await self.open_archive()
-            while True:
-                try:
-                    await self.ensure_group()
-                    await self.consume()
-                except REDIS_ERRORS as exc:
-                    delay = self.backoff.next_delay()
-                    self.outage.failed(exc, delay)
-                    await pause_before_retry(delay)
-                    await refresh(self.client)  # on a cluster, the slot may have moved: the reader reconnects to its node
-                except ArchiveUnavailable as exc:
-                    await self._pause(f"ClickHouse unavailable ({exc}): the batch stays pending, nothing is acknowledged")
-                except ResponseError as exc:
-                    if is_full(exc):
-                        await self._pause(f"Redis is full ({exc})")
-                    elif "NOGROUP" in str(exc):
-                        logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
-                    else:
-                        raise
+            await self.consumer.run(self, self.settings.stats_interval)
         finally:
             keeper.cancel()
             await self.lease.release()
 
-    async def _pause(self, why: str) -> None:
-        delay = self.backoff.next_delay()
-        logger.error("%s; retrying in %.1fs", why, delay)
-        await pause_before_retry(delay)
-
-    async def read(self, cursor: str, count: int) -> list[Entry]:
-        """The next batch, once a replica of the stream's master has it (streams.StreamReader): a failover must not
-        take entries away whose rows are archived, for the publisher would write them again."""
-        await self.reader.send(cursor, count, 1000 if cursor == ">" else None)
-        entries, _ = await self.reader.receive()
-        last = self.reader.last_held(entries)
-        if last is not None:
-            await self.reader.confirm(last)
-        return entries
-
     async def consume(self) -> None:
-        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one.
+        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one, until an error.
 
         Each batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in
         order. So after a crash the pending entries are read again in the very same batches (own pending first,
         COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
-        ClickHouse drops it. At most two batches are unacknowledged."""
-        try:
-            await self._consume(await self.open_archive())
-        finally:
-            await self.reader.close()  # a reply half read must not be taken for the next one
-            await self.acks.drop()
+        ClickHouse drops it. At most three batches are unacknowledged: one acknowledged, one inserted, one read."""
+        await self.consumer.consume(self)
 
-    async def _consume(self, archive: Archive) -> None:
-        s = self.settings
-        batches = self.layout.archiver_batches(s.archive_group)
-        recorded = [int(n) for n in await self.client.lrange(batches, 0, -1)]
-        cursor = "0"
-        inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
-        last_insert, full = 0.0, True
-        while True:
-            stop_if_cancelled()
-            if cursor == ">" and not full:
-                await asyncio.sleep(max(0.0, last_insert + MIN_INSERT_INTERVAL - time.monotonic()))
-            replaying = cursor != ">" and bool(recorded)
-            entries = await self.read(cursor, recorded.pop(0) if replaying else s.archive_batch)
-            if not entries and cursor != ">":
-                cursor = ">"  # our own pending entries are done: new ones from now on
-                if inserting is None:
-                    await self.client.delete(batches)  # nothing pending: no size to remember
-                continue
-            if entries:
-                if cursor != ">":
-                    cursor = entries[-1][0].decode()
-                if not replaying:
-                    await self.client.rpush(batches, len(entries))
-            if inserting is not None:
-                await self.acknowledge(*inserting)
-                inserting = None
-            if entries:
-                inserting = (entries, asyncio.ensure_future(self.call(self.insert, archive, entries)))
-                last_insert, full = time.monotonic(), len(entries) >= s.archive_batch
+    async def begin(self) -> None:
+        await self.open_archive()
+        self._recorded = [int(n) for n in await self.client.lrange(self.layout.archiver_batches(self.settings.archive_group), 0, -1)]
+        self._replays.clear()
+        self._inserting = None
+
+    def count(self, pending: bool) -> int | None:
+        replay = pending and bool(self._recorded)
+        self._replays.append(replay)
+        return self._recorded.pop(0) if replay else None
+
+    async def handle(self, batch: Batch) -> None:
+        batches = self.layout.archiver_batches(self.settings.archive_group)
+        replayed = self._replays.popleft()
+        if not batch.entries and batch.pending and self._inserting is None:
+            await self.client.delete(batches)  # our own pending entries are done, nothing pending: no size to remember
+        if batch.entries and not replayed:
+            await self.client.rpush(batches, len(batch.entries))
+        if self._inserting is not None:
+            await self.acknowledge(*self._inserting)
+            self._inserting = None
+        if batch.entries:
+            self._inserting = (batch.entries, asyncio.ensure_future(self.call(self.insert, self.archive, batch.entries)))
+
+    async def end(self) -> None:
+        self._inserting = None  # its batch stays pending: read again, in the same batch, and inserted with the same token
+        await self.acks.drop()
+
+    async def failed(self, error: Exception) -> bool:
+        if not isinstance(error, ArchiveUnavailable):
+            return False
+        await self.consumer.pause(f"ClickHouse unavailable ({error}): the batch stays pending, nothing is acknowledged")
+        return True
+
+    def stats(self) -> str:
+        t = self.totals
+        return f"archived {t['archived']}, rejected {sum(v for k, v in t.items() if k.startswith('rejected:'))}"
 
     def insert(self, archive: Archive, entries: list[Entry]) -> Counter[str]:
         """The batch's rows into ClickHouse (in the ClickHouse thread); what it counted."""
@@ -256,51 +220,16 @@ class Archiver:
             ("HSET", stats, "updated_at", time.time()),
         ])  # fmt: skip
         self.totals.update(counters)
-        self.backoff.reset()
-        self.outage.over()
 
-    # ---- read-only queries, for the processes that cannot open the embedded directory ----------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_post("/query", self.handle_query)
-        return app
-
-    async def handle_query(self, request: web.Request) -> web.Response:
-        sql = await request.text()
-        slots = self.query_slots
-        if self.archive is None or slots is None:
-            return web.Response(status=503, text="the archive is not open yet")
-        try:
-            archive = await asyncio.wait_for(slots.get(), QUERY_WAIT)
-        except TimeoutError:
-            busy = f"the archive is busy: {QUERY_SLOTS} queries running for more than {QUERY_WAIT:.0f} s; retry later"
-            return web.Response(status=429, text=busy)
-        work = asyncio.get_running_loop().run_in_executor(self.query_thread, archive.query_json, sql)
-        work.add_done_callback(lambda _: slots.put_nowait(archive))  # free when the query ends, even if the request did not wait
-        try:
-            body = await asyncio.shield(work)
-        except QueryRefused as exc:  # 413: the answer would be too large; 422: the query itself ran past a limit
-            return web.Response(status=413 if exc.limit.startswith("max_result") else 422, text=str(exc))
-        except (SettingsError, OperatorError) as exc:
-            return web.Response(status=400, text=str(exc))
-        return web.Response(body=body, content_type="application/x-ndjson")
+        return self.queries.app()
 
     def close(self) -> None:
-        archives = [self.archive] if self.archive is not None else []
-        while self.query_slots is not None and not self.query_slots.empty():
-            archives.append(self.query_slots.get_nowait())
-        for archive in archives:
+        self.queries.close()
+        if self.archive is not None:
             with contextlib.suppress(Exception):  # closing an engine that failed must not hide why we stop
-                archive.close()
-        self.query_thread.shutdown(wait=True)
+                self.archive.close()
         self.thread.shutdown(wait=True)
-
-
-async def log_stats(archiver: Archiver, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        t = archiver.totals
-        logger.info("archived %d, rejected %d", t["archived"], sum(v for k, v in t.items() if k.startswith("rejected:")))
 
 
 async def run_archiver(settings: ArchiverSettings) -> None:
@@ -311,7 +240,6 @@ async def run_archiver(settings: ArchiverSettings) -> None:
         runner = web.AppRunner(archiver.app())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", settings.archive_port)
-        stats_task = asyncio.create_task(log_stats(archiver, settings.stats_interval))
         try:
             # A second archiver stands by here, before it binds the port or opens the embedded engine.
             await archiver.lease.wait_until_held(f"the archiver lease of group {settings.archive_group!r} (one archiver per group)")
@@ -324,6 +252,5 @@ async def run_archiver(settings: ArchiverSettings) -> None:
                              "this archiver holds it; set ARCHIVE_PORT", settings.archive_port, exc)  # fmt: skip
             await archiver.run()
         finally:
-            stats_task.cancel()
             await runner.cleanup()
             await asyncio.get_running_loop().run_in_executor(None, archiver.close)

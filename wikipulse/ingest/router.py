@@ -11,7 +11,7 @@ router holds a lease on every shard (in the shard's slot), and each shard's writ
 its own pending entries first, in order, and a batch's shards are written before the next batch is read.
 
 And through a failover (replication is asynchronous): a batch is copied only once a replica of the ingest stream's
-master has it (streams.StreamReader, confirm), and acknowledged on the ingest stream only once a replica of each shard
+master has it (consumer.StreamConsumer, confirm), and acknowledged on the ingest stream only once a replica of each shard
 stream's master has its copy (ShardWriter's WAIT): a master that dies can take a copy or an ack with it, never one
 without the other being redone.
 """
@@ -30,18 +30,20 @@ from wikipulse.core.events import Accepted, validate
 from wikipulse.core.settings import PublisherSettings
 from wikipulse.core.summary import parse_summary
 from wikipulse.store import keys
-from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack, refresh
+from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack
+from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import Lease, LeaseLost, fenced_error, new_token
-from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry
 from wikipulse.store.scripts import script
-from wikipulse.store.streams import Entry, StreamReader
-from wikipulse.store.trimming import CREATE_GROUPS_SCRIPT, declared_groups, ensure_group
+from wikipulse.store.streams import Batch, Entry
+from wikipulse.store.trimming import CREATE_GROUPS_SCRIPT, declared_groups
 
 logger = logging.getLogger(__name__)
 
 CONSUMER = "router"  # one router at a time (the leases), so one name: a restarted router finds its pending entries
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
+# Trims a shard stream and counts what each group lost (trimming.py). KEYS: the stream, the shard's router stats.
+# ARGV: maxlen, keep, grace ms. Returns {group, trimmed unread so far, ...} for the groups that lost entries now.
 TRIM_SCRIPT = script(__package__, "trim_shard", "trim")  # trims a shard stream: trim_shard.lua
 
 
@@ -141,10 +143,6 @@ class ShardWriter:
 MAX_ABORTS = 10  # our own lease keeper renewing between WATCH and EXEC aborts a write now and then: try again
 
 
-async def _from_first() -> str:
-    return "0"
-
-
 def domain_of(fields: list[bytes], max_bytes: int) -> str | None:
     """The domain an entry is folded under: from its fold summary (the publisher's entries), else its JSON."""
     if len(fields) == 4 and fields[2] == _FOLD:
@@ -176,89 +174,69 @@ def split(entries: Sequence[Entry], layout: keys.Layout, max_bytes: int) -> tupl
     return by_shard, trimmed
 
 
-class Router:
+class Router(Handler):
+    """The ingest stream's consumer (consumer.StreamConsumer, confirming each batch on a replica before it is routed)."""
+
+    doing = "routing"
+
     def __init__(self, settings: PublisherSettings, client: Client, layout: keys.Layout) -> None:
         self.settings, self.client, self.layout = settings, client, layout
         token = new_token()
         self.leases = [Lease(client, shard.router_lease, settings.lease_ttl, token) for shard in layout.all_shards]
         self.writers = [ShardWriter(client, shard, lease, settings) for shard, lease in zip(layout.all_shards, self.leases, strict=True)]
-        self.backoff = Backoff(settings.backoff_cap)
-        self.outage = Outage(logger, "router")
+        self.keepers: list[asyncio.Task[None]] = []
         self.totals: Counter[str] = Counter()
         self.reported: dict[str, int] = {}
+        # From the ingest stream's first entry; a new stream is created with every declared group (trimming.py).
+        declared = declared_groups(settings, layout.stream, sharded=True)
+        self.consumer = StreamConsumer(client, layout.stream, layout.router_group, CONSUMER, log=logger, what="router",
+                                       declared=declared, count=settings.read_batch_size, backoff_cap=settings.backoff_cap,
+                                       confirm=True)  # fmt: skip
 
     async def ensure_group(self) -> None:
-        """From the ingest stream's first entry; a new stream is created with every declared group (trimming.py)."""
-        declared = declared_groups(self.settings, self.layout.stream, sharded=True)
-        await ensure_group(self.client, self.layout.stream, self.layout.router_group, declared, _from_first)
+        await self.consumer.ensure_group()
 
     async def run(self) -> None:
         """Route until cancelled; Redis outages, a full Redis and a lost lease are waited out."""
-        keepers: list[asyncio.Task[None]] = []
         try:
-            while True:
-                try:
-                    await self.ensure_group()
-                    if not keepers:
-                        for lease in self.leases:
-                            await lease.wait_until_held(f"the router's lease on {lease.key}")
-                        keepers = [asyncio.create_task(lease.keep()) for lease in self.leases]
-                        logger.info("routing %s to %d shard streams", self.layout.stream, len(self.leases))
-                    await self._route()
-                except REDIS_ERRORS as exc:
-                    delay = self.backoff.next_delay()
-                    self.outage.failed(exc, delay)
-                    await pause_before_retry(delay)
-                    await refresh(self.client)  # on a cluster, a slot may have moved: the writers reconnect to its node
-                except LeaseLost as exc:
-                    logger.error("router: %s; it wrote nothing since, and waits for the leases again", exc)
-                    for task in keepers:
-                        task.cancel()
-                    keepers = []
-                except (RedisFull, ResponseError) as exc:
-                    if not (isinstance(exc, RedisFull) or is_full(exc)):
-                        if "NOGROUP" not in str(exc):
-                            raise
-                        continue
-                    delay = self.backoff.next_delay()
-                    logger.error("router: Redis is full (%s): routing paused, the entries stay pending; retrying in %.1fs", exc, delay)
-                    await pause_before_retry(delay)
+            await self.consumer.run(self)
         finally:
-            for task in keepers:
-                task.cancel()
+            self._stop_keepers()
             await self.close()
             for lease in self.leases:
                 await lease.release()
+
+    async def begin(self) -> None:
+        if not self.keepers:
+            for lease in self.leases:
+                await lease.wait_until_held(f"the router's lease on {lease.key}")
+            self.keepers = [asyncio.create_task(lease.keep()) for lease in self.leases]
+            logger.info("routing %s to %d shard streams", self.layout.stream, len(self.leases))
+
+    async def handle(self, batch: Batch) -> None:
+        """Own pending entries first (a restart's), then new ones; each batch routed whole before the next is read."""
+        if batch.entries:
+            await self.route(batch.entries)
+
+    async def end(self) -> None:
+        await self.close()
+
+    async def failed(self, error: Exception) -> bool:
+        if not isinstance(error, LeaseLost):
+            return False
+        logger.error("router: %s; it wrote nothing since, and waits for the leases again", error)
+        self._stop_keepers()
+        return True
+
+    def _stop_keepers(self) -> None:
+        for task in self.keepers:
+            task.cancel()
+        self.keepers = []
 
     async def close(self) -> None:
         """Drop the shard writers' connections (each transaction was applied whole or not at all)."""
         for writer in self.writers:
             await writer.close()
-
-    async def _route(self) -> None:
-        """Own pending entries first (a restart's), then new ones; each batch routed whole before the next is read."""
-        s = self.settings
-        reader = StreamReader(self.client, self.layout.stream, self.layout.router_group, CONSUMER)
-        cursor = "0"
-        count = s.read_batch_size
-        try:
-            await reader.send(cursor, count, None)
-            while True:
-                entries, _ = await reader.receive()
-                if not entries:
-                    cursor = ">"
-                    await reader.send(cursor, count, 1000)
-                    continue
-                if cursor != ">":
-                    cursor = entries[-1][0].decode()
-                # Redis reads the next batch meanwhile; first, a replica confirms it has this one (streams.StreamReader).
-                await reader.send(cursor, count, None if cursor != ">" else 1000, confirm=reader.last_held(entries))
-                await reader.confirmed()
-                await self.route(entries)
-                self.backoff.reset()
-                self.outage.over()
-        finally:
-            await reader.close()
 
     async def route(self, entries: Sequence[Entry]) -> None:
         by_shard, trimmed = split(entries, self.layout, self.settings.max_event_bytes)

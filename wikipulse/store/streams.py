@@ -1,11 +1,12 @@
 """Reading the stream with a consumer group, fast: replies unparsed, on a connection of their own.
 
-Shared by the subscriber and the archiver. redis-py would turn every entry into a dict, which costs more
-than everything else either of them does per entry.
+Shared by every consumer (consumer.StreamConsumer: the router, the archiver, the routes' copier; the subscriber).
+redis-py would turn every entry into a dict, which costs more than everything else any of them does per entry.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack
@@ -13,6 +14,18 @@ from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack
 # An entry as XREADGROUP/XAUTOCLAIM reply it, unparsed: [id, [field, value, ...]], or [id, None]
 # when it was trimmed from the stream before it was read.
 Entry = tuple[bytes, list[bytes] | None]
+
+
+@dataclass(slots=True)
+class Batch:
+    """One read: the entries handed over, and what the reading loop needs to know of the read itself."""
+
+    entries: list[Entry]
+    read: int  # entries the read took from the stream (more than len(entries) when a source filters in Redis)
+    last: bytes | None  # the id of the last of them (None: the read found nothing)
+    counter: bytes | None = None  # StreamReader's counter, as it was before the read
+    trimmed: int = 0  # entries read but left out of `entries` because they were trimmed (a filtering source)
+    pending: bool = False  # read from the consumer's own pending entries (a restart's), not new ones
 
 
 class StreamReader:
@@ -46,8 +59,10 @@ class StreamReader:
     async def confirm(self, last: bytes) -> None:
         """Return once a replica has the batch whose last_held id is `last` (raises ReplicaBehind); nothing else in
         flight."""
-        await self._node.connection.send_packed_command(await self._confirmation(last))
-        await self.confirmed()
+        confirmation = await self._confirmation(last)
+        if confirmation:  # else no replica to wait for (one Redis, or a master without one)
+            await self._node.connection.send_packed_command(confirmation)
+            await self.confirmed()
 
     async def confirmed(self) -> None:
         """After send(confirm=...): return once a replica has the previous batch (raises ReplicaBehind)."""
@@ -71,6 +86,11 @@ class StreamReader:
         counter = await connection.read_response() if self._counter else None
         reply = await connection.read_response()
         return (cast(list[Entry], reply[0][1]) if reply else []), counter
+
+    async def batch(self) -> Batch:
+        """receive(), as a Batch."""
+        entries, counter = await self.receive()
+        return Batch(entries, len(entries), entries[-1][0] if entries else None, counter)
 
     @staticmethod
     def last_held(entries: list[Entry]) -> bytes | None:
