@@ -30,6 +30,7 @@ from dash import Patch
 from dash._utils import to_json as dash_to_json
 
 from bench.common import redis_server
+from wikipulse.core import model
 from wikipulse.core.settings import Settings
 from wikipulse.dashboard import layout as dashboard_layout
 from wikipulse.dashboard.callbacks import refresh_view
@@ -49,7 +50,7 @@ def seed(client: redis.Redis, now: int, retention: dict[str, int]) -> None:
     events: list[dict[str, Any]] = []
     for t in range(now - 3600, now, 2):
         for i, domain in enumerate(DOMAINS):
-            kind = keys.EVENT_TYPES[(t + i) % 4]
+            kind = model.EVENT_TYPES[(t + i) % 4]
             events.append({"meta": {"domain": domain}, "timestamp": t, "type": kind, "bot": t % 3 == 0})
     inc = fold(events, now, retention)
     pipe = client.pipeline(transaction=False)

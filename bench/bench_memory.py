@@ -34,6 +34,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.common import redis_server
+from wikipulse.core import model
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.reference import fold
@@ -170,7 +171,7 @@ def compare_pipelines(events: int) -> None:
 @contextlib.contextmanager
 def wide_windows() -> Iterator[None]:
     wide = {"10s": 3600, "1m": 86_400, "1h": 30 * 86_400}
-    resolutions = tuple(dataclasses.replace(r, window=wide[r.name]) for r in keys.RESOLUTIONS)
+    resolutions = tuple(dataclasses.replace(r, window=wide[r.name]) for r in model.RESOLUTIONS)
     with mock.patch.object(keys, "RESOLUTIONS", resolutions):
         yield
 

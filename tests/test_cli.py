@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from wikipulse.core import model
 from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.store import keys
 
@@ -32,7 +33,7 @@ def one_clear_line(result: subprocess.CompletedProcess[str], *words: str) -> Non
 
 
 async def test_counts_since_the_epoch_is_bounded_by_retention(redis_client: aioredis.Redis, redis_server: RedisServer) -> None:
-    await redis_client.hset(keys.series_key("en.wikipedia.org", keys.RESOLUTION_BY_NAME["10s"], 0), "0", 1)  # 1970: long expired
+    await redis_client.hset(keys.series_key("en.wikipedia.org", model.RESOLUTION_BY_NAME["10s"], 0), "0", 1)  # 1970: long expired
     result = wikipulse("counts", "en.wikipedia.org", "--since", "0", "--resolution", "10s", redis_url=redis_server.url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "{}"  # nothing older than the 6 h retention is read (it was 9.5 million buckets)

@@ -25,6 +25,7 @@ from tests.conftest import ServeFn
 from tests.helpers import assert_same, calibrated_lines, calibrated_source, stop, wait_for
 from tests.test_subscriber import LONG, load_stream, stored_counts
 from wikipulse import queries as query
+from wikipulse.core import model
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
 from wikipulse.dashboard.data import read_snapshot
@@ -77,7 +78,7 @@ def test_shards_spread_over_the_masters() -> None:
     assert thirds == [0, 1, 2]  # with the slots split evenly, shard i is on master i
     shard = layout.shard_of("en.wikipedia.org")
     assert {key_slot(k.encode()) for k in (shard.stream, shard.stats, shard.claims, shard.consumer_lease("g", "c"))} == {
-        key_slot(shard.series_key("en.wikipedia.org", keys.RESOLUTIONS[0], 0).encode())
+        key_slot(shard.series_key("en.wikipedia.org", model.RESOLUTIONS[0], 0).encode())
     }
     p = layout.publisher
     assert {key_slot(k.encode()) for k in (layout.stream, p.position, p.seen, p.stats, p.rejected, p.lease)} == {key_slot(b"wiki:events")}

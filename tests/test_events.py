@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ENWIKI
 from tests.helpers import calibrated_lines
+from wikipulse.core import model
 from wikipulse.core.events import Accepted, Canary, Reject, Rejected, event_time, is_valid_domain, validate
 from wikipulse.store import keys
 
@@ -89,6 +90,6 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
 def test_any_domain_accepted_yields_a_key_inside_the_schema(domain: str) -> None:
     verdict = validate(orjson.dumps({"meta": {"domain": domain}}))
     if isinstance(verdict, Accepted):
-        assert KEY_SHAPE.match(keys.series_key(verdict.domain, keys.RESOLUTIONS[0], 0))
+        assert KEY_SHAPE.match(keys.series_key(verdict.domain, model.RESOLUTIONS[0], 0))
     else:
         assert isinstance(verdict, (Rejected, Canary))

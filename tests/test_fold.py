@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import assert_same, calibrated_lines
+from wikipulse.core import model
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import observe, parse_summary, summarize
 from wikipulse.devtools.reference import as_reference, fold, reference_fold
@@ -35,7 +36,7 @@ def test_fold_equals_reference_at_every_resolution_and_dimension() -> None:
 def test_keys_cover_fixed_windows_and_expire_after_retention() -> None:
     t = 1_700_000_123
     inc = fold([{"meta": {"domain": "a.org"}, "timestamp": t, "type": "edit", "bot": False}], t + 1, RETENTION)
-    for res in keys.RESOLUTIONS:
+    for res in model.RESOLUTIONS:
         window = t - t % res.window
         key = keys.series_key("a.org", res, window)
         assert inc.expire_at[key] == window + res.window + RETENTION[res.name]
@@ -88,7 +89,7 @@ _DOMAINS = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){
 
 
 @given(
-    _DOMAINS, st.none() | st.integers(0, 10**11), st.sampled_from(keys.EVENT_TYPES), st.booleans(), st.none() | st.integers(0, 10**7 - 1)
+    _DOMAINS, st.none() | st.integers(0, 10**11), st.sampled_from(model.EVENT_TYPES), st.booleans(), st.none() | st.integers(0, 10**7 - 1)
 )
 def test_fold_summary_round_trips(domain: str, t: int | None, kind: str, bot: bool, namespace: int | None) -> None:
     assert parse_summary(summarize((domain, t, kind, bot, namespace)).encode()) == (domain, t, kind, bot, namespace)

@@ -6,12 +6,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from wikipulse.core import model
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.reference import fold
 from wikipulse.fold.series import SeriesRead, bucket_range, read_series, script_payload
 from wikipulse.store import keys
 
-TEN = keys.RESOLUTION_BY_NAME["10s"]
+TEN = model.RESOLUTION_BY_NAME["10s"]
 RETENTION = Settings.from_args(environ={}).retention_seconds()
 
 

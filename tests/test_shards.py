@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from wikipulse.core import model
 from wikipulse.core.errors import OperatorError
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer, free_port
@@ -145,7 +146,7 @@ def test_what_a_change_drops_and_keeps(sharded: bool) -> None:
     """Classified from the key names keys.py makes, so that a new key cannot drift out of the list unnoticed."""
     layout = keys.Layout("wiki:events", 3 if sharded else 1)
     shard = layout.all_shards[-1]
-    res = keys.RESOLUTIONS[0]
+    res = model.RESOLUTIONS[0]
     fold = [shard.series_key("en.wikipedia.org", res, 0), shard.series_key(keys.ALL_DOMAINS, res, 0), shard.rank_key(60),
             shard.trend_key("byeditor", "en.wikipedia.org", 60), shard.trend_key("all", keys.ALL_DOMAINS, 60), shard.new_pages,
             shard.stats, shard.claims, shard.consumer_lease("wikipulse", "host"), keys.DOMAINS]  # fmt: skip
@@ -168,7 +169,7 @@ async def test_a_change_on_a_cluster_drops_the_fold_of_every_master(tmp_path: Pa
         client, layout = await open_client(settings)
         async with client:
             await check_shards(client, settings)  # records 3
-            fold = [shard.stats for shard in layout.all_shards] + [shard.series_key("en.wikipedia.org", keys.RESOLUTIONS[0], 0)
+            fold = [shard.stats for shard in layout.all_shards] + [shard.series_key("en.wikipedia.org", model.RESOLUTIONS[0], 0)
                                                                     for shard in layout.all_shards]  # fmt: skip
             for key in fold:
                 await client.hset(key, "x", 1)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import assert_same, calibrated_lines, non_canary_ids, stop, wait_for
 from wikipulse import queries as query
+from wikipulse.core import model
 from wikipulse.core.settings import Settings
 from wikipulse.core.summary import summary_of
 from wikipulse.devtools.reference import as_reference, reference_fold
@@ -127,7 +128,7 @@ async def test_the_fold_field_is_used_and_a_foreign_one_is_not_trusted(redis_cli
 
 async def test_expiry_removes_old_windows(redis_client: aioredis.Redis, settings: Settings) -> None:
     now = int(time.time())
-    ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
+    ten, minute = model.RESOLUTION_BY_NAME["10s"], model.RESOLUTION_BY_NAME["1m"]
     t = now - 2 * 3600  # its 10 s window ended long ago
     window_end = t - t % ten.window + ten.window
     retention = now - window_end + 3  # so the window expires 3 s from now

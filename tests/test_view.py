@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
+from wikipulse.core import model
 from wikipulse.dashboard.layout import render
 from wikipulse.dashboard.lists_view import ListFilter, alert_marks, clean_filter, trending_rows
 from wikipulse.dashboard.view import (
@@ -90,7 +91,7 @@ def test_figure_has_one_trace_per_domain_and_dimension_and_marks_the_filling_buc
     sel = Selection(("a.org",), "10s", "30m", "type")
     fig = go.Figure(make_figure(snapshot(), sel))  # Plotly's own validators: a typo in the dict fails here
     names = [t.name for t in fig.data]
-    assert names == [f"a.org · {t}" for t in keys.EVENT_TYPES]
+    assert names == [f"a.org · {t}" for t in model.EVENT_TYPES]
     edit = fig.data[0]
     assert list(edit.y) == [None, 4, 0, 1]
     assert edit.x[0] == "2023-11-14T22:12:50"  # BUCKETS[0] as a naive UTC timestamp
@@ -161,7 +162,7 @@ def test_entries_trimmed_unread_are_said_on_the_page() -> None:
 def test_who_shows_the_total_of_humans_or_bots_only() -> None:
     assert clean_selection(["a.org"], "10s", None, "total", "humans").dims == ("human",)
     assert clean_selection(["a.org"], "10s", None, "total", "bots").dims == ("bot",)
-    assert clean_selection(["a.org"], "10s", None, "type", "humans").dims == keys.EVENT_TYPES  # no type x bot split stored
+    assert clean_selection(["a.org"], "10s", None, "type", "humans").dims == model.EVENT_TYPES  # no type x bot split stored
     assert clean_selection(["a.org"], "10s", None, "total", "<script>").who == "all"
 
 
@@ -171,7 +172,7 @@ def test_the_namespace_narrows_the_total_and_the_bot_breakdown() -> None:
     assert clean_selection(["a.org"], "10s", None, "total", "bots", "0").dims == ("ns0bot",)
     assert clean_selection(["a.org"], "10s", None, "total", "bots", "14").dims == ("bot",)  # the lists' filter only
     assert clean_selection(["a.org"], "10s", None, "bot", "all", "0").dims == ("ns0bot", "ns0human")
-    assert clean_selection(["a.org"], "10s", None, "type", "all", "0").dims == keys.EVENT_TYPES  # no type x namespace
+    assert clean_selection(["a.org"], "10s", None, "type", "all", "0").dims == model.EVENT_TYPES  # no type x namespace
     for crafted in ("3", "ns0", "0 ", 0, None, ["0"]):
         assert clean_selection(["a.org"], "10s", None, "total", "all", crafted).namespace == "all"
     sel = clean_selection(["a.org"], "10s", "30m", "bot", "all", "0")

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from wikipulse.archive.reader import archive_query
+from wikipulse.core import model
 from wikipulse.core.errors import OperatorError, SettingsError
 from wikipulse.core.events import is_valid_domain
 from wikipulse.core.settings import ArchiveSettings, CountsSettings, RedisSettings, StatsSettings
@@ -17,7 +18,7 @@ from wikipulse.store.connect import Client, open_client
 from wikipulse.store.shards import check_shards
 from wikipulse.store.status import read_status
 
-BY = {"type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
+BY = {"type": model.EVENT_TYPES, "bot": model.BOT_DIMENSIONS}
 MAX_BUCKETS = 20_000  # buckets one `counts` call may ask for: a year of hours, a day of 10 s buckets
 
 
@@ -33,7 +34,7 @@ def parse_time(text: str | None, default: int) -> int:
     return t
 
 
-def bounded_range(res: keys.Resolution, since: str | None, until: str | None, retention: int, now: int) -> tuple[int, int]:
+def bounded_range(res: model.Resolution, since: str | None, until: str | None, retention: int, now: int) -> tuple[int, int]:
     """(start, end) of a counts query: nothing older than the resolution's retention is kept, so the start
     is clamped to it; what is left must fit in MAX_BUCKETS."""
     end = parse_time(until, now)
@@ -66,7 +67,7 @@ async def counts(
 ) -> dict[int, Any]:
     if domain not in (keys.ALL_DOMAINS, keys.OTHER_DOMAINS) and not is_valid_domain(domain):
         raise SettingsError(f"not a domain: {domain!r}")
-    res = keys.RESOLUTION_BY_NAME[resolution]
+    res = model.RESOLUTION_BY_NAME[resolution]
     start, end = bounded_range(res, since, until, settings.retention_seconds()[res.name], int(time.time()))
     dims = BY[by] if by else ("",)
     client, layout = await open_reader(settings)

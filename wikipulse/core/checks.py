@@ -40,7 +40,7 @@ def archive_retention_days(text: str) -> int | None:
 
 def parse_retention(text: str) -> dict[str, int]:
     """'10s=6h,1m=7d,1h=400d' -> {'10s': 21600, ...}; an empty string keeps the defaults."""
-    from wikipulse.store.keys import RESOLUTION_BY_NAME
+    from wikipulse.core.model import RESOLUTION_BY_NAME
 
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):

@@ -152,7 +152,7 @@ class Retention(Options):
     retention: str = opt("RETENTION", "retention per resolution, e.g. 10s=6h,1m=7d,1h=400d", "", check=parse_retention)
 
     def retention_seconds(self) -> dict[str, int]:
-        from wikipulse.store.keys import RESOLUTIONS
+        from wikipulse.core.model import RESOLUTIONS
 
         configured = parse_retention(self.retention)
         return {r.name: configured.get(r.name, r.default_retention) for r in RESOLUTIONS}

@@ -14,14 +14,14 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from wikipulse.core import model
 from wikipulse.core.events import CANARY_DOMAIN, event_time, is_valid_domain
 from wikipulse.core.wiki_page import Page, describe, page_of
-from wikipulse.store import keys
 
 Observation = tuple[str, int | None, str, bool, int | None]
 MAX_NAMESPACE = 10**7
-_KNOWN_TYPES = frozenset(keys.EVENT_TYPES) - {"other"}
-_TYPES = {kind.encode(): kind for kind in keys.EVENT_TYPES}
+_KNOWN_TYPES = frozenset(model.EVENT_TYPES) - {"other"}
+_TYPES = {kind.encode(): kind for kind in model.EVENT_TYPES}
 _BOT = {b"bot": True, b"human": False}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from wikipulse.core import model
 from wikipulse.dashboard.lists_view import LIST_SIZE, alert_rows, clean_filter, new_page_rows, trending_rows
 from wikipulse.dashboard.view import Selection, SelectionError, Snapshot, clean_selection
 from wikipulse.fold.series import SeriesRead, bucket_range, decode_reads, merge_ranking, queue_ranking, queue_reads
@@ -44,7 +45,7 @@ def read_snapshot(
     res = sel.res
     buckets = window_buckets(sel, now)
     shown = buckets if read_from is None else [b for b in buckets if b >= read_from]
-    ten, minute = keys.RESOLUTION_BY_NAME["10s"], keys.RESOLUTION_BY_NAME["1m"]
+    ten, minute = model.RESOLUTION_BY_NAME["10s"], model.RESOLUTION_BY_NAME["1m"]
     picked_read = SeriesRead.plan(res, shown, sel.dims)  # the same fields for every picked domain
     reads = [  # (domain, plan): the picked domains, the global totals for gaps, then the header's totals
         *((domain, picked_read) for domain in sel.domains),

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pandas as pd
 
+from wikipulse.core import model
 from wikipulse.core.events import is_valid_domain
 from wikipulse.core.settings import parse_duration
 from wikipulse.store import keys
@@ -33,9 +34,9 @@ WINDOWS = {
     "1h": ("24h", "7d", "30d", "120d"),
 }
 DEFAULT_WINDOW = {"10s": "30m", "1m": "6h", "1h": "7d"}
-BREAKDOWNS = {"total": ("",), "type": keys.EVENT_TYPES, "bot": keys.BOT_DIMENSIONS}
+BREAKDOWNS = {"total": ("",), "type": model.EVENT_TYPES, "bot": model.BOT_DIMENSIONS}
 NAMESPACES = {"all": "all namespaces", "0": "articles", "1": "talk", "2": "user", "4": "project", "6": "file", "14": "category"}
-assert {str(k) for k in keys.GRAPH_NAMESPACES} <= set(NAMESPACES)
+assert {str(k) for k in model.GRAPH_NAMESPACES} <= set(NAMESPACES)
 WHO_DIMENSION = {"all": "", "humans": "human", "bots": "bot"}
 
 
@@ -43,7 +44,7 @@ class SelectionError(ValueError):
     """A value from the browser that may not become part of a Redis key."""
 
 
-WHO = keys.WHO
+WHO = model.WHO
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,11 @@ class Selection:
     window: str = "30m"
     breakdown: str = "total"
     who: str = "all"  # the total of humans or of bots only (the by-type breakdown has no such split in Redis)
-    namespace: str = "all"  # or one of NAMESPACES: the lists' filter; the graph's where keys.GRAPH_NAMESPACES has it
+    namespace: str = "all"  # or one of NAMESPACES: the lists' filter; the graph's where model.GRAPH_NAMESPACES has it
 
     @property
-    def res(self) -> keys.Resolution:
-        return keys.RESOLUTION_BY_NAME[self.resolution]
+    def res(self) -> model.Resolution:
+        return model.RESOLUTION_BY_NAME[self.resolution]
 
     @property
     def seconds(self) -> int:
@@ -66,7 +67,7 @@ class Selection:
     @property
     def graph_namespace(self) -> int | None:
         """The namespace the graph's total and bot breakdown narrow to (None: every namespace)."""
-        if self.namespace == "all" or self.breakdown == "type" or int(self.namespace) not in keys.GRAPH_NAMESPACES:
+        if self.namespace == "all" or self.breakdown == "type" or int(self.namespace) not in model.GRAPH_NAMESPACES:
             return None
         return int(self.namespace)
 
@@ -75,7 +76,7 @@ class Selection:
         namespace = self.graph_namespace
         if namespace is not None:
             if self.breakdown == "bot":
-                return tuple(keys.namespace_dimension(namespace, who) for who in keys.BOT_DIMENSIONS)
+                return tuple(keys.namespace_dimension(namespace, who) for who in model.BOT_DIMENSIONS)
             return (keys.namespace_dimension(namespace, WHO_DIMENSION[self.who]),)
         if self.breakdown == "total" and self.who != "all":
             return (WHO_DIMENSION[self.who],)
@@ -103,7 +104,7 @@ def clean_selection(domains: Any, resolution: Any, window: Any, breakdown: Any, 
     bad = [d for d in domains if not isinstance(d, str) or not is_valid_domain(d)]
     if bad:
         raise SelectionError(f"not a domain: {str(bad[0])[:80]!r}")
-    if not isinstance(resolution, str) or resolution not in keys.RESOLUTION_BY_NAME:
+    if not isinstance(resolution, str) or resolution not in model.RESOLUTION_BY_NAME:
         raise SelectionError(f"unknown resolution: {str(resolution)[:20]!r}")
     if not isinstance(window, str) or window not in WINDOWS[resolution]:
         window = DEFAULT_WINDOW[resolution]  # none yet, or after switching resolution: fall back, do not fail
@@ -294,14 +295,14 @@ AHEAD_SAID = 30.0
 
 def ahead_notice(snap: Snapshot) -> str:
     """Events stamped ahead of the clock (the publisher's ingest lag below zero: the feed's clock, or this machine's, is
-    off) land in buckets the page does not show yet; over keys.FUTURE_TOLERANCE ahead, the fold counts them as
+    off) land in buckets the page does not show yet; over model.FUTURE_TOLERANCE ahead, the fold counts them as
     `future` and leaves them out. Said on the page, which would otherwise just look empty."""
     lag = snap.publisher.get("lag_seconds")
     if not isinstance(lag, (int, float)) or -lag <= AHEAD_SAID:
         return ""
     fate = (
-        f"over {keys.FUTURE_TOLERANCE // 60} min ahead, they are counted as `future` and not shown (`stats`)"
-        if -lag > keys.FUTURE_TOLERANCE
+        f"over {model.FUTURE_TOLERANCE // 60} min ahead, they are counted as `future` and not shown (`stats`)"
+        if -lag > model.FUTURE_TOLERANCE
         else "the graph shows them only once their time comes"
     )
     return f"Events arrive stamped {-lag:,.0f} s ahead of this clock: {fate}."

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import redis
 
+from wikipulse.core import model
 from wikipulse.core.summary import observe
 from wikipulse.core.wiki_page import PageEdit, page_of
 from wikipulse.fold.fold import Increments, expand, tally
@@ -65,7 +66,7 @@ def as_reference(counts: Mapping[tuple[str, str], int] | Mapping[tuple[bytes, by
         # wp:ts:{domain}:RES:WINDOW on one Redis; wp:ts:{shard}:domain:RES:WINDOW sharded (_all: one share a shard)
         domain, res = (parts[2].strip("{}"), parts[3]) if len(parts) == 5 else (parts[3], parts[4])
         bucket, _, dim = (fld.decode() if isinstance(fld, bytes) else fld).partition(":")
-        namespaces = [keys.namespace_dimension(k, who) for k in keys.GRAPH_NAMESPACES for who in ("", "bot")]
+        namespaces = [keys.namespace_dimension(k, who) for k in model.GRAPH_NAMESPACES for who in ("", "bot")]
         assert dim in ("", *keys.STORED_DIMENSIONS, *namespaces), f"unexpected field {fld!r}"
         out[(domain, res, int(bucket), dim)] += int(n)
     for (domain, res, start, dim), n in list(out.items()):

@@ -20,15 +20,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from wikipulse.core import model
 from wikipulse.core.summary import Observation
 from wikipulse.fold.trending import TrendIncrements
 from wikipulse.store import keys
 
-FUTURE_TOLERANCE = keys.FUTURE_TOLERANCE
+FUTURE_TOLERANCE = model.FUTURE_TOLERANCE
 
 FoldKey = tuple[str, int, str, bool, int]
-NO_NAMESPACE = -1  # a FoldKey's namespace when it is none of keys.GRAPH_NAMESPACES
-_GRAPH_NAMESPACES = frozenset(keys.GRAPH_NAMESPACES)
+NO_NAMESPACE = -1  # a FoldKey's namespace when it is none of model.GRAPH_NAMESPACES
+_GRAPH_NAMESPACES = frozenset(model.GRAPH_NAMESPACES)
 
 
 @dataclass
@@ -52,13 +53,13 @@ class Increments:
         return Counter({(key, m): n for key, members in self.zsets.items() for m, n in members.items()})
 
 
-def base_step(resolutions: Iterable[keys.Resolution]) -> int:
+def base_step(resolutions: Iterable[model.Resolution]) -> int:
     return math.gcd(*(r.step for r in resolutions))
 
 
 def tally(observations: Iterable[tuple[Observation, int]], now: float, retention: Mapping[str, int], out: Increments) -> Counter[FoldKey]:
     """Count (observation, n) pairs per FoldKey; late, future and untimed ones are counted in `out` and left out."""
-    step = base_step(keys.RESOLUTIONS)
+    step = base_step(model.RESOLUTIONS)
     oldest = now - max(retention.values())
     newest = now + FUTURE_TOLERANCE
     classes: Counter[FoldKey] = Counter()
@@ -84,8 +85,8 @@ def expand(
     global totals are summed apart, so each hash field is touched once per batch."""
     hashes, expire_at = out.hashes, out.expire_at
     names: dict[tuple[int, str, bool, int], tuple[str, ...]] = {}
-    step = base_step(keys.RESOLUTIONS)
-    for res in keys.RESOLUTIONS:
+    step = base_step(model.RESOLUTIONS)
+    for res in model.RESOLUTIONS:
         keep, width = retention[res.name], res.window
         merged: Mapping[FoldKey, int] = classes
         if res.step != step:

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from wikipulse.core import model
 from wikipulse.fold.fold import Increments
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, pack, raw_connection
@@ -142,7 +143,7 @@ class SeriesWriter:
         await drop(self._connection)
 
 
-def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:
+def bucket_range(res: model.Resolution, start: int, end: int) -> list[int]:
     """Bucket starts from the one holding `start` to the one holding `end`, inclusive."""
     first = start - start % res.step
     return list(range(first, end - end % res.step + 1, res.step))
@@ -152,17 +153,17 @@ def bucket_range(res: keys.Resolution, start: int, end: int) -> list[int]:
 class SeriesRead:
     """How to read some dimensions ('' = total) of some buckets: one HGETALL per window key.
 
-    HGETALL, not HMGET: the hashes are small listpacks (keys.Resolution), where HMGET scans the
+    HGETALL, not HMGET: the hashes are small listpacks (model.Resolution), where HMGET scans the
     whole hash once per field asked for, and HGETALL once in all (a refresh of 10 domains by type:
     51 -> 31 ms, bench/bench_dashboard.py).
     The fields are the same for every domain, so a plan is made once per refresh and reused."""
 
-    res: keys.Resolution
+    res: model.Resolution
     dims: tuple[str, ...]
     windows: tuple[tuple[int, list[int]], ...]  # (window start, its buckets)
 
     @classmethod
-    def plan(cls, res: keys.Resolution, buckets: Sequence[int], dims: Sequence[str]) -> SeriesRead:
+    def plan(cls, res: model.Resolution, buckets: Sequence[int], dims: Sequence[str]) -> SeriesRead:
         by_window: dict[int, list[int]] = {}
         for b in buckets:
             by_window.setdefault(keys.window_start(res, b), []).append(b)
@@ -268,7 +269,7 @@ def merge_ranking(layout: keys.Layout, replies: Sequence[Any]) -> tuple[list[tup
 async def read_series(
     client: Client,
     domains: Sequence[str],
-    res: keys.Resolution,
+    res: model.Resolution,
     start: int,
     end: int,
     dims: Sequence[str] = ("",),

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import orjson
 
+from wikipulse.core import model
 from wikipulse.core.wiki_page import PageEdit
 from wikipulse.store import keys
 
@@ -117,7 +118,7 @@ def fold_pages(edits: Iterable[PageEdit], now: float, domains: Iterable[str]) ->
     """The trending work of a batch's page edits (pure): those of `domains` (the ones given series: others are
     counted under keys.OTHER_DOMAINS and have no lists) within the trending retention, in stream order."""
     admitted = set(domains)
-    oldest, newest = now - keys.TREND_RETENTION, now + keys.FUTURE_TOLERANCE
+    oldest, newest = now - keys.TREND_RETENTION, now + model.FUTURE_TOLERANCE
     out = TrendIncrements()
     for edit in edits:
         if edit.domain in admitted and oldest < edit.time <= newest:
@@ -166,7 +167,7 @@ _EDITOR_MARK = {"all": "", "humans": "h", "bots": "b"}  # the editor fields that
 @dataclass
 class TrendingQuery:
     """The most-edited pages of the last `minutes` minutes (the current one included): over `domains`, or over
-    every domain when None; by everyone, humans or bots (`who`, keys.WHO); in `namespaces` only, unless None.
+    every domain when None; by everyone, humans or bots (`who`, model.WHO); in `namespaces` only, unless None.
 
     Two pipelined round trips, on any client (the page's is synchronous, read_trending's asynchronous): queue_rank /
     take_rank, then queue_details / take_details for the top pages only."""
@@ -181,8 +182,8 @@ class TrendingQuery:
     top: list[tuple[str, str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.who not in keys.WHO:
-            raise ValueError(f"who={self.who!r}: one of {', '.join(keys.WHO)}")
+        if self.who not in model.WHO:
+            raise ValueError(f"who={self.who!r}: one of {', '.join(model.WHO)}")
 
     def _ranked(self, shard: keys.Shard, domain: str) -> list[str] | dict[str, int]:
         """The keys one ZUNION ranks over: everyone's, bots', or everyone's minus bots' (humans)."""

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import orjson
 
+from wikipulse.core import model
 from wikipulse.core.errors import SettingsError
 from wikipulse.core.events import CANARY_DOMAIN, Accepted, is_valid_domain, validate
 from wikipulse.core.summary import MAX_NAMESPACE, observe, summarize
@@ -25,7 +26,7 @@ MAX_VALUES = 200  # alternatives in one --where
 MAX_CLAUSES = 8
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 _INDEX = {"domain": 0, "type": 2, "bot": 3, "namespace": 4}  # in a Head
-_KINDS, _WHO = frozenset(kind.encode() for kind in keys.EVENT_TYPES), frozenset((b"bot", b"human"))
+_KINDS, _WHO = frozenset(kind.encode() for kind in model.EVENT_TYPES), frozenset((b"bot", b"human"))
 
 Clause = tuple[str, tuple[str, ...]]
 
@@ -52,8 +53,8 @@ def parse_where(text: str) -> Clause:
         v = value.lower()
         if name == "domain" and not is_valid_domain(v):
             raise SettingsError(f"bad --where domain={value!r}: not a domain (e.g. en.wikipedia.org)")
-        if name == "type" and v not in keys.EVENT_TYPES:
-            raise SettingsError(f"bad --where type={value!r}: one of {', '.join(keys.EVENT_TYPES)}")
+        if name == "type" and v not in model.EVENT_TYPES:
+            raise SettingsError(f"bad --where type={value!r}: one of {', '.join(model.EVENT_TYPES)}")
         if name == "bot" and v not in ("true", "false"):
             raise SettingsError(f"bad --where bot={value!r}: true or false")
         if name == "namespace":

@@ -14,6 +14,7 @@ from typing import cast
 
 from redis.exceptions import ResponseError
 
+from wikipulse.core import model
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, pack
 from wikipulse.store.consumer import NEW
@@ -23,7 +24,7 @@ from wikipulse.store.streams import Batch, Entry, StreamReader
 
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
-_KINDS = ", ".join(f"['{kind}'] = true" for kind in keys.EVENT_TYPES)
+_KINDS = ", ".join(f"['{kind}'] = true" for kind in model.EVENT_TYPES)
 READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + lua(__package__, "routes_read")
 
 
