@@ -31,6 +31,7 @@ from wikipulse.archive.query_server import QueryServer
 from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.core.settings import ArchiverSettings, redact_url
+from wikipulse.core.tasks import background
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, open_client
 from wikipulse.store.consumer import Handler, StreamConsumer
@@ -142,13 +143,13 @@ class Archiver(Handler):
         return "0" if await self.call(archive_is_empty, archive) else "$"
 
     async def run(self) -> None:
-        await self.lease.wait_until_held(f"the archiver lease of group {self.settings.archive_group!r} (one archiver per group)")
-        keeper = asyncio.create_task(self.lease.keep())
+        if not self.lease.held:  # run_archiver waited for it already, before binding the query port
+            await self.lease.wait_until_held(f"the archiver lease of group {self.settings.archive_group!r} (one archiver per group)")
         try:
-            await self.open_archive()
-            await self.consumer.run(self, self.settings.stats_interval)
+            async with background(self.lease.keep(), "the archiver's lease renewal"):
+                await self.open_archive()
+                await self.consumer.run(self, self.settings.stats_interval)
         finally:
-            keeper.cancel()
             await self.lease.release()
 
     async def consume(self) -> None:

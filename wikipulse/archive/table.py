@@ -56,7 +56,6 @@ _META_DT = f"parseDateTime64BestEffortOrZero({_E}.meta.dt, 3, 'UTC')"
 # event, by a 64-bit digest of its meta.id (else its stream id) instead of the 36-character text stored twice: a
 # backstop for a retried batch whose boundaries changed (archiver.py); FINAL reads it exactly. Two events collide
 # only with the same domain, millisecond and digest.
-KEPT_COLUMNS = ("event_time", "domain", "type", "bot", "namespace", "title", "user")
 EVENT_TIME = f"if({_E}.timestamp BETWEEN 0 AND {LATEST_TIME}, toDateTime64(assumeNotNull({_E}.timestamp), 3, 'UTC'), meta_dt)"
 ALIASES = f"""
     meta_id String ALIAS {_E}.meta.id,

@@ -111,6 +111,9 @@ class ArchiveGroup(Options):
     archive_group: str = opt("ARCHIVE_GROUP", "the archiver's consumer group on the stream", "archiver", nonempty=True)
 
 
+CONSUMER_ROLES = ("subscriber", "archiver")  # the consumers a deployment can run on the stream, each with its group
+
+
 @dataclass(frozen=True)
 class StreamGroupsSettings(RedisSettings, FoldGroup, ArchiveGroup):
     """The consumer groups that come with the stream (trimming.declared_groups)."""
@@ -121,9 +124,9 @@ class StreamGroupsSettings(RedisSettings, FoldGroup, ArchiveGroup):
     )  # fmt: skip
 
     def consumer_roles(self) -> tuple[str, ...]:
-        """settings.stream_consumers as a tuple of roles (trimming.ROLES)."""
+        """settings.stream_consumers as a tuple of CONSUMER_ROLES."""
         roles = tuple(dict.fromkeys(r.strip() for r in self.stream_consumers.split(",") if r.strip()))
-        unknown = [r for r in roles if r not in ("subscriber", "archiver")]
+        unknown = [r for r in roles if r not in CONSUMER_ROLES]
         if unknown:
             raise SettingsError(f"stream_consumers: unknown {unknown[0]!r} (a list of subscriber, archiver; empty: none)")
         return roles

@@ -70,6 +70,11 @@ class Lease:
         self._release = client.register_script(RELEASE_SCRIPT)
 
     @property
+    def held(self) -> bool:
+        """Whether this process holds the lease, as far as it knows (its last take or renewal said so)."""
+        return self.token in _HELD
+
+    @property
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 

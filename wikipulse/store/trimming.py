@@ -45,8 +45,6 @@ TRIMMED_UNREAD = "trimmed_unread:"  # + group name: a field of keys.PUBLISHER_ST
 ENSURE_GROUP_SCRIPT = script(__package__, "ensure_group", "trim")
 CREATE_GROUPS_SCRIPT = script(__package__, "create_groups", "trim")
 
-ROLES = ("subscriber", "archiver")  # the consumers a deployment can run on the stream (settings.stream_consumers)
-
 
 def declared_groups(settings: StreamGroupsSettings, stream: str, sharded: bool) -> list[str]:
     """The consumer groups the deployment runs on `stream` (created with it). Sharded, the ingest stream
