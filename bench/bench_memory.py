@@ -42,7 +42,7 @@ from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.series import SeriesWriter
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.fold.trending import TrendIncrements
-from wikipulse.ingest.writer import Batch, BatchWriter
+from wikipulse.ingest.writer import BatchWriter, IngestBatch
 from wikipulse.store import keys
 from wikipulse.store.lease import Lease
 
@@ -98,7 +98,7 @@ class Deployment:
         await self.subscriber.ensure_group()
         await self.subscriber.take_name()
 
-    async def take(self, batch: Batch) -> None:
+    async def take(self, batch: IngestBatch) -> None:
         """Publish a batch, then fold it and acknowledge it in the archiver's group, as consumers that keep up do."""
         s = self.settings
         assert await self.lease.try_acquire() is None
@@ -141,7 +141,7 @@ async def pipeline_day(urls: list[str], n: int, now: float) -> list[dict[str, fl
             events = [sim.event(i) for i in range(start, min(start + BATCH, n))]
             frames, folds, ids = [orjson.dumps(e) for e in events], [summary_of(e) for e in events], [e["meta"]["id"] for e in events]
             for d in deployments:
-                await d.take(Batch(frames=frames, folds=folds, ids=ids))
+                await d.take(IngestBatch(frames=frames, folds=folds, ids=ids))
             if start % 500_000 == 0:
                 print(f"  {start:,} events", flush=True)
         return [await d.figures() for d in deployments]

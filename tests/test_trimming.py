@@ -30,7 +30,7 @@ from wikipulse.devtools.simulate import Simulator
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.ingest.publisher import Publisher
 from wikipulse.ingest.router import Router
-from wikipulse.ingest.writer import Batch, BatchWriter, Written
+from wikipulse.ingest.writer import BatchWriter, IngestBatch, Written
 from wikipulse.queries import stats
 from wikipulse.store import keys
 from wikipulse.store.connect import open_client
@@ -81,7 +81,7 @@ class Feed:
             events = [self.sim.event(i) for i in range(start, min(start + batch, self.sent + n))]
             frames = [orjson.dumps(e) for e in events]
             self.last = await self.writer.write(
-                Batch(frames=frames, folds=[summary_of(e) for e in events], ids=[e["meta"]["id"] for e in events]), time.time()
+                IngestBatch(frames=frames, folds=[summary_of(e) for e in events], ids=[e["meta"]["id"] for e in events]), time.time()
             )
         self.sent += n
 

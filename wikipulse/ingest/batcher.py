@@ -15,7 +15,7 @@ import orjson
 from wikipulse.core.events import Accepted, Canary, Reject, Rejected, validate
 from wikipulse.core.summary import summary_of
 from wikipulse.ingest.sse import ServerSentEvent
-from wikipulse.ingest.writer import Batch
+from wikipulse.ingest.writer import IngestBatch
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Batcher:
     def __init__(self, size: int, delay: float, max_event_bytes: int, window: int, wall: Callable[[], float] = time.time) -> None:
         self.size, self.delay, self.max_event_bytes, self.wall = size, delay, max_event_bytes, wall
         self.dedup = Dedup(window)
-        self.batch = Batch()
+        self.batch = IngestBatch()
 
     def take(self, sse: ServerSentEvent, now: float) -> bool:
         """Add one event read at `now` (monotonic seconds); whether the batch is full now."""
@@ -86,7 +86,7 @@ class Batcher:
             self._reject(batch, verdict, sse.data)
         return False
 
-    def _reject(self, batch: Batch, verdict: Rejected, data: bytes) -> None:
+    def _reject(self, batch: IngestBatch, verdict: Rejected, data: bytes) -> None:
         batch.counters[f"rejected:{verdict.reason.value}"] += 1
         frame = data[:512].decode("utf-8", "replace")
         batch.rejected.append(orjson.dumps({"reason": verdict.reason.value, "detail": verdict.detail, "at": self.wall(), "frame": frame}))
@@ -109,15 +109,15 @@ class Batcher:
     def due(self, now: float) -> bool:
         return bool(self.batch.taken) and now - self.batch.started >= self.delay
 
-    def cut(self) -> Batch | None:
+    def cut(self) -> IngestBatch | None:
         """The batch to write (None if nothing was taken); a new one starts."""
         if not self.batch.taken:
             return None
-        batch, self.batch = self.batch, Batch()
+        batch, self.batch = self.batch, IngestBatch()
         return batch
 
     def discard(self, seen: list[bytes] | None = None) -> None:
         """Drop the batch (its events will be read again), and take the dedup window stored in Redis if given."""
-        self.batch = Batch()
+        self.batch = IngestBatch()
         if seen is not None:
             self.dedup.load(seen)

@@ -25,7 +25,7 @@ from wikipulse.ingest.feed import FEED_ERRORS, Connection, Feed, FeedEnded, Reje
 from wikipulse.ingest.recovery import RECOVERABLE, Recovery
 from wikipulse.ingest.router import Router
 from wikipulse.ingest.routes import RouteCopier
-from wikipulse.ingest.writer import Batch, BatchWriter, RedisDown
+from wikipulse.ingest.writer import BatchWriter, IngestBatch, RedisDown
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, open_client
 from wikipulse.store.lease import Lease
@@ -81,7 +81,7 @@ class Publisher:
             if inflight.done():
                 self._inflight = None
 
-    async def _write(self, batch: Batch) -> None:
+    async def _write(self, batch: IngestBatch) -> None:
         written, duplicates, had_position, grew = await self.writer.write(batch, time.time(), self.recovery.after)
         self.totals.update(batch.counters)
         self.totals.update(published=written, duplicates=duplicates)

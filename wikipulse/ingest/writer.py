@@ -44,7 +44,9 @@ BEHIND = "WPBEHIND"  # the write script's answer when Redis lost this process's 
 
 
 @dataclass
-class Batch:
+class IngestBatch:
+    """The publisher's next write: validated frames, their fold summaries and their ids (one script call)."""
+
     frames: list[bytes] = field(default_factory=list)
     folds: list[str] = field(default_factory=list)  # fold.summarize of each frame
     ids: list[str] = field(default_factory=list)  # meta.id of each frame, '' if it has none
@@ -78,7 +80,7 @@ class BatchWriter:
         self._script = client.register_script(WRITE_SCRIPT)
         self._groups = declared_groups(settings, settings.stream, sharded)
 
-    async def write(self, batch: Batch, now: float, after: str | None = None) -> Written:
+    async def write(self, batch: IngestBatch, now: float, after: str | None = None) -> Written:
         """`after`: the position this process stored last (None: unknown). Raises RedisDown, RedisFull (retry.py),
         LeaseLost (lease.py) or WritesLost; else the batch was written whole."""
         s = self.settings
