@@ -4,7 +4,7 @@
 `pipenv run python -m bench.bench_history [--events N] [--runs N]`
 
 N events (default 30 million) spread over 365 days are generated inside ClickHouse (INSERT … SELECT from numbers())
-into the archive's own table (archive.py's schema) in a temporary directory, with the live feed's mix: 47% commons,
+into the archive's own table (archive/table.py's schema) in a temporary directory, with the live feed's mix: 47% commons,
 13% wikidata, 12% enwiki, the rest over ~300 wikis; 49% categorize, 41% edit, 8% log, 2% new; 32% bots; page titles
 and user names drawn from heavy-tailed distributions (a few very busy pages, about a million distinct ones). The
 typed columns are written directly (the queries read only event_time, domain, type, bot, namespace, title, user).

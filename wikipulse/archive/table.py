@@ -3,7 +3,7 @@
 One client library, clickhouse-connect, for both engines: with no CLICKHOUSE_URL, the embedded engine
 (chDB, `chdb://` DSN) in `archive_dir`; with one, a ClickHouse server. Only one process may open an
 embedded directory at a time, so the archiver (which holds it) also answers read-only queries on a
-loopback HTTP endpoint (archiver.py), and `sql`/`history` go there while it runs (query.py).
+loopback HTTP endpoint (archiver.py), and `sql`/`history` go there while it runs (archive/reader.py).
 
 The table keeps each event's raw JSON and derives the typed columns from it inside ClickHouse (DEFAULT
 expressions, in C++): the archiver sends two strings an event, no Python parsing or datetime objects.

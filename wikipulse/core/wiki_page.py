@@ -1,6 +1,6 @@
 """What one edit or page creation says about its page: pure, for the trending lists and the new-articles list.
 
-The publisher writes it after the event's fold summary (fold.summarize), tab-separated:
+The publisher writes it after the event's fold summary (summary.summarize), tab-separated:
   "<domain> <time> <type> <bot|human>\t<namespace> <bytes changed or -> <revision or ->\t<user>\t<title>"
 so the subscriber reads it without parsing the event's JSON. Tabs, newlines and other control characters
 cannot occur in a MediaWiki title or user name; an event that has them anyway gets U+FFFD in their place,

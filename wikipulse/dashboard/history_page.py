@@ -2,7 +2,7 @@
 (layout and callbacks apart from the live page's, whose push and polling it has no use for), served by the live
 page's FastAPI server under PATH.
 
-It reads the archive as `sql` does (query.archive_query): through the archiver's read-only endpoint, or the ClickHouse
+It reads the archive as `sql` does (reader.archive_query): through the archiver's read-only endpoint, or the ClickHouse
 server of CLICKHOUSE_URL, with their limits. It never opens the embedded directory itself: that would keep the
 archiver from it. With no archive running the page says so. What it asks and how the answers are shaped is pure
 (history_queries.py); the callbacks here only validate, ask and hand over.

@@ -4,12 +4,12 @@ Data shapes:
   HistorySelection  validated choices: wikis, [since, until) in unix seconds, the graph's split
   the URL           ?domains=en.wikipedia.org,de.wikipedia.org&since=2026-11-01&until=2026-11-30&by=type
                     (days in UTC; `until` is the last day shown, included)
-  rows              what the archive answers: one dict per row, keyed by column name (query.archive_query's JSON lines)
+  rows              what the archive answers: one dict per row, keyed by column name (reader.archive_query's JSON lines)
 
 Every SQL text here is built from validated values only: domains are host names (no quote can occur in one, and
 each is checked again where it is quoted), times are integers, the split and the bucket come from fixed tables.
 The queries read only event_time, domain, type, bot, namespace, title and user, and each event once: the table is
-a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive.py).
+a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive/table.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from wikipulse.dashboard.view import MAX_DOMAINS, NAMESPACES, utc_iso
 
 DAY = 86400
 EARLIEST = date(1970, 1, 1)
-LATEST = datetime.fromtimestamp(LATEST_TIME, UTC).date()  # an event time past it is not believed (archive.py)
+LATEST = datetime.fromtimestamp(LATEST_TIME, UTC).date()  # an event time past it is not believed (archive/table.py)
 DEFAULT_DAYS = 30  # the range shown when the URL names none: the last 30 days the archive holds
 TOP_SIZE = 20  # rows of the top pages and top editors
 MAX_SEARCH = 4096  # characters of a URL's query string read at all

@@ -1,6 +1,6 @@
 """Server push: the page moves when the data moves, not on a timer.
 
-The subscriber announces every applied batch on keys.NOTICES (series.APPLY_SCRIPT). A dashboard process holds one
+The subscriber announces every applied batch on keys.NOTICES (apply.lua). A dashboard process holds one
 Redis subscription to it (NoticeHub), whatever the number of open pages, and each socket's push loop (socket_push.py)
 waits on the hub and sends its pages the update over the socket (view_updates.py: computed once per view and
 version): a page costs no Redis read per event, and nothing at all while nothing happens. Bursts are coalesced: a

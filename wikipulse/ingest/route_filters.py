@@ -73,7 +73,7 @@ def parse_filter(wheres: Sequence[str]) -> list[Clause]:
     return [parse_where(w) for w in wheres]
 
 
-# A fold summary's head, split: [domain, time, type, bot|human, namespace] (fold.summarize), as bytes. The filters
+# A fold summary's head, split: [domain, time, type, bot|human, namespace] (summary.summarize), as bytes. The filters
 # compare its parts with their values as the summary writes them: no parse, no conversion (this runs for every entry).
 Head = list[bytes]
 Matcher = Callable[[Head], bool]

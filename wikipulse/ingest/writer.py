@@ -48,7 +48,7 @@ class IngestBatch:
     """The publisher's next write: validated frames, their fold summaries and their ids (one script call)."""
 
     frames: list[bytes] = field(default_factory=list)
-    folds: list[str] = field(default_factory=list)  # fold.summarize of each frame
+    folds: list[str] = field(default_factory=list)  # summary.summarize of each frame
     ids: list[str] = field(default_factory=list)  # meta.id of each frame, '' if it has none
     counters: Counter[str] = field(default_factory=Counter)
     rejected: list[bytes] = field(default_factory=list)

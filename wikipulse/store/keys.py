@@ -41,7 +41,7 @@ SHARDS_RECORD = f"{PREFIX}:shards"
 SUBSCRIBER_STATS = f"{PREFIX}:subscriber:stats"  # hash of counters
 # Counter bumped by every claim of idle entries (XAUTOCLAIM, in one script with it). A batch read
 # while it held E and applied while it still holds E cannot have lost entries to another consumer,
-# so the apply script skips its per-entry ownership check (series.APPLY_SCRIPT).
+# so the apply script skips its per-entry ownership check (apply.lua).
 CLAIMS = f"{PREFIX}:subscriber:claims"
 
 
@@ -115,7 +115,7 @@ ALERT_WEBHOOK_LEASE = f"{PREFIX}:{{alerts}}:webhook:lease"
 
 
 # Fields of each entry of the stream (settings.stream): the raw JSON, and what the subscriber folds
-# (fold.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
+# (summary.summarize: "<domain> <event time or -> <type> <bot|human>"), which the publisher has worked out
 # already; entries that other writers add without it are folded from their JSON.
 DATA_FIELD = "data"
 FOLD_FIELD = "fold"
