@@ -1,6 +1,6 @@
 """Reading the stream with a consumer group, fast: replies unparsed, on a connection of their own.
 
-Shared by every consumer (consumer.StreamConsumer: the router, the archiver, the routes' copier; the subscriber).
+Shared by every consumer (consumer.StreamConsumer: the router, the archiver, the routes' copier, the subscriber).
 redis-py would turn every entry into a dict, which costs more than everything else any of them does per entry.
 """
 
