@@ -25,6 +25,7 @@ from wikipulse.core.summary import summary_of
 from wikipulse.devtools.reference import as_reference, reference_fold
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.store import keys
+from wikipulse.store.streams import Batch
 
 LONG = "10s=400d,1m=400d,1h=400d"  # keep every resolution, however long a test runs
 
@@ -164,20 +165,20 @@ async def test_a_cancellation_lost_in_a_library_still_stops_it(redis_client: aio
     """On Python 3.11 redis-py can turn a cancellation into a TimeoutError it swallows, and cleanup
     that fails while cancelled replaces it with an error: the loop must stop all the same."""
     subscriber = Subscriber(settings, redis_client)
-    read, losing = subscriber.stream.read, asyncio.Event()
+    read, losing = subscriber.stream.reader.batch, asyncio.Event()
     losing.set()
 
-    async def read_that_loses_a_cancellation(start: str, block: int | None) -> tuple[list[Any], bytes]:
+    async def read_that_loses_a_cancellation() -> Batch:
         try:
-            return await read(start, block)
+            return await read()
         except asyncio.CancelledError:
             if not losing.is_set():
                 raise
             if lost_as == "an error":
                 raise ConnectionError("the connection could not be closed") from None
-            return [], b"0"
+            return Batch([], 0, None)
 
-    subscriber.stream.read = read_that_loses_a_cancellation  # type: ignore[method-assign]
+    subscriber.stream.reader.batch = read_that_loses_a_cancellation  # type: ignore[method-assign]
     task = asyncio.create_task(subscriber.run_stream())
     await asyncio.sleep(0.5)  # idle, in a blocking read
     task.cancel()

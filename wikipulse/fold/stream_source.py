@@ -1,9 +1,10 @@
 """The fold's exactly-once source: the shard's stream, read with the consumer group under the consumer name.
 
-On start it re-folds its own pending entries; every claim_idle/2 it claims the entries of consumers that have been
-idle past `claim_idle` (XAUTOCLAIM, claim.lua). Group creation, a lost group (NOGROUP), retries (said once:
-retry.Outage) and the cluster's slot-map refresh are all in StreamSource.run: the one place a shared stream-consumer
-mechanism would take over the reading from.
+A Handler of consumer.StreamConsumer, which owns the reading: group creation (and a lost group, NOGROUP), retries
+(said once: retry.Outage), the cluster's slot-map refresh, a full Redis. It is a two-phase handler: a batch is folded
+while Redis reads the next one, and its write goes out once that read's reply is taken. On start it re-folds its own
+pending entries; every claim_idle/2 it claims the entries of consumers that have been idle past `claim_idle`
+(XAUTOCLAIM, claim.lua).
 """
 
 from __future__ import annotations
@@ -11,51 +12,60 @@ from __future__ import annotations
 import logging
 import time
 
-from redis.exceptions import ResponseError
-
 from wikipulse.core.settings import SubscriberSettings
 from wikipulse.fold.consumer_name import ConsumerName
-from wikipulse.fold.folder import Folder
+from wikipulse.fold.folder import FoldedBatch, Folder
 from wikipulse.fold.writes import WRITES_IN_FLIGHT, WritePipeline
-from wikipulse.store.connect import Client, refresh
+from wikipulse.store.connect import Client
+from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import LeaseLost
-from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full, pause_before_retry, stop_if_cancelled
 from wikipulse.store.scripts import lua
-from wikipulse.store.streams import Entry, StreamReader
-from wikipulse.store.trimming import declared_groups, ensure_group
+from wikipulse.store.streams import Batch, Entry, StreamReader
+from wikipulse.store.trimming import declared_groups
 
 logger = logging.getLogger(__name__)
 
 
-class StreamSource:
+class StreamSource(Handler):
+    """Read, fold and write as a pipeline: while this process folds one batch, Redis applies the previous ones and
+    reads the next, so neither side waits for the other. At most WRITES_IN_FLIGHT writes are unanswered (memory stays
+    bounded). Batches hold distinct entries and increments commute, so no write waits for the one before it. The
+    writes land on the stream's master, atomically with their XACK: no replica confirmation (consumer.py's confirm)."""
+
+    doing = "folding"
+    two_phase = True
+
     def __init__(self, settings: SubscriberSettings, client: Client, name: ConsumerName, folder: Folder, writes: WritePipeline) -> None:
         self.settings, self.client, self.name, self.folder, self.writes = settings, client, name, folder, writes
         self.shard = folder.shard
         self.claim_script = client.register_script(lua("wikipulse.fold", "claim"))
         self.batch_size = settings.read_batch_size  # reads are cheap; bigger batches fold better
         self.caught_up = False  # the last read found no backlog
-        self.reader = self._reader()
-
-    def _reader(self) -> StreamReader:
-        return StreamReader(self.client, self.shard.stream, self.settings.group, self.name.consumer, counter=self.shard.claims)
-
-    def reconnect(self) -> None:
-        """A new reader and writer, under the consumer name as it is now (they connect on first use)."""
-        self.reader = self._reader()
-        self.writes.connect()
+        stream, group = self.shard.stream, settings.group
+        self.reader = StreamReader(client, stream, group, name.consumer, counter=self.shard.claims)
+        # A new stream comes with every declared group (trimming.py); a new group on an existing stream starts at its
+        # first entry (events published before the first subscriber ran are folded too), unless this shard has counts.
+        self.consumer = StreamConsumer(client, stream, group, name.consumer, log=logger, what=f"subscriber of {stream}",
+                                       declared=declared_groups(settings, stream, sharded=self.shard.tag is not None),
+                                       count=self.batch_size, backoff_cap=settings.backoff_cap, start=self._start_of_new_group,
+                                       block_ms=max(1, int(settings.batch_delay * 1000), 100), source=self.reader)  # fmt: skip
+        self.consumer.backoff, self.consumer.outage = writes.backoff, writes.outage  # an applied write ends an outage too
+        self.folded: FoldedBatch | None = None  # the batch prepared, its write not sent yet
+        self.next_claim = 0.0
 
     async def take_name(self) -> None:
+        """Hold a consumer name (if none is held), and read and write under it."""
         if await self.name.take():
-            self.reconnect()
+            self._use_name()
+
+    def _use_name(self) -> None:
+        """The reads under the consumer name as it is now; the writes fenced by its lease, on a new connection (to the
+        node of the shard's slot now)."""
+        self.reader.consumer = self.consumer.consumer = self.name.consumer
+        self.writes.connect()
 
     async def ensure_group(self) -> None:
-        """The group, if missing: a new stream comes with every declared group (trimming.py); else from the stream's
-        start (events published before the first subscriber ran are folded too), unless this shard has counts."""
-        stream, group = self.shard.stream, self.settings.group
-        declared = declared_groups(self.settings, stream, sharded=self.shard.tag is not None)
-        how = await ensure_group(self.client, stream, group, declared, self._start_of_new_group)
-        if how is not None:
-            logger.info("created consumer group %s on %s from %s", group, stream, "its first entry" if how == "0" else "now")
+        await self.consumer.ensure_group()
 
     async def _start_of_new_group(self) -> str:
         if await self.client.hget(self.shard.stats, "folded"):
@@ -66,7 +76,7 @@ class StreamSource:
         return "0"
 
     async def read(self, start: str, block: int | None) -> tuple[list[Entry], bytes]:
-        """(entries, keys.CLAIMS before they were read)."""
+        """(entries, keys.CLAIMS before they were read): one read, by hand (tests)."""
         await self.reader.send(start, self.batch_size, block)
         entries, claims = await self.reader.receive()
         return entries, claims or b"0"
@@ -95,73 +105,43 @@ class StreamSource:
 
     async def run(self) -> None:
         try:
-            while True:
-                try:
-                    await self.ensure_group()
-                    await self.take_name()
-                    await self._consume()
-                except REDIS_ERRORS as exc:
-                    delay = self.writes.backoff.next_delay()
-                    self.writes.outage.failed(exc, delay)
-                    await pause_before_retry(delay)
-                    await refresh(self.client)  # on a cluster, the slot may have moved: new connections to its node
-                    self.reconnect()
-                except LeaseLost as exc:
-                    logger.error("%s: it applied nothing since, and takes a consumer name again", exc)
-                    await self.name.give_up()
-                except (RedisFull, ResponseError) as exc:
-                    if not (isinstance(exc, RedisFull) or is_full(exc)):
-                        if "NOGROUP" not in str(exc):
-                            raise
-                        logger.warning("the consumer group is gone (Redis lost its data?); creating it again")
-                        continue
-                    delay = self.writes.backoff.next_delay()
-                    logger.error("Redis is full (%s): folding paused, the entries stay pending; retrying in %.1fs", exc, delay)
-                    await pause_before_retry(delay)
+            await self.consumer.run(self)
         finally:
             await self.name.give_up()
 
-    async def _consume(self) -> None:
-        """Read, fold and write as a pipeline: while this process folds one batch, Redis applies
-        the previous ones and reads the next, so neither side waits for the other.
+    async def begin(self) -> None:
+        await self.name.take()
+        self._use_name()  # again after an error too: end() dropped the writer's connection, maybe to a master gone since
+        self.folded = None
 
-        At most WRITES_IN_FLIGHT writes are unanswered (memory stays bounded). Batches hold
-        distinct entries and increments commute, so no write waits for the one before it."""
-        cursor = "0"  # our own pending entries first: delivered to us before, never acknowledged
-        block_ms = max(1, int(self.settings.batch_delay * 1000), 100)
-        next_claim = 0.0
+    async def prepare(self, batch: Batch) -> None:
+        self.folded = await self.folder.entries(batch.entries, batch.counter or b"0")
+
+    async def handle(self, batch: Batch) -> None:
         writes = self.writes
-        try:
-            entries: list[Entry] = []
-            claims: bytes | None = None
-            while True:
-                stop_if_cancelled()
-                if time.monotonic() >= next_claim:
-                    await writes.settle(0)
-                    await self.claim_stale()
-                    next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
-                    await writes.heartbeat()
-                if not entries:
-                    entries, claims = await self.read(cursor, None if cursor != ">" or writes.inflight else block_ms)
-                    if not entries:
-                        if cursor != ">":
-                            cursor = ">"  # our own pending entries are done: new ones from now on
-                        await writes.settle(0)
-                        self.caught_up = cursor == ">"
-                        continue
-                if cursor != ">":
-                    cursor = entries[-1][0].decode()
-                await self.reader.send(cursor, self.batch_size, None)  # Redis reads the next batch while we fold this one
-                batch = await self.folder.entries(entries, claims)
-                # Take the read's reply (megabytes: the events' JSON) before the write goes out:
-                # Redis sends no reply while it runs a script.
-                entries, claims = await self.reader.receive()
-                claims = claims or b"0"
-                self.caught_up = cursor == ">" and len(entries) < self.batch_size
-                await writes.settle(WRITES_IN_FLIGHT - 1)
-                await writes.send(batch)
-        finally:
-            await self.close()
+        if self.folded is not None:
+            folded, self.folded = self.folded, None
+            self.caught_up = not batch.pending and batch.read < self.batch_size
+            await writes.settle(WRITES_IN_FLIGHT - 1)
+            await writes.send(folded)
+        else:  # an idle read (or the own pending entries are done)
+            await writes.settle(0)
+            self.caught_up = True
+        if time.monotonic() >= self.next_claim:
+            await writes.settle(0)
+            await self.claim_stale()
+            self.next_claim = time.monotonic() + max(self.settings.claim_idle / 2, 0.1)
+            await writes.heartbeat()
+
+    async def end(self) -> None:
+        await self.close()
+
+    async def failed(self, error: Exception) -> bool:
+        if not isinstance(error, LeaseLost):
+            return False
+        logger.error("%s: it applied nothing since, and takes a consumer name again", error)
+        await self.name.give_up()
+        return True
 
     async def close(self) -> None:
         """Drop the reader's and writer's connections with whatever they had in flight (WritePipeline.close)."""

@@ -35,7 +35,7 @@ class WritePipeline:
     ) -> None:
         self.client, self.group, self.folder, self.name = client, settings.group, folder, name
         self.shard = folder.shard
-        self.backoff, self.outage = backoff, outage  # the source's retry loop: an applied batch ends what failed before
+        self.backoff, self.outage = backoff, outage  # the source's retries (consumer.py's): an applied batch ends an outage
         self.inflight: collections.deque[FoldedBatch] = collections.deque()  # sent to the writer, unanswered
         self.totals: Counter[str] = Counter()
         self.writer = self._writer()

@@ -1,4 +1,5 @@
-"""Consuming a stream with a consumer group: the one loop of every consumer (the router, the archiver, the routes' copier).
+"""Consuming a stream with a consumer group: the one loop of every consumer (the router, the archiver, the routes' copier,
+the subscriber's stream source).
 
 A StreamConsumer owns everything but what to do with a batch (a Handler's part):
 
@@ -8,7 +9,9 @@ A StreamConsumer owns everything but what to do with a batch (a Handler's part):
 - **the reads**: the consumer's own pending entries first (a restart's, delivered and never acknowledged), then new
   ones, blocking at most `block_ms` on an idle stream; with `read_ahead`, the next read is on its way while the handler
   works on this batch; with `gather`, the read after a short batch waits until `gather` seconds after the handler was
-  done with it (at a trickle, fewer and larger batches).
+  done with it (at a trickle, fewer and larger batches). A two-phase handler (the subscriber) prepares a batch while
+  the next read is on its way, and handles it once that read's reply is taken (Redis holds a reply back while it runs
+  a script: a write sent first would delay the read), so its read-ahead never blocks.
 - **the replica**: with `confirm` (a handler whose batches have an effect on another master or outside Redis), a batch
   is handed over only once a replica of the stream's master has it (streams.StreamReader's confirmation): else a
   failover could take entries away whose copies or rows exist elsewhere, and the publisher would write them again.
@@ -57,6 +60,7 @@ class Handler:
     """What a StreamConsumer's caller does with the batches: handle() at least; the rest as needed."""
 
     doing = "consuming"  # for the log: "<doing> paused"
+    two_phase = False  # prepare() each batch while the next read is on its way, handle() it once that reply is taken
 
     async def begin(self) -> None:
         """Before each round of reads (again after an error): take leases, open what the batches go to."""
@@ -69,6 +73,10 @@ class Handler:
     def count(self, pending: bool) -> int | None:
         """The size of the next read (`pending`: of the own pending entries); None: the consumer's."""
         return None
+
+    async def prepare(self, batch: Batch) -> None:
+        """A two-phase handler's work on a batch with entries while the next read is on its way (no Redis replies to
+        take on the reading connection: the consumer takes the read's reply after this)."""
 
     async def handle(self, batch: Batch) -> None:
         """Act on a batch, empty ones included (an idle read: work in progress can be finished)."""
@@ -187,21 +195,24 @@ class StreamConsumer:
             await handler.end()
 
     async def _reads(self, handler: Handler) -> None:
-        source = self.source
+        source, two_phase = self.source, handler.two_phase
         cursor, sent = "0", False
+        taken: Batch | None = None  # the reply of the read on its way, taken before a two-phase handler's handle()
         short, batch_at = False, 0.0  # the last batch was short of its count, and when the handler was done with it
         while True:
             stop_if_cancelled()
-            if not sent:
-                if not await handler.ready():
-                    cursor = "0"
-                    continue
-                await self.ensure_group()
-                if cursor == NEW and short and self.gather:
-                    await asyncio.sleep(max(0.0, batch_at + self.gather - time.monotonic()))
-                count = handler.count(cursor != NEW) or self.count
-                await source.send(cursor, count, self.block_ms if cursor == NEW else None)
-            batch = await source.batch()
+            if taken is None:
+                if not sent:
+                    if not await handler.ready():
+                        cursor = "0"
+                        continue
+                    await self.ensure_group()
+                    if cursor == NEW and short and self.gather:
+                        await asyncio.sleep(max(0.0, batch_at + self.gather - time.monotonic()))
+                    count = handler.count(cursor != NEW) or self.count
+                    await source.send(cursor, count, self.block_ms if cursor == NEW else None)
+                taken = await source.batch()
+            batch, taken = taken, None
             sent, batch.pending = False, cursor != NEW
             if batch.last is None:
                 cursor = NEW  # the own pending entries are done (or none came for block_ms): new ones from now on
@@ -214,11 +225,16 @@ class StreamConsumer:
             if self.read_ahead and not (short and self.gather):
                 # Redis reads the next batch meanwhile; first, a replica confirms it has this one.
                 count = handler.count(cursor != NEW) or self.count
-                await source.send(cursor, count, self.block_ms if cursor == NEW else None, confirm=held)
+                block = self.block_ms if cursor == NEW and not two_phase else None  # a two-phase handle() waits for it
+                await source.send(cursor, count, block, confirm=held)
                 sent = True
                 await source.confirmed()
             elif held is not None:
                 await source.confirm(held)
+            if two_phase:
+                await handler.prepare(batch)
+                if sent:
+                    taken = await source.batch()
             await handler.handle(batch)
             batch_at = time.monotonic()
             self.progress()

@@ -1,6 +1,6 @@
 """Reading the stream with a consumer group, fast: replies unparsed, on a connection of their own.
 
-Shared by every consumer (consumer.StreamConsumer: the router, the archiver, the routes' copier; the subscriber).
+Shared by every consumer (consumer.StreamConsumer: the router, the archiver, the routes' copier, the subscriber).
 redis-py would turn every entry into a dict, which costs more than everything else any of them does per entry.
 """
 
@@ -44,14 +44,15 @@ class StreamReader:
 
     def __init__(self, client: Client, stream: str, group: str, consumer: str, counter: str | None = None) -> None:
         self._node = NodeConnection(client, stream)  # on a cluster, the counter shares the stream's slot
-        self._stream, self._group, self._consumer, self._counter = stream, group, consumer, counter
+        self._stream, self._group, self._counter = stream, group, counter
+        self.consumer = consumer  # the name it reads under (the subscriber's changes when it takes another one)
         self.replicas = ReplicaWait(client, stream)
         self._waiting = 0  # replicas the WAIT on the wire asks for (confirmed() takes its answer)
 
     async def send(self, start: str, count: int, block_ms: int | None, confirm: bytes | None = None) -> None:
         """Ask for the next batch; with `confirm` (the previous batch's last_held id), first for a replica to have it."""
         block = ["BLOCK", block_ms] if block_ms is not None else []
-        read = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
+        read = ["XREADGROUP", "GROUP", self._group, self.consumer, "COUNT", count, *block, "STREAMS", self._stream, start]
         commands = [("GET", self._counter), read] if self._counter else [read]
         connection = self._node.connection
         await connection.send_packed_command([await self._confirmation(confirm), *connection.pack_commands(commands)])
@@ -76,7 +77,7 @@ class StreamReader:
         self._waiting = await self.replicas.wanted() if last is not None else 0
         if not self._waiting or last is None:
             return b""
-        claim = pack(("XCLAIM", self._stream, self._group, self._consumer, 0, last, "JUSTID"))
+        claim = pack(("XCLAIM", self._stream, self._group, self.consumer, 0, last, "JUSTID"))
         return claim + self.replicas.command(self._waiting)
 
     async def receive(self) -> tuple[list[Entry], bytes | None]:
