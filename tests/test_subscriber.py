@@ -25,7 +25,7 @@ from wikipulse.core.summary import summary_of
 from wikipulse.devtools.reference import as_reference, reference_fold
 from wikipulse.fold.subscriber import Subscriber
 from wikipulse.store import keys
-from wikipulse.store.streams import Batch
+from wikipulse.store.streams import ReadBatch
 
 LONG = "10s=400d,1m=400d,1h=400d"  # keep every resolution, however long a test runs
 
@@ -168,7 +168,7 @@ async def test_a_cancellation_lost_in_a_library_still_stops_it(redis_client: aio
     read, losing = subscriber.stream.reader.batch, asyncio.Event()
     losing.set()
 
-    async def read_that_loses_a_cancellation() -> Batch:
+    async def read_that_loses_a_cancellation() -> ReadBatch:
         try:
             return await read()
         except asyncio.CancelledError:
@@ -176,7 +176,7 @@ async def test_a_cancellation_lost_in_a_library_still_stops_it(redis_client: aio
                 raise
             if lost_as == "an error":
                 raise ConnectionError("the connection could not be closed") from None
-            return Batch([], 0, None)
+            return ReadBatch([], 0, None)
 
     subscriber.stream.reader.batch = read_that_loses_a_cancellation  # type: ignore[method-assign]
     task = asyncio.create_task(subscriber.run_stream())

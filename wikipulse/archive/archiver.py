@@ -38,7 +38,7 @@ from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import Lease
 from wikipulse.store.policy import check_redis
 from wikipulse.store.retry import pause_before_retry
-from wikipulse.store.streams import Batch, Entry, StreamReader
+from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 from wikipulse.store.trimming import declared_groups
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class Archiver(Handler):
         self._replays.append(replay)
         return self._recorded.pop(0) if replay else None
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: ReadBatch) -> None:
         batches = self.layout.archiver_batches(self.settings.archive_group)
         replayed = self._replays.popleft()
         if not batch.entries and batch.pending and self._inserting is None:

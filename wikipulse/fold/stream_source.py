@@ -20,7 +20,7 @@ from wikipulse.store.connect import Client
 from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import LeaseLost
 from wikipulse.store.scripts import lua
-from wikipulse.store.streams import Batch, Entry, StreamReader
+from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 from wikipulse.store.trimming import declared_groups
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ class StreamSource(Handler):
         self._use_name()  # again after an error too: end() dropped the writer's connection, maybe to a master gone since
         self.folded = None
 
-    async def prepare(self, batch: Batch) -> None:
+    async def prepare(self, batch: ReadBatch) -> None:
         self.folded = await self.folder.entries(batch.entries, batch.counter or b"0")
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: ReadBatch) -> None:
         writes = self.writes
         if self.folded is not None:
             folded, self.folded = self.folded, None

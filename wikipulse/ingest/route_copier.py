@@ -41,7 +41,7 @@ from wikipulse.store.connect import Client
 from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import Lease, LeaseLost, new_token
 from wikipulse.store.scripts import lua
-from wikipulse.store.streams import Batch, Entry
+from wikipulse.store.streams import Entry, ReadBatch
 from wikipulse.store.trimming import declared_groups
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class RouteCopier(Handler):
         await asyncio.sleep(POLL_INTERVAL)
         return False
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: ReadBatch) -> None:
         """Each batch copied to every route, then acknowledged by the next read (in Redis: route_reader.py)."""
         if batch.last is not None:
             await self.copy(batch.entries, ack=False, trimmed=batch.trimmed)

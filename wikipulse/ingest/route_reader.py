@@ -20,7 +20,7 @@ from wikipulse.store.connect import Client, NodeConnection, pack
 from wikipulse.store.consumer import NEW
 from wikipulse.store.retry import REDIS_ERRORS
 from wikipulse.store.scripts import lua
-from wikipulse.store.streams import Batch, Entry, StreamReader
+from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
@@ -50,7 +50,7 @@ class RouteReader(StreamReader):
         read = pack(("EVAL", READ_SCRIPT, 1, self._stream, keys.ROUTES_GROUP, CONSUMER, count, start, self.acked_to, self.filters()))
         await self._node.connection.send_packed_command(await self._confirmation(confirm) + read)
 
-    async def batch(self) -> Batch:
+    async def batch(self) -> ReadBatch:
         await self.confirmed()
         n, last, trimmed, candidates = await self._node.connection.read_response()
         self.acked_to = ""
@@ -59,9 +59,9 @@ class RouteReader(StreamReader):
                 connection = self._waiter.connection
                 await connection.send_packed_command(pack(("XREAD", "COUNT", 1, "BLOCK", self._block, "STREAMS", self._stream, self._seen)))
                 await connection.read_response()
-            return Batch([], 0, None)
+            return ReadBatch([], 0, None)
         self._seen = last.decode()
-        return Batch(cast(list[Entry], candidates), int(n), last, trimmed=int(trimmed))
+        return ReadBatch(cast(list[Entry], candidates), int(n), last, trimmed=int(trimmed))
 
     async def close(self) -> None:
         """Drop the connections; after a clean stop (the last batch copied), acknowledge it (on a pooled connection: at

@@ -34,7 +34,7 @@ from wikipulse.store.connect import Client, NodeConnection, ReplicaWait, pack
 from wikipulse.store.consumer import Handler, StreamConsumer
 from wikipulse.store.lease import Lease, LeaseLost, fenced_error, new_token
 from wikipulse.store.scripts import script
-from wikipulse.store.streams import Batch, Entry
+from wikipulse.store.streams import Entry, ReadBatch
 from wikipulse.store.trimming import CREATE_GROUPS_SCRIPT, declared_groups
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Router(Handler):
             self.keepers = [asyncio.create_task(lease.keep()) for lease in self.leases]
             logger.info("routing %s to %d shard streams", self.layout.stream, len(self.leases))
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: ReadBatch) -> None:
         """Own pending entries first (a restart's), then new ones; each batch routed whole before the next is read."""
         if batch.entries:
             await self.route(batch.entries)

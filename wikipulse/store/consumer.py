@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 
 from wikipulse.store.connect import Client, refresh
 from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, RedisFull, is_full, pause_before_retry, stop_if_cancelled
-from wikipulse.store.streams import Batch, StreamReader
+from wikipulse.store.streams import ReadBatch, StreamReader
 from wikipulse.store.trimming import ensure_group
 
 NEW = ">"  # XREADGROUP's cursor for entries never delivered to the group
@@ -48,7 +48,7 @@ class Source(Protocol):
     """How a StreamConsumer reads (streams.StreamReader, or a reader of its own shape that filters in Redis)."""
 
     async def send(self, start: str, count: int, block_ms: int | None, confirm: bytes | None = None) -> None: ...
-    async def batch(self) -> Batch: ...
+    async def batch(self) -> ReadBatch: ...
     async def confirm(self, last: bytes) -> None: ...
     async def confirmed(self) -> None: ...
     async def close(self) -> None: ...
@@ -74,11 +74,11 @@ class Handler:
         """The size of the next read (`pending`: of the own pending entries); None: the consumer's."""
         return None
 
-    async def prepare(self, batch: Batch) -> None:
+    async def prepare(self, batch: ReadBatch) -> None:
         """A two-phase handler's work on a batch with entries while the next read is on its way (no Redis replies to
         take on the reading connection: the consumer takes the read's reply after this)."""
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: ReadBatch) -> None:
         """Act on a batch, empty ones included (an idle read: work in progress can be finished)."""
         raise NotImplementedError
 
@@ -197,7 +197,7 @@ class StreamConsumer:
     async def _reads(self, handler: Handler) -> None:
         source, two_phase = self.source, handler.two_phase
         cursor, sent = "0", False
-        taken: Batch | None = None  # the reply of the read on its way, taken before a two-phase handler's handle()
+        taken: ReadBatch | None = None  # the reply of the read on its way, taken before a two-phase handler's handle()
         short, batch_at = False, 0.0  # the last batch was short of its count, and when the handler was done with it
         while True:
             stop_if_cancelled()

@@ -17,7 +17,7 @@ Entry = tuple[bytes, list[bytes] | None]
 
 
 @dataclass(slots=True)
-class Batch:
+class ReadBatch:
     """One read: the entries handed over, and what the reading loop needs to know of the read itself."""
 
     entries: list[Entry]
@@ -88,10 +88,10 @@ class StreamReader:
         reply = await connection.read_response()
         return (cast(list[Entry], reply[0][1]) if reply else []), counter
 
-    async def batch(self) -> Batch:
-        """receive(), as a Batch."""
+    async def batch(self) -> ReadBatch:
+        """receive(), as a ReadBatch."""
         entries, counter = await self.receive()
-        return Batch(entries, len(entries), entries[-1][0] if entries else None, counter)
+        return ReadBatch(entries, len(entries), entries[-1][0] if entries else None, counter)
 
     @staticmethod
     def last_held(entries: list[Entry]) -> bytes | None:
