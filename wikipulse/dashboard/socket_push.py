@@ -17,6 +17,7 @@ import asyncio
 import functools
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ class SocketPush:
         self.hub, self.guard = hub, guard
         self.graph_update, self.lists_update = graph_update, lists_update
         self.cache = UpdateCache()
+        self.serving: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()  # page -> its socket
 
     async def serve(self, ws: Any, conn: Connection) -> None:
         """The persistent callback's run for one page of `conn`."""
@@ -78,6 +80,9 @@ class SocketPush:
             raise PreventUpdate
         conn.pages[renderer] = PushedPage(ws, message_head(renderer))
         self.hub.page_opened(conn.address)
+        if (before := self.serving.get(renderer)) is not None and before is not conn:
+            let_go(self.hub, before, renderer)  # the page came back on a new socket: its old one, if open, is not its
+        self.serving[renderer] = conn
         ws.set_prop_sync("tick", "disabled", True)
         ws.set_prop_sync("lists-tick", "disabled", True)
         if conn.pusher:
@@ -214,6 +219,18 @@ async def check_alive(hub: NoticeHub, conn: Connection, renderer: str, page: Pus
         pass
     finally:
         page.asking.pop("alive", None)
+
+
+def let_go(hub: NoticeHub, conn: Connection, renderer: str) -> None:
+    """Stop serving a page on `conn`, without a word to it: it is pushed to over another socket now. A page whose
+    socket was replaced (Dash reconnects a socket it thinks dead) would else count twice while the old one is open."""
+    page = conn.pages.pop(renderer, None)
+    if page is not None:
+        hub.page_closed(conn.address)
+        for task in page.asking.values():
+            task.cancel()
+        if not conn.pages:
+            conn.drop()
 
 
 def stop_pushing(hub: NoticeHub, conn: Connection, renderer: str, page: PushedPage) -> None:
