@@ -454,10 +454,15 @@ def settle_pages(base: str, expected: int, timeout: float = 45) -> dict[str, Any
     return status
 
 
-def test_twenty_pages_get_the_same_push_and_leave_nothing_behind(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+# Ten real Chromium pages beside the pipeline on two cores: twenty starved the machine so that Dash judged sockets dead
+# and replaced them (a page then missed a push for over 10 s in CI). The thousand-page load is bench_push's.
+VIEWERS = 10
+
+
+def test_ten_pages_get_the_same_push_and_leave_nothing_behind(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
     client, base = seeded
     settle_pages(base, 0)
-    contexts = [browser.new_context(viewport={"width": 1000, "height": 800}) for _ in range(20)]  # 20 separate viewers
+    contexts = [browser.new_context(viewport={"width": 1000, "height": 800}) for _ in range(VIEWERS)]  # separate viewers
     pages = []
     for context in contexts:
         page = context.new_page()
@@ -465,20 +470,20 @@ def test_twenty_pages_get_the_same_push_and_leave_nothing_behind(browser: Browse
         pages.append(page)
     for page in pages:
         page.wait_for_function(LIVE, timeout=30000)
-    status = settle_pages(base, 20)
+    status = settle_pages(base, VIEWERS)
     assert status["subscribed"]
     assert client.pubsub_numsub(keys.NOTICES) == [(keys.NOTICES.encode(), 1)]  # one subscription for all of them
     fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
     for page in pages:
-        page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=10000)
+        page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=20000)
     # The pages were drawn at different moments; pushed one version, they show the same, and share its next update.
     pages[0].wait_for_timeout(1000)
     computed = push_status(base)["updates_computed"]
     fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 2, time.time()))
     for page in pages:
-        page.wait_for_function(f"() => ({TOTAL})() === 9", timeout=10000)
-    # The graph's update once for all 20, and the lists' once or twice (each socket's lists fall due at their own
-    # moment, so a slow round can straddle two versions): far from one per page (20 before).
+        page.wait_for_function(f"() => ({TOTAL})() === 9", timeout=20000)
+    # The graph's update once for all of them, and the lists' once or twice (each socket's lists fall due at their own
+    # moment, so a slow round can straddle two versions): far from one per page (one a page before).
     assert push_status(base)["updates_computed"] - computed <= 4
     for context in contexts:
         context.close()
