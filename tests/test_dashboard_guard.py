@@ -376,6 +376,36 @@ async def test_pages_of_one_view_share_one_computed_update(dashboard: tuple[str,
     await no_pages_left(base)
 
 
+async def test_a_page_back_on_a_new_socket_is_let_go_from_its_old_one(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
+) -> None:
+    """Dash replaces a socket it judges dead, and the page starts its push again on the new one while the old one may
+    still be open: found in CI as 21 pages counted for 20. The page is served once, on its new socket, and the old
+    socket, left with no page, is closed."""
+    url, base, _, _ = dashboard
+    output = push_output(base)
+    shown = drawn_state(base)
+    old_page, new_page = Page(dict(shown)), Page(dict(shown))
+    old = await connect(session, base, "10.0.7.1")
+    old_reader = asyncio.create_task(old_page.run(old))
+    await old.send_json(start(output, "r1", "moved"))
+    await wait_for(lambda: push_status(base)["pages"] == 1, 10, "the page was not admitted")
+    new = await connect(session, base, "10.0.7.1")
+    new_reader = asyncio.create_task(new_page.run(new))
+    await new.send_json(start(output, "r2", "moved"))
+    await wait_for(lambda: old.closed, 10, "the old socket, left with no page, stayed open")
+    status = push_status(base)
+    assert (status["pages"], status["sockets"]) == (1, 1), status
+    old_page.pushed.clear()
+    announce(url)
+    await wait_for(lambda: bool(new_page.pushed), 10, "the page got no update on its new socket")
+    assert not old_page.pushed
+    await new.close()
+    for reader in (old_reader, new_reader):
+        reader.cancel()
+    await no_pages_left(base)
+
+
 def test_the_guard_s_checks_are_pure_and_name_what_is_wrong() -> None:
     callbacks = {"a.children": {"callback": print, "inputs": [{"id": "x", "property": "value"}], "state": []},
                  "ws": {"callback": print, "inputs": [], "state": [], "websocket": True}}  # fmt: skip
