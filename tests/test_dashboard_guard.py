@@ -406,6 +406,44 @@ async def test_a_page_back_on_a_new_socket_is_let_go_from_its_old_one(
     await no_pages_left(base)
 
 
+async def test_two_dashboard_processes_on_one_redis_push_their_own_pages_with_no_sticky_sessions(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """More pages than one process serves: several processes behind one proxy (docs/guarantees.md), each with its own
+    subscription. A page drawn over HTTP by one process and pushed to by the other (no sticky sessions) is caught up
+    whole by the one pushing, and from then on shows that process's marks."""
+    url, base, _, _ = dashboard
+    port = free_port()
+    other = start_dashboard(url, port, tmp_path / "dash-b.log")
+    base_b = f"http://127.0.0.1:{port}/"
+    try:
+        output = push_output(base)
+        shown = drawn_state(base)  # drawn by the first process: its mark
+        epoch = str(shown["mark"]).partition(":")[0]
+        here, there = Page(dict(shown)), Page(dict(shown))
+        ws_here, ws_there = await connect(session, base, "10.0.8.1"), await connect(session, base_b, "10.0.8.2")
+        readers = [asyncio.create_task(here.run(ws_here)), asyncio.create_task(there.run(ws_there))]
+        await ws_here.send_json(start(output, "r", "on-a"))
+        await ws_there.send_json(start(output, "r", "on-b"))
+        await wait_for(lambda: push_status(base)["pages"] == 1 and push_status(base_b)["pages"] == 1, 10, "a page was not admitted")
+        await asyncio.sleep(1)
+        for page in (here, there):
+            page.pushed.clear()
+        announce(url)  # one notice, heard by both processes' subscriptions
+        await wait_for(lambda: bool(here.pushed and there.pushed), 10, "a process did not push its page")
+        assert str(here.stores["shown"]["mark"]).partition(":")[0] == epoch
+        mark_there = str(there.stores["shown"]["mark"]).partition(":")[0]
+        assert mark_there and mark_there != epoch  # the other process's mark: it drew the page whole, not patched A's
+        for ws in (ws_here, ws_there):
+            await ws.close()
+        for reader in readers:
+            reader.cancel()
+        await no_pages_left(base)
+    finally:
+        other.terminate()
+        assert other.wait(10) == 0
+
+
 def test_the_guard_s_checks_are_pure_and_name_what_is_wrong() -> None:
     callbacks = {"a.children": {"callback": print, "inputs": [{"id": "x", "property": "value"}], "state": []},
                  "ws": {"callback": print, "inputs": [], "state": [], "websocket": True}}  # fmt: skip
