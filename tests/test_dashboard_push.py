@@ -83,3 +83,67 @@ async def test_the_subscription_is_let_go_once_the_last_page_closed(redis_server
     assert hub.subscribed and len(listeners()) == 1
     hub.page_closed()
     await until(lambda: not hub.subscribed and asyncio.all_tasks() == {asyncio.current_task()})
+
+
+class CraftedRedis:
+    """A server on 127.0.0.1 that speaks just enough RESP for a subscription, and hands its first subscriber a push
+    that breaks redis-py's handling of it (an error that is not a Redis error): the case no real Redis produces."""
+
+    def __init__(self) -> None:
+        self.subscriptions = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while command := await read_command(reader):
+                if command[0].upper() == b"SUBSCRIBE":
+                    self.subscriptions += 1
+                    channel = command[1]
+                    writer.write(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel))
+                    if self.subscriptions == 1:
+                        writer.write(b"*1\r\n$7\r\nmessage\r\n")  # no channel, no data
+                elif command[0].upper() == b"PING":
+                    writer.write(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def read_command(reader: asyncio.StreamReader) -> list[bytes]:
+    header = await reader.readline()
+    if not header:
+        return []
+    parts = []
+    for _ in range(int(header[1:])):
+        size = int((await reader.readline())[1:])
+        parts.append((await reader.readexactly(size + 2))[:-2])
+    return parts
+
+
+async def test_a_subscription_broken_by_something_else_than_redis_is_said_and_made_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's one subscription serves every page: an error redis-py raises that is not a Redis error (here from a
+    malformed push) must not end it silently, leaving every open page waiting for a push that never comes."""
+    monkeypatch.setattr(push, "IDLE_STOP", 0.05)
+    crafted = CraftedRedis()
+    async with crafted as url:
+        hub = NoticeHub(url, channel=CHANNEL)
+        hub.page_opened()
+        await until(lambda: crafted.subscriptions == 2, timeout=10)  # subscribed again, by itself
+        assert hub.subscribed
+        assert any(r.levelname == "ERROR" and "notice subscription lost (IndexError" in r.getMessage() for r in caplog.records)
+        hub.page_closed()
+        await until(lambda: not hub.subscribed and asyncio.all_tasks() == {asyncio.current_task()})
