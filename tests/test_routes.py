@@ -36,6 +36,7 @@ from wikipulse.core.summary import summary_of
 from wikipulse.dashboard.operations import families, read_scrape
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer, find_binary, free_port
+from wikipulse.ingest.route_filters import head_of, matcher
 from wikipulse.ingest.route_reader import READ_SCRIPT, Copied
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
@@ -284,6 +285,58 @@ async def test_on_one_redis_the_read_copies_in_redis(redis_client: aioredis.Redi
     assert got[-1][1] == {b"data": creation}
     await copier.reader.close()
     await copier._forget()
+
+
+@pytest.mark.parametrize(
+    ("fields", "in_redis"),
+    [
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 edit human 0\tPage"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 new human 2"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 edit human"}, True),  # written before the namespace was
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 log bot\tPage"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org  new human -"}, True),  # an empty part: Python's split keeps it
+        ({"data": "D", "fold": "de.wikipedia.org 1 other human 007"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0 more"}, False),  # six parts
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0\n"}, False),  # Python would read the namespace '0\n'
+        ({"data": "D", "fold": " en.wikipedia.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "En.wikipedia.org 1 edit human 0"}, False),  # the domains Python's check refuses
+        ({"data": "D", "fold": "canary 1 edit human 0"}, False),
+        ({"data": "D", "fold": "en..org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "-en.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "en-.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "a" * 64 + ".org 1 edit human 0"}, False),
+        ({"data": "D", "fold": ".".join(["a" * 63] * 4) + ".org 1 edit human 0"}, False),  # 256 characters
+        ({"data": "D", "fold": "en.wikipedia.org 1 rename human 0"}, False),
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit Human 0"}, False),
+        ({"fold": "en.wikipedia.org 1 edit human 0", "data": "D"}, False),  # not as the publisher writes it
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0", "x": "y"}, False),
+        ({"data": "D"}, False),
+    ],
+)
+async def test_redis_judges_a_summary_as_python_does(
+    redis_client: aioredis.Redis, settings: Settings, fields: dict[str, str], in_redis: bool
+) -> None:
+    """The read copies in Redis only what it reads as route_filters.head_of does (the one definition of a summary's
+    head); any other entry is handed over, for the copier to judge by its JSON."""
+    line = next(x for x in calibrated_lines() if reference(orjson.loads(x), ENWIKI_HUMANS))
+    await add_route(redis_client, settings, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=True)
+    await add_route(redis_client, settings, "creations", CREATION_ARGS[1::2], from_stream=True)
+    await add_route(redis_client, settings, "others", ["type=other", "namespace=7"], from_stream=True)
+    copier = RouteCopier(settings, redis_client, keys.Layout(settings.stream))
+    assert await copier.lease.try_acquire() is None
+    await copier.refresh()
+    entry = {k: line if v == "D" else v for k, v in fields.items()}
+    await redis_client.xadd(settings.stream, entry)  # type: ignore[arg-type]
+    (copied,) = await drive(copier)
+    await copier.reader.close()
+    await copier._forget()
+    assert (copied is not None) == in_redis
+    if copied is not None:
+        flat = [x.encode() if isinstance(x, str) else x for kv in entry.items() for x in kv]
+        head = head_of(flat, settings.max_event_bytes)
+        assert head is not None
+        python = {name: int(matcher(d.where)(head)) for name, d in copier._wanted.items()}
+        assert {name: added for name, (added, _, _) in copied.items()} == python
 
 
 async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_client: aioredis.Redis, settings: Settings) -> None:
