@@ -326,7 +326,7 @@ async def test_redis_judges_a_summary_as_python_does(
     assert await copier.lease.try_acquire() is None
     await copier.refresh()
     entry = {k: line if v == "D" else v for k, v in fields.items()}
-    await redis_client.xadd(settings.stream, entry)  # type: ignore[arg-type]
+    await redis_client.xadd(settings.stream, entry)
     (copied,) = await drive(copier)
     await copier.reader.close()
     await copier._forget()
