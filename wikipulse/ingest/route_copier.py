@@ -11,8 +11,10 @@ stream accepts an explicit id only above its last, so an entry copied again (a r
 refused and counted as a duplicate; each route's stream is written in id order by one copier at a time (the copier's
 lease, and a lease per route that fences each MULTI/EXEC), and a batch is written to every route before it is
 acknowledged. Through a failover, a batch is copied only once a replica of the ingest stream's master has it, and a
-route's write returns only once a replica of the route's master has it (ShardWriter's WAIT). The channel is pub/sub's
-at-most-once: published after the write, only what the write added.
+route's write returns only once a replica of the route's master has it (ShardWriter's WAIT). Copied in Redis, by the
+same rules in one script (original ids, duplicates refused and counted, each route's lease fencing it): the copies and
+the group's move past the batch are one atomic step, which a kill -9 of this process cannot split. The channel is
+pub/sub's at-most-once: published after the write, only what the write added.
 
 The group exists only while routes do (an idle group would count as trimmed unread), and is made at the earliest
 route's start, so it delivers all they may hold. A route declared while the group exists is caught up from its start
