@@ -339,7 +339,11 @@ async def test_redis_judges_a_summary_as_python_does(
         assert {name: added for name, (added, _, _) in copied.items()} == python
 
 
-async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_client: aioredis.Redis, settings: Settings) -> None:
+@pytest.mark.parametrize("in_redis", [True, False])
+async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(
+    redis_client: aioredis.Redis, settings: Settings, in_redis: bool
+) -> None:
+    """Copied in Redis (one Redis) or by the copier (as on a cluster): the same trimming, the same counters."""
     s = dataclasses.replace(settings, stream_maxlen=200)
     await add_route(redis_client, s, "creations", CREATION_ARGS[1::2], from_stream=False)
     await redis_client.xgroup_create(keys.Route("creations").stream, "reader", id="0", mkstream=True)  # a reader, stopped
@@ -349,10 +353,14 @@ async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_
     await copier.refresh()
     lines = [line for line in calibrated_lines() if b'"canary"' not in line]
     await load_stream(redis_client, lines, with_fold=True)
-    reply = await redis_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
-    entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
-    for start in range(0, len(entries), 500):
-        await copier.copy(entries[start : start + 500])
+    if in_redis:
+        assert all(copied is not None for copied in await drive(copier))
+        await copier.reader.close()
+    else:
+        reply = await redis_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
+        entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
+        for start in range(0, len(entries), 500):
+            await copier.copy(entries[start : start + 500])
     await copier._forget()
     sent = sum(1 for x in lines if reference(orjson.loads(x), CREATIONS))
     kept = await redis_client.xlen(keys.Route("creations").stream)
