@@ -7,6 +7,11 @@ routes (`git worktree add /tmp/base 4f2c406`). Each run starts from an empty Red
 with routes, the copier runs in the publisher's process, as deployed. The publisher's rate is N over the time between
 the stream's first and last entry (their ids are Redis's clock); the fold's, N over the time from the first entry to
 the moment the subscriber had folded all N. The variants take turns, and the medians are reported.
+
+`--compare DIR` runs another checkout with routes (e.g. main) with three routes too; `--commands` prints Redis's time
+an event in each command and script (INFO commandstats, reset at each run); `--profile DIR` runs the publisher under
+cProfile (a profile a run: it costs the process about twice its CPU). The load average is printed at each run.
+bench/route_copier_alone.py measures the copier alone, without the other processes competing for the cores.
 """
 
 from __future__ import annotations

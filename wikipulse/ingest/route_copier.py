@@ -161,6 +161,32 @@ async def catch_up(
         logger.info("route %s: caught up with %d entries from %s", live.definition.name, copied, stream)
 
 
+def read_plan(routes: dict[str, Live], lease: Lease | None) -> ReadPlan:
+    """What the reads are told of the routes; with the copier's `lease` (one Redis), to copy them in Redis."""
+    lives = list(routes.values())
+    filters = lua_filters([(live.definition.where, live.done_to or (0, 0)) for live in lives])
+    if lease is None or not lives:
+        return ReadPlan(tuple(routes), filters)
+    targets = tuple(key for live in lives for key in (live.route.stream, live.route.router_stats, live.route.router_lease))
+    return ReadPlan(tuple(routes), filters, targets, (lease.token, lease.ttl_ms, *lives[0].writer.trim_args))
+
+
+def count_copied(copied: Copied, routes: dict[str, Live], totals: Counter[str]) -> None:
+    """What a read copied in Redis, in the totals; what a route's groups lost to its hard cap, logged."""
+    for name, (added, duplicates, grew) in copied.items():
+        totals.update(copied=added, duplicates=duplicates)
+        if (live := routes.get(name)) is not None:
+            live.report(grew)
+
+
+async def count_trimmed(client: Client, stream: str, totals: Counter[str], trimmed: int) -> None:
+    if trimmed:
+        # Delivered to the copier, then trimmed from the ingest stream before it copied them (it was down).
+        await client.hincrby(keys.ROUTES_STATS, "trimmed", trimmed)
+        logger.error("routes: %d entries were trimmed from %s before they were copied", trimmed, stream)
+    totals["trimmed"] += trimmed
+
+
 class RouteCopier(Handler):
     doing = "copying"
 
@@ -207,21 +233,16 @@ class RouteCopier(Handler):
         return False
 
     def count(self, pending: bool) -> int | None:
-        """Copied in Redis, reads of COPY_READ (a longer script holds Redis longer, and costs more an entry there)."""
-        return COPY_READ if self.in_redis else None
+        return COPY_READ if self.in_redis else None  # a longer script holds Redis longer, and costs more an entry
 
     async def handle(self, batch: ReadBatch) -> None:
-        """Each batch copied to every route, then acknowledged by the next read (in Redis: route_reader.py); or copied
-        and acknowledged by the read itself."""
-        if batch.last is None:
-            return
-        copied = self.reader.copied
-        if copied is None:
+        """Each batch copied (in Redis by the read itself, or here) to every route, then acknowledged (by the next read)."""
+        if batch.last is not None and (copied := self.reader.copied) is not None:
+            count_copied(copied, self.routes, self.totals)
+            await count_trimmed(self.client, self.stream, self.totals, batch.trimmed)
+        elif batch.last is not None:
             await self.copy(batch.entries, ack=False, trimmed=batch.trimmed)
             self.reader.acknowledge(batch.last)
-        else:
-            self._copied_in_redis(copied)
-            await self._trimmed(batch.trimmed)
 
     async def end(self) -> None:
         """Drop what this process holds of the routes (the next round loads them again, as a new process would)."""
@@ -270,21 +291,7 @@ class RouteCopier(Handler):
         for name, d in sorted(wanted.items()):
             if name not in self.routes:
                 await self._take_up(d, fresh)
-        self.plan = self._plan()
-
-    def _plan(self) -> ReadPlan:
-        lives = list(self.routes.values())
-        filters = lua_filters([(live.definition.where, live.done_to or (0, 0)) for live in lives])
-        if not (self.in_redis and lives):
-            return ReadPlan(tuple(self.routes), filters)
-        targets = tuple(key for live in lives for key in (live.route.stream, live.route.router_stats, live.route.router_lease))
-        return ReadPlan(tuple(self.routes), filters, targets, (self.token, self.lease.ttl_ms, *lives[0].writer.trim_args))
-
-    def _copied_in_redis(self, copied: Copied) -> None:
-        for name, (added, duplicates, grew) in copied.items():
-            self.totals.update(copied=added, duplicates=duplicates)
-            if (live := self.routes.get(name)) is not None:
-                live.report(grew)
+        self.plan = read_plan(self.routes, self.lease if self.in_redis else None)
 
     async def _start_of_group(self) -> str:
         """The earliest route's start. First, no route is marked live: a crash before they are marked again finds them so."""
@@ -321,14 +328,7 @@ class RouteCopier(Handler):
         await asyncio.gather(*(self._write(live, part) for live, part in parts if part))
         if ack:
             await self.client.xack(self.stream, keys.ROUTES_GROUP, *[e[0] for e in entries])
-        await self._trimmed(trimmed)
-
-    async def _trimmed(self, trimmed: int) -> None:
-        if trimmed:
-            # Delivered to the copier, then trimmed from the ingest stream before it copied them (it was down).
-            await self.client.hincrby(keys.ROUTES_STATS, "trimmed", trimmed)
-            logger.error("routes: %d entries were trimmed from %s before they were copied", trimmed, self.stream)
-        self.totals["trimmed"] += trimmed
+        await count_trimmed(self.client, self.stream, self.totals, trimmed)
 
     async def _write(self, live: Live, part: list[Entry]) -> int:
         added, duplicates = await live.write(part, self._publish)
