@@ -36,7 +36,8 @@ from wikipulse.core.summary import summary_of
 from wikipulse.dashboard.operations import families, read_scrape
 from wikipulse.devtools.eventstreams import PATH
 from wikipulse.devtools.redis_server import LocalCluster, RedisServer, find_binary, free_port
-from wikipulse.ingest.route_reader import READ_SCRIPT
+from wikipulse.ingest.route_filters import head_of, matcher
+from wikipulse.ingest.route_reader import READ_SCRIPT, Copied
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
 from wikipulse.queries import stats
@@ -202,9 +203,9 @@ async def test_redis_hands_over_only_what_a_route_may_want(redis_client: aioredi
         await redis_client.xadd(settings.stream, {"data": enwiki_human, "fold": fold.replace(" edit ", " rename ")}),
     ]
     read = redis_client.register_script(READ_SCRIPT)
-    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier.filters]
-    n, last, trimmed, candidates = await read(keys=[settings.stream], args=args)
-    assert (n, last, trimmed) == (5, added[-1], 0)
+    args = [keys.ROUTES_GROUP, "routes", 100, ">", "", copier.plan.filters, "0"]  # "0": hand over (as on a cluster)
+    n, last, trimmed, candidates, copied = await read(keys=[settings.stream], args=args)
+    assert (n, last, trimmed, copied) == (5, added[-1], 0, [])
     assert [i for i, _ in candidates] == [added[0], added[2], added[3], added[4]]
     await copier.copy(candidates, ack=False)
     assert [i for i, _ in await route_entries(redis_client, "enwiki-humans")] == [added[0], added[2], added[4]]
@@ -213,7 +214,136 @@ async def test_redis_hands_over_only_what_a_route_may_want(redis_client: aioredi
     await copier._forget()
 
 
-async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_client: aioredis.Redis, settings: Settings) -> None:
+async def drive(copier: RouteCopier, start: str = ">") -> list[Copied | None]:
+    """The copier's reads and copies, as consumer.StreamConsumer makes them (one Redis: no replica to confirm on), until
+    the stream holds nothing more for it: what each read copied in Redis (None: handed over, copied by the copier)."""
+    done: list[Copied | None] = []
+    while True:
+        await copier.reader.send(start, 1000, None)
+        batch = await copier.reader.batch()
+        if batch.last is None:
+            return done
+        done.append(copier.reader.copied)
+        await copier.handle(batch)
+        if start != ">":
+            start = batch.last.decode()
+
+
+async def test_on_one_redis_the_read_copies_in_redis(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """On one Redis the copier's read copies each batch itself (no entry leaves Redis, no MULTI/EXEC): each route's
+    stream is its slice with the original ids and fields, its channel hears each entry added once; a batch delivered
+    again is refused and counted as duplicates; a route's lease held by another process fences the whole read; a batch
+    with an entry only its JSON can tell is handed over, and the copier copies it, in order."""
+    lines = [line for line in calibrated_lines() if b'"canary"' not in line][:4000]
+    await add_route(redis_client, settings, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=True)
+    await add_route(redis_client, settings, "creations", CREATION_ARGS[1::2], from_stream=True)
+    copier = RouteCopier(settings, redis_client, keys.Layout(settings.stream))
+    assert copier.in_redis and await copier.lease.try_acquire() is None
+    await copier.refresh()
+    await load_stream(redis_client, lines, with_fold=True)
+    await redis_client.config_resetstat()
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe("wiki:route:creations")
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        copied = await drive(copier)
+        assert len(copied) == 4 and all(c is not None for c in copied)
+        assert "cmdstat_exec" not in await redis_client.info("commandstats")  # the copier wrote nothing itself
+        heard = []
+        while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)) is not None:
+            heard.append(message["data"])
+    ingest = dict(await redis_client.xrange(settings.stream))
+    for name, where in (("enwiki-humans", ENWIKI_HUMANS), ("creations", CREATIONS)):
+        got = await route_entries(redis_client, name)
+        assert meta_ids(got) == [orjson.loads(x)["meta"]["id"] for x in lines if reference(orjson.loads(x), where)]
+        assert all(ingest[i] == fields for i, fields in got)
+        assert int(await redis_client.hget(keys.Route(name).router_stats, "copied")) == len(got)
+    assert heard == [x for x in lines if reference(orjson.loads(x), CREATIONS)]
+    assert (await redis_client.xpending(settings.stream, keys.ROUTES_GROUP))["pending"] == 0  # acknowledged in the read
+    assert copier.totals["copied"] == sum([await redis_client.xlen(keys.Route(n).stream) for n in ("enwiki-humans", "creations")])
+
+    await redis_client.xgroup_setid(settings.stream, keys.ROUTES_GROUP, "0")  # delivered again (a group made anew)
+    await drive(copier)
+    humans = await redis_client.hgetall(keys.Route("enwiki-humans").router_stats)
+    assert humans[b"duplicates"] == humans[b"copied"]
+    assert int(humans[b"copied"]) == await redis_client.xlen(keys.Route("enwiki-humans").stream)
+
+    route = keys.Route("creations")
+    await redis_client.set(route.router_lease, "elsewhere:1:x", px=60_000)  # another copier holds the route now
+    await load_stream(redis_client, lines[:10], with_fold=True)
+    with pytest.raises(LeaseLost, match="elsewhere:1:x"):
+        await drive(copier)
+    assert (await redis_client.xinfo_groups(settings.stream))[0]["pending"] == 0  # nothing was read
+    await redis_client.set(route.router_lease, copier.token, px=60_000)
+
+    creation = next(x for x in lines if reference(orjson.loads(x), CREATIONS))
+    before = await redis_client.xlen(route.stream)
+    await redis_client.xadd(settings.stream, {"data": creation})  # no summary: only its JSON tells
+    copied = await drive(copier)
+    assert copied == [None]  # handed over, copied by the copier
+    got = await route_entries(redis_client, "creations")
+    assert len(got) == before + sum(1 for x in lines[:10] if reference(orjson.loads(x), CREATIONS)) + 1
+    assert got[-1][1] == {b"data": creation}
+    await copier.reader.close()
+    await copier._forget()
+
+
+@pytest.mark.parametrize(
+    ("fields", "in_redis"),
+    [
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 edit human 0\tPage"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 new human 2"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 edit human"}, True),  # written before the namespace was
+        ({"data": "D", "fold": "en.wikipedia.org 1764600000 log bot\tPage"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org  new human -"}, True),  # an empty part: Python's split keeps it
+        ({"data": "D", "fold": "de.wikipedia.org 1 other human 007"}, True),
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0 more"}, False),  # six parts
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0\n"}, False),  # Python would read the namespace '0\n'
+        ({"data": "D", "fold": " en.wikipedia.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "En.wikipedia.org 1 edit human 0"}, False),  # the domains Python's check refuses
+        ({"data": "D", "fold": "canary 1 edit human 0"}, False),
+        ({"data": "D", "fold": "en..org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "-en.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "en-.org 1 edit human 0"}, False),
+        ({"data": "D", "fold": "a" * 64 + ".org 1 edit human 0"}, False),
+        ({"data": "D", "fold": ".".join(["a" * 63] * 4) + ".org 1 edit human 0"}, False),  # 256 characters
+        ({"data": "D", "fold": "en.wikipedia.org 1 rename human 0"}, False),
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit Human 0"}, False),
+        ({"fold": "en.wikipedia.org 1 edit human 0", "data": "D"}, False),  # not as the publisher writes it
+        ({"data": "D", "fold": "en.wikipedia.org 1 edit human 0", "x": "y"}, False),
+        ({"data": "D"}, False),
+    ],
+)
+async def test_redis_judges_a_summary_as_python_does(
+    redis_client: aioredis.Redis, settings: Settings, fields: dict[str, str], in_redis: bool
+) -> None:
+    """The read copies in Redis only what it reads as route_filters.head_of does (the one definition of a summary's
+    head); any other entry is handed over, for the copier to judge by its JSON."""
+    line = next(x for x in calibrated_lines() if reference(orjson.loads(x), ENWIKI_HUMANS))
+    await add_route(redis_client, settings, "enwiki-humans", ENWIKI_ARGS[1::2], from_stream=True)
+    await add_route(redis_client, settings, "creations", CREATION_ARGS[1::2], from_stream=True)
+    await add_route(redis_client, settings, "others", ["type=other", "namespace=7"], from_stream=True)
+    copier = RouteCopier(settings, redis_client, keys.Layout(settings.stream))
+    assert await copier.lease.try_acquire() is None
+    await copier.refresh()
+    entry = {k: line if v == "D" else v for k, v in fields.items()}
+    await redis_client.xadd(settings.stream, entry)
+    (copied,) = await drive(copier)
+    await copier.reader.close()
+    await copier._forget()
+    assert (copied is not None) == in_redis
+    if copied is not None:
+        flat = [x.encode() if isinstance(x, str) else x for kv in entry.items() for x in kv]
+        head = head_of(flat, settings.max_event_bytes)
+        assert head is not None
+        python = {name: int(matcher(d.where)(head)) for name, d in copier._wanted.items()}
+        assert {name: added for name, (added, _, _) in copied.items()} == python
+
+
+@pytest.mark.parametrize("in_redis", [True, False])
+async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(
+    redis_client: aioredis.Redis, settings: Settings, in_redis: bool
+) -> None:
+    """Copied in Redis (one Redis) or by the copier (as on a cluster): the same trimming, the same counters."""
     s = dataclasses.replace(settings, stream_maxlen=200)
     await add_route(redis_client, s, "creations", CREATION_ARGS[1::2], from_stream=False)
     await redis_client.xgroup_create(keys.Route("creations").stream, "reader", id="0", mkstream=True)  # a reader, stopped
@@ -223,10 +353,14 @@ async def test_what_a_route_stream_loses_to_trimming_is_counted_per_route(redis_
     await copier.refresh()
     lines = [line for line in calibrated_lines() if b'"canary"' not in line]
     await load_stream(redis_client, lines, with_fold=True)
-    reply = await redis_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
-    entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
-    for start in range(0, len(entries), 500):
-        await copier.copy(entries[start : start + 500])
+    if in_redis:
+        assert all(copied is not None for copied in await drive(copier))
+        await copier.reader.close()
+    else:
+        reply = await redis_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
+        entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
+        for start in range(0, len(entries), 500):
+            await copier.copy(entries[start : start + 500])
     await copier._forget()
     sent = sum(1 for x in lines if reference(orjson.loads(x), CREATIONS))
     kept = await redis_client.xlen(keys.Route("creations").stream)
@@ -366,7 +500,9 @@ async def test_routes_through_the_real_pipeline_with_kill_9(
             if step == "kill":
                 assert int(await redis_client.hget(keys.Route("creations").router_stats, "copied") or 0) > 0  # it copies
                 deadline = time.monotonic() + 3
-                while time.monotonic() < deadline:  # at best while a batch is read and not yet acknowledged: mid-copy
+                # Handed over, at best while a batch is read and not yet acknowledged: mid-copy. Copied in Redis (here, one
+                # Redis) nothing is ever pending: a copy and the group's move are one script, which no kill splits.
+                while time.monotonic() < deadline:
                     if pending := (await redis_client.xpending("wiki:events", keys.ROUTES_GROUP))["pending"]:
                         break
                 procs.kill_publisher()

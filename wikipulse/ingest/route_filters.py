@@ -173,8 +173,10 @@ def load_definitions(raw: Mapping[bytes, bytes]) -> tuple[dict[str, Definition],
     return wanted, refused
 
 
-def lua_filters(wheres: Sequence[Sequence[Clause]]) -> str:
-    """The routes' filters for READ_SCRIPT: per route, its clauses as [part of the head (1-based), {value: 1, ...}]."""
-    return orjson.dumps(
-        [[[_INDEX[name] + 1, {_as_written(name, v).decode(): 1 for v in values}] for name, values in where] for where in wheres]
-    ).decode()
+def lua_filters(routes: Sequence[tuple[Sequence[Clause], tuple[int, int]]]) -> str:
+    """The routes' filters for READ_SCRIPT: per route, [its clauses as [part of the head (1-based), {value: 1, ...}], the
+    id it holds what came after (its start, or where its catch-up ended)]."""
+    return orjson.dumps([
+        [[[_INDEX[name] + 1, {_as_written(name, v).decode(): 1 for v in values}] for name, values in where], f"{after[0]}-{after[1]}"]
+        for where, after in routes
+    ]).decode()  # fmt: skip

@@ -1,5 +1,8 @@
-"""The routes' copier's reads (consumer.StreamConsumer's source): the routes' group read in Redis by a script that
-acknowledges the batch before and hands over only the entries some route may want (routes_read.lua).
+"""The routes' copier's reads (consumer.StreamConsumer's source): the routes' group read in Redis by a script
+(routes_read.lua). On one Redis, the script copies each batch to the routes' streams and channels itself, fenced by
+their leases, and acknowledges it: the entries never leave Redis. On a cluster (each route's stream in a slot of its
+own), or for a batch with an entry whose summary only its JSON can tell, it hands over only the entries some route may
+want, for the copier to copy; the next read acknowledges them.
 
 It reads on a connection of its own to the ingest stream's master, so each batch is confirmed on a replica there
 (streams.StreamReader's confirmation) before the copier copies it, as the router's are: else a failover could take
@@ -10,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
@@ -18,24 +22,40 @@ from wikipulse.core import model
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, pack
 from wikipulse.store.consumer import NEW
+from wikipulse.store.lease import fenced_error
 from wikipulse.store.retry import REDIS_ERRORS
-from wikipulse.store.scripts import lua
+from wikipulse.store.scripts import script
 from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
 _KINDS = ", ".join(f"['{kind}'] = true" for kind in model.EVENT_TYPES)
-READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + lua(__package__, "routes_read")
+READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + script(__package__, "routes_read", "fence", "trim")
+Copied = dict[str, tuple[int, int, list[Any]]]  # route -> (added, refused as duplicates, trim's reply)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What READ_SCRIPT is told at a read: the routes' filters (route_filters.lua_filters) and, to copy in Redis, each
+    route's keys (its stream, counters and lease: `targets`) and the rest (lease token, its ttl ms, the trimming)."""
+
+    names: tuple[str, ...] = ()
+    filters: str = "[]"
+    targets: tuple[str, ...] = ()  # empty: hand the entries over
+    copy_args: tuple[str | int, ...] = ()
 
 
 class RouteReader(StreamReader):
-    """READ_SCRIPT in place of XREADGROUP. A batch is acknowledged by the next read (acknowledge), in Redis; an idle
-    stream is waited on with a plain XREAD on a second connection (a script cannot block)."""
+    """READ_SCRIPT in place of XREADGROUP. A batch handed over is acknowledged by the next read (acknowledge), in
+    Redis; one copied in Redis is acknowledged there, and what the copy did is `copied`. An idle stream is waited on
+    with a plain XREAD on a second connection (a script cannot block)."""
 
-    def __init__(self, client: Client, stream: str, filters: Callable[[], str]) -> None:
+    def __init__(self, client: Client, stream: str, plan: Callable[[], ReadPlan]) -> None:
         super().__init__(client, stream, keys.ROUTES_GROUP, CONSUMER)
-        self.filters = filters  # the routes' filters as READ_SCRIPT takes them (route_filters.lua_filters), at each read
+        self.plan = plan  # at each read
         self.acked_to = ""  # the last id of the batch copied last: acknowledged, with those before it, by the next read
+        self.copied: Copied | None = None  # the last batch's copies, when they were made in Redis
+        self._sent = ReadPlan()
         self._waiter = NodeConnection(client, stream)
         self._ack = client.register_script(READ_SCRIPT)
         self._seen = "$"  # the last id read
@@ -47,13 +67,24 @@ class RouteReader(StreamReader):
 
     async def send(self, start: str, count: int, block_ms: int | None, confirm: bytes | None = None) -> None:
         self._start, self._block = start, block_ms
-        read = pack(("EVAL", READ_SCRIPT, 1, self._stream, keys.ROUTES_GROUP, CONSUMER, count, start, self.acked_to, self.filters()))
+        plan = self._sent = self.plan()
+        copy = "1" if plan.targets else "0"
+        read = pack(("EVAL", READ_SCRIPT, 1 + len(plan.targets), self._stream, *plan.targets, keys.ROUTES_GROUP, CONSUMER, count, start,
+                     self.acked_to, plan.filters, copy, *plan.copy_args))  # fmt: skip
         await self._node.connection.send_packed_command(await self._confirmation(confirm) + read)
 
     async def batch(self) -> ReadBatch:
         await self.confirmed()
-        n, last, trimmed, candidates = await self._node.connection.read_response()
+        try:
+            n, last, trimmed, candidates, copied = await self._node.connection.read_response()
+        except ResponseError as exc:  # a route's lease another copier's (LeaseLost), a full Redis (RedisFull)
+            error = fenced_error(exc, "another router ({holder}) holds the lease on a route")
+            if error is exc:
+                raise
+            raise error from exc
         self.acked_to = ""
+        names = self._sent.names
+        self.copied = {name: (int(a), int(r), list(grew)) for name, (a, r, grew) in zip(names, copied, strict=True)} if copied else None
         if not n:
             if self._start == NEW and self._block:  # wait for the next entry (without reading it for the group)
                 connection = self._waiter.connection
@@ -71,6 +102,6 @@ class RouteReader(StreamReader):
             await self._waiter.drop()
             if self.acked_to:
                 with contextlib.suppress(*REDIS_ERRORS, ResponseError):
-                    await self._ack(keys=[self._stream], args=[keys.ROUTES_GROUP, CONSUMER, 0, NEW, self.acked_to, "[]"])
+                    await self._ack(keys=[self._stream], args=[keys.ROUTES_GROUP, CONSUMER, 0, NEW, self.acked_to, "[]", "0"])
         finally:
             self.acked_to = ""
