@@ -174,10 +174,9 @@ class NoticeHub:
                             await pubsub.ping()  # a quiet channel: prove the connection is alive
                         elif message.get("type") == "message":
                             self._announce(moved_from(message.get("data")))
-            except Exception as exc:  # Redis's (said once by _set_up) or not (a reply redis-py cannot handle): said now
+            except Exception as exc:  # not only Redis's (a reply redis-py cannot handle): every page waits on this task
                 self._set_up(False)
-                delay = backoff.next_delay()
-                level = logging.DEBUG if isinstance(exc, REDIS_ERRORS) else logging.ERROR  # every page waits on this task
+                delay, level = backoff.next_delay(), logging.DEBUG if isinstance(exc, REDIS_ERRORS) else logging.ERROR
                 logger.log(level, "notice subscription lost (%s: %s); subscribing again in %.1fs", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
             finally:
