@@ -144,6 +144,34 @@ async def serving(handler: object) -> AsyncIterator[str]:
         yield base + PATH
 
 
+def callback_body(callback: dict[str, Any], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """A `_dash-update-component` body for one server-side callback (as `_dash-dependencies` lists it), with chosen
+    values for its inputs and state."""
+    parts = callback["output"].strip(".").split("...")
+    outputs = [dict(zip(("id", "property"), part.rsplit(".", 1), strict=True)) for part in parts if "." in part]  # none: set_props only
+
+    def slot(s: dict[str, Any]) -> dict[str, Any]:
+        return {**s, "value": values.get((s["id"], s["property"]))}
+
+    return {"output": callback["output"], "outputs": outputs[0] if len(outputs) == 1 else outputs,
+            "inputs": [slot(s) for s in callback["inputs"]], "state": [slot(s) for s in callback["state"]],
+            "changedPropIds": [f"{s['id']}.{s['property']}" for s in callback["inputs"][:1]]}  # fmt: skip
+
+
+def post_callback(base: str, body: bytes) -> tuple[int, bytes]:
+    """POST a callback body to the dashboard at `base`: (status, body), an HTTP error's too."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(base + "_dash-update-component", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as failure:
+        with failure:
+            return failure.code, failure.read()
+
+
 def start_dashboard(redis_url: str, port: int, log: Any, env: Mapping[str, str] | None = None, ready: str = "/", wait: float = 30) -> Any:
     """`./dash_app.py` on `port` (its output appended to the file `log`), once it answers `ready` (`/healthz`: even
     without Redis) within `wait` seconds: a subprocess.Popen."""

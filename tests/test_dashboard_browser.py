@@ -20,7 +20,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.helpers import start_dashboard
+from tests.helpers import callback_body, post_callback, start_dashboard
 from wikipulse.core.settings import Settings
 from wikipulse.devtools.redis_server import RedisServer, free_port
 from wikipulse.devtools.reference import fold
@@ -326,33 +326,6 @@ def test_debug_is_off_and_bound_to_loopback(dash_env: tuple[str, str]) -> None:
 HOSTILE: tuple[Any, ...] = ([], ["en.wikipedia.org", ["nested"]], {"a": 1}, 5, 2.5, True, None, "x" * 10_000, "1h")
 
 
-def _callback_request(callback: dict[str, Any], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
-    """A `_dash-update-component` body for one server-side callback, with chosen values for its inputs and state."""
-    parts = callback["output"].strip(".").split("...")
-    outputs = [dict(zip(("id", "property"), part.rsplit(".", 1), strict=True)) for part in parts if "." in part]  # none: set_props only
-
-    def slot(s: dict[str, Any]) -> dict[str, Any]:
-        return {**s, "value": values.get((s["id"], s["property"]))}
-
-    return {
-        "output": callback["output"],
-        "outputs": outputs[0] if len(outputs) == 1 else outputs,
-        "inputs": [slot(s) for s in callback["inputs"]],
-        "state": [slot(s) for s in callback["state"]],
-        "changedPropIds": [f"{s['id']}.{s['property']}" for s in callback["inputs"][:1]],
-    }
-
-
-def _post(base: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    request = urllib.request.Request(base + "_dash-update-component", data=orjson.dumps(body), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as failure:
-        with failure:
-            return failure.code, failure.read()
-
-
 def test_every_callback_input_of_any_json_type_gets_an_answer_not_a_500(seeded: tuple[redis.Redis, str]) -> None:
     """A crafted request can send any JSON for any input or state: a list or an object where a string is expected."""
     _, base = seeded
@@ -365,7 +338,7 @@ def test_every_callback_input_of_any_json_type_gets_an_answer_not_a_500(seeded: 
             if isinstance(s["id"], dict):
                 continue  # pattern-matching ids are answered in the browser (clientside)
             for value in HOSTILE:
-                status, body = _post(base, _callback_request(callback, {(s["id"], s["property"]): value}))
+                status, body = post_callback(base, orjson.dumps(callback_body(callback, {(s["id"], s["property"]): value})))
                 if status not in (200, 204) and not (status == 400 and b"a websocket callback" in body):  # those: socket only
                     failures.append((callback["output"][:60], s["id"], repr(value)[:30], status, body[:200]))
     assert not failures, failures[:10]
@@ -381,7 +354,7 @@ def test_the_work_one_refresh_can_ask_for_is_capped(seeded: tuple[redis.Redis, s
         before = int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
         values = {("domains", "value"): domains, ("resolution", "value"): resolution, ("window", "value"): window,
                   ("breakdown", "value"): "type", ("tick", "n_intervals"): 1}  # fmt: skip
-        status, body = _post(base, _callback_request(refresh, values))
+        status, body = post_callback(base, orjson.dumps(callback_body(refresh, values)))
         return status, body, int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)) - before
 
     # The longest window a page offers, for the most domains a page takes: bounded reads and response.

@@ -23,7 +23,8 @@ import psutil
 import pytest
 import redis
 
-from tests.helpers import start_dashboard
+from tests.helpers import callback_body, start_dashboard
+from tests.helpers import post_callback as post
 from wikipulse.dashboard.guard import callback_refusal, message_refusal, parse_message
 from wikipulse.dashboard.socket_push import PAGE_TIMEOUT, PAGES_PER_SOCKET
 from wikipulse.dashboard.view_updates import UpdateCache
@@ -61,28 +62,6 @@ def dependencies(base: str) -> list[dict[str, Any]]:
 
 def push_output(base: str) -> str:
     return next(str(d["output"]) for d in dependencies(base) if not d.get("inputs"))  # the persistent push callback
-
-
-def post(base: str, body: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(base + "_dash-update-component", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as failure:
-        with failure:
-            return failure.code, failure.read()
-
-
-def callback_body(callback: dict[str, Any], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
-    parts = callback["output"].strip(".").split("...")
-    outputs = [dict(zip(("id", "property"), part.rsplit(".", 1), strict=True)) for part in parts if "." in part]  # none: set_props only
-
-    def slot(s: dict[str, Any]) -> dict[str, Any]:
-        return {**s, "value": values.get((s["id"], s["property"]))}
-
-    return {"output": callback["output"], "outputs": outputs[0] if len(outputs) == 1 else outputs,
-            "inputs": [slot(s) for s in callback["inputs"]], "state": [slot(s) for s in callback["state"]],
-            "changedPropIds": [f"{s['id']}.{s['property']}" for s in callback["inputs"][:1]]}  # fmt: skip
 
 
 def drawn_state(base: str) -> dict[str, Any]:

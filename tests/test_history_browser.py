@@ -20,7 +20,8 @@ import orjson
 import pytest
 import redis
 
-from tests.test_dashboard_browser import HOSTILE, _callback_request, _post, browser, no_page_outlives_its_test
+from tests.helpers import callback_body, post_callback
+from tests.test_dashboard_browser import HOSTILE, browser, no_page_outlives_its_test
 from tests.test_history_queries import DEC_1, NOV_1, crafted_events, expected_rows, expected_top
 from wikipulse.core.settings import Settings
 from wikipulse.dashboard.history_queries import HistorySelection
@@ -232,7 +233,7 @@ def test_every_callback_input_of_any_json_type_gets_an_answer(base: str) -> None
             for value in (*HOSTILE, "2026-11-01'--", "²"):
                 ready = "history-extent" not in callback["output"]  # the URL's callback reads the URL only before that
                 values = {("history-ready", "data"): ready, (s["id"], s["property"]): value}
-                status, body = _post(base + "history/", _callback_request(callback, values))
+                status, body = post_callback(base + "history/", orjson.dumps(callback_body(callback, values)))
                 if status not in (200, 204) or b"Traceback" in body:
                     failures.append((callback["output"][:60], s["id"], repr(value)[:30], status, body[:200]))
     assert not failures, failures[:10]
