@@ -1,0 +1,219 @@
+"""Rollups: what the History view asks, pre-aggregated per settled day FROM the events with FINAL, so each event once.
+
+The events table is a ReplacingMergeTree: a retried batch or a re-delivered event can leave two rows of one event
+until a merge, and FINAL reads it exactly (table.py). A materialized view counting inserted rows would count both
+copies, so the rollups are not fed by inserts: each day is computed from `events FINAL` as a whole, and recomputed
+whenever an insert touches it. Readers (dashboard/history_queries.py) read the rollups for the days they cover and
+the events (FINAL) for the rest of a range: the recent unsettled hours, a day touched since it was computed, a day at
+the retention edge, anything an archive has not rolled up yet. Every answer is the one FINAL gives (tested).
+
+Tables (all in the archive's database, none matching the `events` Merge table's pattern):
+  rollup_touched   (day, at): a materialized view on events_v2 writes each inserted block's days, at = the insert's
+                   time (µs); so the archiver's retries and kill -9 cannot lose one, its inserts run with
+                   deduplicate_blocks_in_dependent_materialized_views (a retried insert whose view part was lost
+                   writes it, one that landed whole writes nothing).
+  rollup_state     (day, version): a day's rollups complete as of `version` (ClickHouse's clock, µs, taken before
+                   the day was read). A day is covered iff its latest version is newer than its latest touch, it
+                   is settled, and no event of it has reached the retention TTL.
+  rollup_days      day x domain x type x bot x namespace: events        (the total, graphs by day/week/month)
+  rollup_hours     the same per hour                                     (graphs by hour: ranges up to 31 days)
+  rollup_pages     domain x page x day: edits, created, by bots          (ordered by page: exact totals of a few)
+  rollup_pages_top day x list x rank: the day's TOP_CAP most edited pages of each wiki (list = domain) and of every
+                   wiki (list = ''), for the exact top lists' candidates and bound (history_queries.top_list)
+  rollup_editors, rollup_editors_top   the same for editors (bot: max)
+Rows carry their version and readers take each day's latest: a recompute writes rows, then the state row, so a
+crash between leaves rows nobody reads. Plain MergeTrees: nothing merges away a version a reader may still use.
+
+A day is computed by the archiver in its ClickHouse thread, between two inserts (Archiver.rollup_step), never
+concurrently with one: every insert before the recompute is in what it reads and has touched before `version`,
+every insert after it touches after. That is what makes "touched after its version" exact. Its cost is bounded to a
+quarter of that thread's time (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clickhouse_connect.driver.client import Client
+
+from wikipulse.archive.table import DATA_TABLE, TABLE
+
+__all__ = ["TABLE"]  # what the rollups are computed from, for their readers
+from wikipulse.core import model
+from wikipulse.core.settings import archive_retention_days
+
+logger = logging.getLogger(__name__)
+
+TOUCHED, TOUCH_VIEW, STATE = "rollup_touched", "rollup_touch_view", "rollup_state"
+DAYS, HOURS = "rollup_days", "rollup_hours"
+PAGES, PAGES_TOP, EDITORS, EDITORS_TOP = "rollup_pages", "rollup_pages_top", "rollup_editors", "rollup_editors_top"
+SCRATCH = "rollup_scratch"  # a Memory table: one day's pages or editors while its ranks are made
+TABLES = (TOUCHED, STATE, DAYS, HOURS, PAGES, PAGES_TOP, EDITORS, EDITORS_TOP)
+SETTLE = 3600  # seconds after its end a day is first rolled up (late events after that recompute it)
+TOP_CAP = 1000  # ranks kept per (day, list): a top list needs its candidates' ranks and one more
+PAGE_TYPES = ("edit", "new")  # what counts as editing a page (as the live lists count it: pages.PAGE_TYPES)
+# Types outside the feed's known ones are one 'other' (a hostile type is never a row of its own).
+TYPE = f"if(type IN ({', '.join(repr(t) for t in model.EVENT_TYPES if t != 'other')}), type, 'other')"
+NOW_US = "toUnixTimestamp64Micro(now64(6, 'UTC'))"
+TODAY = "toInt32(toDate32(now('UTC')))"
+RETENTION_NOTE = "wikipulse: retention "
+# ARCHIVE_RETENTION in days, 0 for none, as readers find it (the state table's comment, set by the archiver).
+RETENTION = (
+    f"(SELECT toInt32OrZero(extract(comment, 'retention ([0-9]+)')) FROM system.tables "
+    f"WHERE database = currentDatabase() AND name = '{STATE}')"
+)
+
+
+def counts_columns(hourly: bool) -> str:
+    hour = "hour UInt8, " if hourly else ""
+    return (
+        f"day Date32, {hour}domain LowCardinality(String), type LowCardinality(String), bot Bool, namespace Int32, "
+        "events UInt64, version UInt64"
+    )
+
+
+def _create(name: str, columns: str, order: str) -> str:
+    return f"CREATE TABLE IF NOT EXISTS {name} ({columns}) ENGINE = MergeTree PARTITION BY toYear(day) ORDER BY ({order})"
+
+
+COUNTS = "edits UInt32, created UInt32, bots UInt32"
+LIST_COLUMNS = f"domain LowCardinality(String), key UInt64, day Date32, name String, {COUNTS}, version UInt64"
+TOP_COLUMNS = (
+    "day Date32, list LowCardinality(String), rank UInt32, domain LowCardinality(String), key UInt64, edits UInt32, version UInt64"
+)
+CREATE = (
+    f"CREATE TABLE IF NOT EXISTS {TOUCHED} (day Date32, at UInt64) ENGINE = ReplacingMergeTree(at) ORDER BY day "
+    f"SETTINGS non_replicated_deduplication_window = 10000",
+    f"CREATE TABLE IF NOT EXISTS {STATE} (day Date32, version UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY day",
+    _create(DAYS, counts_columns(False), "day, domain, type, bot, namespace"),
+    _create(HOURS, counts_columns(True), "day, hour, domain, type, bot, namespace"),
+    _create(PAGES, LIST_COLUMNS, "domain, key, day"),
+    _create(EDITORS, LIST_COLUMNS, "domain, key, day"),
+    _create(PAGES_TOP, TOP_COLUMNS, "day, list, rank"),
+    _create(EDITORS_TOP, TOP_COLUMNS, "day, list, rank"),
+    f"CREATE TABLE IF NOT EXISTS {SCRATCH} (domain String, key UInt64, name String, {COUNTS}) ENGINE = Memory",
+)
+VIEW = (
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {TOUCH_VIEW} TO {TOUCHED} AS "
+    f"SELECT DISTINCT toDate32(event_time) AS day, {NOW_US} AS at FROM {DATA_TABLE}"
+)
+
+
+def day_literal(day: int) -> str:
+    """A day (days since 1970-01-01) as a Date32 literal."""
+    return f"toDate32('1970-01-01') + {int(day)}"
+
+
+def latest(where: str) -> str:
+    """(day, version) of each day's latest rollup, for `IN`."""
+    return f"(SELECT day, max(version) FROM {STATE} WHERE {where} GROUP BY day)"
+
+
+def coverage_sql(first_day: int, end_day: int) -> str:
+    """The days of [first_day, end_day) the rollups cover, as day numbers (see the module)."""
+    days = f"day >= {day_literal(first_day)} AND day < {day_literal(end_day)}"
+    return (
+        f"SELECT toInt32(s.day) AS day FROM (SELECT day, max(version) AS v FROM {STATE} WHERE {days} GROUP BY day) AS s "
+        f"LEFT JOIN (SELECT day, max(at) AS t FROM {TOUCHED} WHERE {days} GROUP BY day) AS t ON s.day = t.day "
+        f"WHERE t.t < s.v AND ({RETENTION} = 0 OR toInt32(s.day) + {RETENTION} > {TODAY}) ORDER BY day"
+    )
+
+
+def _list_sql(field: str, bots: str, day: int) -> str:
+    start = f"toDateTime64({int(day) * 86400}, 3, 'UTC')"
+    return (
+        f"INSERT INTO {SCRATCH} SELECT any(domain), cityHash64(domain, {field}), any({field}), count(), countIf(type = 'new'), {bots} "
+        f"FROM {TABLE} FINAL WHERE event_time >= {start} AND event_time < {start} + toIntervalDay(1) "
+        f"AND type IN {PAGE_TYPES!r} AND {field} != '' GROUP BY 2"
+    )
+
+
+class Rollups:
+    """The rollup tables through the archiver's client (its ClickHouse thread: see the module)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def ensure(self, retention: str = "") -> None:
+        """The tables and the touch view; ARCHIVE_RETENTION as their TTL. An archive without them (the release before's
+        events_v1, an events_v2 of before the rollups) gets every day it holds touched once, so each is built in turn;
+        until then its days are read from the events."""
+        for statement in CREATE:
+            self.client.command(statement)
+        views = self.client.query(f"SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = '{TOUCH_VIEW}'")
+        if not views.result_rows[0][0]:  # first start with rollups: touch what is there, then follow the inserts
+            self.client.command(f"INSERT INTO {TOUCHED} SELECT DISTINCT toDate32(event_time), {NOW_US} FROM {TABLE}")
+            self.client.command(VIEW)
+        self._set_retention(archive_retention_days(retention))
+
+    def _set_retention(self, days: int | None) -> None:
+        note = f"{RETENTION_NOTE}{days if days is not None else 'none'}"
+        comment = self.client.query(f"SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = '{STATE}'")
+        if comment.result_rows[0][0] == note:
+            return
+        for table in TABLES:  # a day's rollups go once its last event can have gone (the events' TTL: event_time + N days)
+            if days is None:
+                engine = self.client.query(f"SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = '{table}'")
+                if " TTL " in engine.result_rows[0][0]:
+                    self.client.command(f"ALTER TABLE {table} REMOVE TTL")
+            else:
+                self.client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime64(day, 0, 'UTC') + toIntervalDay({days + 1})")
+        self.client.command(f"ALTER TABLE {STATE} MODIFY COMMENT '{note}'")
+
+    def due(self) -> int | None:
+        """The latest settled day touched since its rollups were made (or never made), within retention; None if none."""
+        rows = self.client.query(
+            f"SELECT toInt32(t.day) FROM (SELECT day, max(at) AS at FROM {TOUCHED} GROUP BY day) AS t "
+            f"LEFT JOIN (SELECT day, max(version) AS v FROM {STATE} GROUP BY day) AS s ON t.day = s.day "
+            f"WHERE t.at >= s.v AND t.day < toDate32(now('UTC') - toIntervalSecond({SETTLE})) "
+            f"AND ({RETENTION} = 0 OR toInt32(t.day) + {RETENTION} > {TODAY}) ORDER BY t.day DESC LIMIT 1"
+        ).result_rows
+        return int(rows[0][0]) if rows else None
+
+    def step(self) -> bool:
+        """Roll up the next due day, if any; whether there was one."""
+        day = self.due()
+        if day is None:
+            return False
+        self.recompute(day)
+        return True
+
+    def build_all(self) -> int:
+        """Every due day now (tests, benchmarks); how many."""
+        n = 0
+        while self.step():
+            n += 1
+        return n
+
+    def recompute(self, day: int) -> None:
+        """One day's rollups from the events with FINAL, then its state row (see the module for why this is exact)."""
+        version = int(self.client.query(f"SELECT {NOW_US}").result_rows[0][0])
+        start = f"toDateTime64({int(day) * 86400}, 3, 'UTC')"
+        rows = f"FROM {TABLE} FINAL WHERE event_time >= {start} AND event_time < {start} + toIntervalDay(1)"
+        grouped = f"domain, {TYPE}, bot, namespace"
+        self.client.command(
+            f"INSERT INTO {DAYS} (day, domain, type, bot, namespace, events, version) "
+            f"SELECT toDate32(event_time), {grouped}, count(), {version} {rows} GROUP BY 1, 2, 3, 4, 5"
+        )
+        self.client.command(
+            f"INSERT INTO {HOURS} (day, hour, domain, type, bot, namespace, events, version) "
+            f"SELECT toDate32(event_time), toHour(event_time), {grouped}, count(), {version} {rows} GROUP BY 1, 2, 3, 4, 5, 6"
+        )
+        for table, top, field, bots in ((PAGES, PAGES_TOP, "title", "countIf(bot)"), (EDITORS, EDITORS_TOP, "user", "toUInt32(max(bot))")):
+            self.client.command(f"TRUNCATE TABLE {SCRATCH}")
+            self.client.command(_list_sql(field, bots, day))
+            self.client.command(
+                f"INSERT INTO {table} (domain, key, day, name, edits, created, bots, version) "
+                f"SELECT domain, key, {day_literal(day)}, name, edits, created, bots, {version} FROM {SCRATCH}"
+            )
+            ranked = (  # each wiki's list, and every wiki's
+                f"SELECT domain AS list, row_number() OVER (PARTITION BY domain ORDER BY edits DESC, key) AS rank, domain, key, edits "
+                f"FROM {SCRATCH} UNION ALL "
+                f"SELECT '' AS list, row_number() OVER (ORDER BY edits DESC, key) AS rank, domain, key, edits FROM {SCRATCH}"
+            )
+            self.client.command(
+                f"INSERT INTO {top} (day, list, rank, domain, key, edits, version) "
+                f"SELECT {day_literal(day)}, list, rank, domain, key, edits, {version} FROM ({ranked}) WHERE rank <= {TOP_CAP}"
+            )
+        self.client.command(f"TRUNCATE TABLE {SCRATCH}")
+        self.client.command(f"INSERT INTO {STATE} (day, version) SELECT {day_literal(day)}, {version}")
