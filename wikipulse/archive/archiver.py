@@ -26,9 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from wikipulse.archive.query_server import QueryServer
-from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect
+from wikipulse.archive.rollups import Rollups
+from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect, one_line
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.core.settings import ArchiverSettings, redact_url
 from wikipulse.core.tasks import background
@@ -47,6 +49,9 @@ CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds t
 # At a trickle (the live feed's ~35 events/s) a read waits until this long after the last batch, so the table
 # gets about one part a second, not one per read.
 MIN_INSERT_INTERVAL = 1.0
+# The rollups (rollups.py) are made in the ClickHouse thread between inserts, at most a quarter of its time: after a
+# day that took t seconds, the next waits 3t (at least ROLLUP_GAP); with nothing due, the next look is ROLLUP_IDLE later.
+ROLLUP_GAP, ROLLUP_IDLE = 1.0, 5.0
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
 
@@ -111,6 +116,8 @@ class Archiver(Handler):
         self._recorded: list[int] = []  # the sizes of the pending batches, to read them again in the same batches
         self._replays: collections.deque[bool] = collections.deque()  # for each read on its way: whether it replays
         self._inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
+        self.rollups: Rollups | None = None
+        self._rollup_at = 0.0  # time.monotonic() of the next rollup step
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -121,6 +128,9 @@ class Archiver(Handler):
             try:
                 archive = Archive(await self.call(connect, self.settings))
                 await self.call(archive.ensure_schema, self.settings.archive_retention)
+                rollups = Rollups(archive.client)
+                await self.call(rollups.ensure, self.settings.archive_retention)
+                self.rollups = rollups
                 await self.queries.open(self.call)
                 self.archive = archive
             except ArchiveUnavailable as exc:
@@ -184,6 +194,8 @@ class Archiver(Handler):
             self._inserting = None
         if batch.entries:
             self._inserting = (batch.entries, asyncio.ensure_future(self.call(self.insert, self.archive, batch.entries)))
+        elif self._inserting is None:  # an idle stream: the rollups go on (an archive of before them is rolled up)
+            await self.call(self.rollup_step)
 
     async def end(self) -> None:
         self._inserting = None  # its batch stays pending: read again, in the same batch, and inserted with the same token
@@ -207,7 +219,22 @@ class Archiver(Handler):
             archive.insert(ids, raws, batch_token([e[0] for e in entries]))
             counters["inserts"] += 1
         counters["archived"] += len(ids)
+        self.rollup_step()
         return counters
+
+    def rollup_step(self) -> None:
+        """A due day's rollups, if it is time (ROLLUP_GAP), in the ClickHouse thread: never beside an insert
+        (rollups.py: why that makes them exact). A failure is logged; the day stays due and is read from the events."""
+        if self.rollups is None or time.monotonic() < self._rollup_at:
+            return
+        started = time.monotonic()
+        try:
+            worked = self.rollups.step()
+        except (ClickHouseError, OSError) as exc:
+            logger.warning("rollups: %s (the day stays due; the History view reads it from the events)", one_line(exc, 300))
+            worked = False
+        spent = time.monotonic() - started
+        self._rollup_at = time.monotonic() + (max(ROLLUP_GAP, 3 * spent) if worked else ROLLUP_IDLE)
 
     async def acknowledge(self, entries: list[Entry], insert: asyncio.Future[Counter[str]]) -> None:
         """After ClickHouse's receipt, and only then: XACK the batch, forget its size, count it."""

@@ -142,15 +142,21 @@ class Rollups:
             self.client.command(statement)
         views = self.client.query(f"SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = '{TOUCH_VIEW}'")
         if not views.result_rows[0][0]:  # first start with rollups: touch what is there, then follow the inserts
-            self.client.command(f"INSERT INTO {TOUCHED} SELECT DISTINCT toDate32(event_time), {NOW_US} FROM {TABLE}")
+            self.touch_all()
             self.client.command(VIEW)
         self._set_retention(archive_retention_days(retention))
+
+    def touch_all(self) -> None:
+        """Every day the events hold, touched: each is rolled up (again) in turn."""
+        self.client.command(f"INSERT INTO {TOUCHED} SELECT DISTINCT toDate32(event_time), {NOW_US} FROM {TABLE}")
 
     def _set_retention(self, days: int | None) -> None:
         note = f"{RETENTION_NOTE}{days if days is not None else 'none'}"
         comment = self.client.query(f"SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = '{STATE}'")
-        if comment.result_rows[0][0] == note:
+        before = str(comment.result_rows[0][0])
+        if before == note:
             return
+        kept = before.removeprefix(RETENTION_NOTE)
         for table in TABLES:  # a day's rollups go once its last event can have gone (the events' TTL: event_time + N days)
             if days is None:
                 engine = self.client.query(f"SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = '{table}'")
@@ -159,6 +165,8 @@ class Rollups:
             else:
                 self.client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime64(day, 0, 'UTC') + toIntervalDay({days + 1})")
         self.client.command(f"ALTER TABLE {STATE} MODIFY COMMENT '{note}'")
+        if kept.isdigit() and (days is None or days > int(kept)):
+            self.touch_all()  # a longer retention: the days whose rollups the shorter one took are made again
 
     def due(self) -> int | None:
         """The latest settled day touched since its rollups were made (or never made), within retention; None if none."""
