@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import stop, wait_for
 from tests.test_subscriber import load_stream
-from wikipulse.archive import archiver as archiver_module
+from wikipulse.archive import rollups as rollups_module
 from wikipulse.archive.archiver import Archiver
 from wikipulse.archive.rollups import STATE, TOUCH_VIEW, Rollups
 from wikipulse.archive.table import Archive, batch_token, connect
@@ -201,8 +201,8 @@ def test_archives_of_before_the_rollups_keep_working_and_are_rolled_up(tmp_path:
 async def test_the_archiver_rolls_up_the_days_as_it_archives(
     redis_client: aioredis.Redis, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(archiver_module, "ROLLUP_GAP", 0.0)  # a day after another (the archiver's pace is 1 s at least)
-    monkeypatch.setattr(archiver_module, "ROLLUP_IDLE", 0.2)
+    monkeypatch.setattr(rollups_module, "ROLLUP_GAP", 0.0)  # a day after another (the archiver's pace is 1 s at least)
+    monkeypatch.setattr(rollups_module, "ROLLUP_IDLE", 0.2)
     s = dataclasses.replace(settings, archive_dir=str(tmp_path / "clickhouse"), archive_from_stream=True)
     first = TODAY - 8
     events = heavy_events(3000, 7, first, 9)

@@ -26,11 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from wikipulse.archive.query_server import QueryServer
-from wikipulse.archive.rollups import Rollups
-from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect, one_line
+from wikipulse.archive.rollups import Pacer
+from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.core.settings import ArchiverSettings, redact_url
 from wikipulse.core.tasks import background
@@ -49,9 +48,6 @@ CONSUMER = "archiver"  # one archiver per group (its lease): a successor finds t
 # At a trickle (the live feed's ~35 events/s) a read waits until this long after the last batch, so the table
 # gets about one part a second, not one per read.
 MIN_INSERT_INTERVAL = 1.0
-# The rollups (rollups.py) are made in the ClickHouse thread between inserts, at most a quarter of its time: after a
-# day that took t seconds, the next waits 3t (at least ROLLUP_GAP); with nothing due, the next look is ROLLUP_IDLE later.
-ROLLUP_GAP, ROLLUP_IDLE = 1.0, 5.0
 _DATA, _FOLD = keys.DATA_FIELD.encode(), keys.FOLD_FIELD.encode()
 
 
@@ -116,8 +112,7 @@ class Archiver(Handler):
         self._recorded: list[int] = []  # the sizes of the pending batches, to read them again in the same batches
         self._replays: collections.deque[bool] = collections.deque()  # for each read on its way: whether it replays
         self._inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
-        self.rollups: Rollups | None = None
-        self._rollup_at = 0.0  # time.monotonic() of the next rollup step
+        self.rollups = Pacer()  # the rollups, made in the ClickHouse thread between inserts (rollups.py)
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -128,9 +123,7 @@ class Archiver(Handler):
             try:
                 archive = Archive(await self.call(connect, self.settings))
                 await self.call(archive.ensure_schema, self.settings.archive_retention)
-                rollups = Rollups(archive.client)
-                await self.call(rollups.ensure, self.settings.archive_retention)
-                self.rollups = rollups
+                await self.call(self.rollups.open, archive.client, self.settings.archive_retention)
                 await self.queries.open(self.call)
                 self.archive = archive
             except ArchiveUnavailable as exc:
@@ -140,8 +133,7 @@ class Archiver(Handler):
         return self.archive
 
     async def ensure_group(self) -> None:
-        """The group, if missing: a new stream comes with every declared group (trimming.py), so a fresh deployment's
-        first events are archived however late the archiver starts."""
+        """The group, if missing (a new stream comes with every declared group, trimming.py: none of its events missed)."""
         await self.consumer.ensure_group()
 
     async def _start_of_new_group(self) -> str:
@@ -163,12 +155,11 @@ class Archiver(Handler):
             await self.lease.release()
 
     async def consume(self) -> None:
-        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one, until an error.
-
-        Each batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in
-        order. So after a crash the pending entries are read again in the very same batches (own pending first,
-        COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
-        ClickHouse drops it. At most three batches are unacknowledged: one acknowledged, one inserted, one read."""
+        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one, until an error. Each
+        batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in order:
+        after a crash the pending entries are read again in the very same batches (own pending first, COUNT = the
+        recorded sizes), and a batch whose insert had landed is inserted again with the same token: ClickHouse drops
+        it. At most three batches are unacknowledged: one acknowledged, one inserted, one read."""
         await self.consumer.consume(self)
 
     async def begin(self) -> None:
@@ -195,7 +186,7 @@ class Archiver(Handler):
         if batch.entries:
             self._inserting = (batch.entries, asyncio.ensure_future(self.call(self.insert, self.archive, batch.entries)))
         elif self._inserting is None:  # an idle stream: the rollups go on (an archive of before them is rolled up)
-            await self.call(self.rollup_step)
+            await self.call(self.rollups.step)
 
     async def end(self) -> None:
         self._inserting = None  # its batch stays pending: read again, in the same batch, and inserted with the same token
@@ -219,22 +210,8 @@ class Archiver(Handler):
             archive.insert(ids, raws, batch_token([e[0] for e in entries]))
             counters["inserts"] += 1
         counters["archived"] += len(ids)
-        self.rollup_step()
+        self.rollups.step()
         return counters
-
-    def rollup_step(self) -> None:
-        """A due day's rollups, if it is time (ROLLUP_GAP), in the ClickHouse thread: never beside an insert
-        (rollups.py: why that makes them exact). A failure is logged; the day stays due and is read from the events."""
-        if self.rollups is None or time.monotonic() < self._rollup_at:
-            return
-        started = time.monotonic()
-        try:
-            worked = self.rollups.step()
-        except (ClickHouseError, OSError) as exc:
-            logger.warning("rollups: %s (the day stays due; the History view reads it from the events)", one_line(exc, 300))
-            worked = False
-        spent = time.monotonic() - started
-        self._rollup_at = time.monotonic() + (max(ROLLUP_GAP, 3 * spent) if worked else ROLLUP_IDLE)
 
     async def acknowledge(self, entries: list[Entry], insert: asyncio.Future[Counter[str]]) -> None:
         """After ClickHouse's receipt, and only then: XACK the batch, forget its size, count it."""

@@ -33,10 +33,12 @@ quarter of that thread's time (BENCHMARKS.md).
 from __future__ import annotations
 
 import logging
+import time
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from wikipulse.archive.table import DATA_TABLE, TABLE
+from wikipulse.archive.table import DATA_TABLE, TABLE, ArchiveUnavailable, one_line
 
 __all__ = ["TABLE"]  # what the rollups are computed from, for their readers
 from wikipulse.core import model
@@ -49,6 +51,9 @@ DAYS, HOURS = "rollup_days", "rollup_hours"
 PAGES, PAGES_TOP, EDITORS, EDITORS_TOP = "rollup_pages", "rollup_pages_top", "rollup_editors", "rollup_editors_top"
 SCRATCH = "rollup_scratch"  # a Memory table: one day's pages or editors while its ranks are made
 TABLES = (TOUCHED, STATE, DAYS, HOURS, PAGES, PAGES_TOP, EDITORS, EDITORS_TOP)
+# Made in the archiver's ClickHouse thread between inserts, at most a quarter of its time: after a day that took t
+# seconds, the next waits 3t (at least ROLLUP_GAP); with nothing due, the next look is ROLLUP_IDLE later.
+ROLLUP_GAP, ROLLUP_IDLE = 1.0, 5.0
 SETTLE = 3600  # seconds after its end a day is first rolled up (late events after that recompute it)
 TOP_CAP = 1000  # ranks kept per (day, list): a top list needs its candidates' ranks and one more
 PAGE_TYPES = ("edit", "new")  # what counts as editing a page (as the live lists count it: pages.PAGE_TYPES)
@@ -225,3 +230,34 @@ class Rollups:
             )
         self.client.command(f"TRUNCATE TABLE {SCRATCH}")
         self.client.command(f"INSERT INTO {STATE} (day, version) SELECT {day_literal(day)}, {version}")
+
+
+class Pacer:
+    """The archiver's rollups (`rollups` once the archive is open), a due day at a time, paced (ROLLUP_GAP)."""
+
+    def __init__(self) -> None:
+        self.rollups: Rollups | None = None
+        self.at = 0.0  # time.monotonic() of the next step
+
+    def open(self, client: Client, retention: str) -> None:
+        """The rollup tables made (Rollups.ensure) on the archiver's client; ArchiveUnavailable if ClickHouse refuses."""
+        rollups = Rollups(client)
+        try:
+            rollups.ensure(retention)
+        except ClickHouseError as exc:
+            raise ArchiveUnavailable(one_line(exc, 300)) from exc
+        self.rollups = rollups
+
+    def step(self) -> None:
+        """A due day, if it is time, in the ClickHouse thread: never beside an insert (the module: why that makes the
+        rollups exact). A failure is logged; the day stays due and is read from the events meanwhile."""
+        if self.rollups is None or time.monotonic() < self.at:
+            return
+        started = time.monotonic()
+        try:
+            worked = self.rollups.step()
+        except (ClickHouseError, OSError) as exc:
+            logger.warning("rollups: %s (the day stays due; the History view reads it from the events)", one_line(exc, 300))
+            worked = False
+        spent = time.monotonic() - started
+        self.at = time.monotonic() + (max(ROLLUP_GAP, 3 * spent) if worked else ROLLUP_IDLE)
