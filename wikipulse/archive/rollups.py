@@ -49,8 +49,16 @@ logger = logging.getLogger(__name__)
 TOUCHED, TOUCH_VIEW, STATE = "rollup_touched", "rollup_touch_view", "rollup_state"
 DAYS, HOURS = "rollup_days", "rollup_hours"
 PAGES, PAGES_TOP, EDITORS, EDITORS_TOP = "rollup_pages", "rollup_pages_top", "rollup_editors", "rollup_editors_top"
-SCRATCH = "rollup_scratch"  # a Memory table: one day's pages or editors while its ranks are made
+MONTH_STATE = "rollup_month_state"
+PAGES_M, PAGES_TOP_M, EDITORS_M, EDITORS_TOP_M = "rollup_pages_m", "rollup_pages_top_m", "rollup_editors_m", "rollup_editors_top_m"
+SCRATCH = "rollup_scratch"  # a Memory table: one day's (month's) pages or editors while its ranks are made
 TABLES = (TOUCHED, STATE, DAYS, HOURS, PAGES, PAGES_TOP, EDITORS, EDITORS_TOP)
+MONTH_TABLES = (MONTH_STATE, PAGES_M, PAGES_TOP_M, EDITORS_M, EDITORS_TOP_M)  # `day`: the month's first
+# (day table, day top, month table, month top, the event's field, its bots column, how a day's bots add up)
+LISTS = (
+    (PAGES, PAGES_TOP, PAGES_M, PAGES_TOP_M, "title", "countIf(bot)", "sum(bots)"),
+    (EDITORS, EDITORS_TOP, EDITORS_M, EDITORS_TOP_M, "user", "toUInt32(max(bot))", "max(bots)"),
+)
 # Made in the archiver's ClickHouse thread between inserts, at most a quarter of its time: after a day that took t
 # seconds, the next waits 3t (at least ROLLUP_GAP); with nothing due, the next look is ROLLUP_IDLE later.
 ROLLUP_GAP, ROLLUP_IDLE = 1.0, 5.0
@@ -78,7 +86,11 @@ def counts_columns(hourly: bool) -> str:
 
 
 def _create(name: str, columns: str, order: str) -> str:
-    return f"CREATE TABLE IF NOT EXISTS {name} ({columns}) ENGINE = MergeTree PARTITION BY toYear(day) ORDER BY ({order})"
+    # Granules of 1,024 rows (8,192 by default): a top list reads a few hundred pages' rows by key, each a granule.
+    return (
+        f"CREATE TABLE IF NOT EXISTS {name} ({columns}) ENGINE = MergeTree PARTITION BY toYear(day) ORDER BY ({order}) "
+        f"SETTINGS index_granularity = 1024"
+    )
 
 
 COUNTS = "edits UInt32, created UInt32, bots UInt32"
@@ -96,6 +108,11 @@ CREATE = (
     _create(EDITORS, LIST_COLUMNS, "domain, key, day"),
     _create(PAGES_TOP, TOP_COLUMNS, "day, list, rank"),
     _create(EDITORS_TOP, TOP_COLUMNS, "day, list, rank"),
+    f"CREATE TABLE IF NOT EXISTS {MONTH_STATE} (day Date32, version UInt64, sig UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY day",
+    _create(PAGES_M, LIST_COLUMNS, "domain, key, day"),
+    _create(EDITORS_M, LIST_COLUMNS, "domain, key, day"),
+    _create(PAGES_TOP_M, TOP_COLUMNS, "day, list, rank"),
+    _create(EDITORS_TOP_M, TOP_COLUMNS, "day, list, rank"),
     f"CREATE TABLE IF NOT EXISTS {SCRATCH} (domain String, key UInt64, name String, {COUNTS}) ENGINE = Memory",
 )
 VIEW = (
@@ -122,6 +139,41 @@ def coverage_sql(first_day: int, end_day: int) -> str:
         f"LEFT JOIN (SELECT day, max(at) AS t FROM {TOUCHED} WHERE {days} GROUP BY day) AS t ON s.day = t.day "
         f"WHERE t.t < s.v AND ({RETENTION} = 0 OR toInt32(s.day) + {RETENTION} > {TODAY}) ORDER BY day"
     )
+
+
+def _latest_days(where: str) -> str:
+    return f"(SELECT day, max(version) AS v FROM {STATE} WHERE {where} GROUP BY day)"
+
+
+def _stale_months() -> str:
+    """Months with a day touched since its rollups (or never rolled up, or not settled)."""
+    return (
+        f"(SELECT DISTINCT toDate32(toStartOfMonth(t.day)) FROM (SELECT day, max(at) AS at FROM {TOUCHED} GROUP BY day) AS t "
+        f"LEFT JOIN {_latest_days('1')} AS s ON t.day = s.day WHERE t.at >= s.v)"
+    )
+
+
+def _month_sigs(where: str) -> str:
+    """Each month's signature: its days' latest versions (a month's lists are of exactly those)."""
+    return f"(SELECT toDate32(toStartOfMonth(day)) AS m, sum(cityHash64(day, v)) AS sig FROM {_latest_days(where)} GROUP BY m)"
+
+
+def _months_usable(where: str) -> str:
+    return (
+        f"SELECT toInt32(d.m) AS month FROM {_month_sigs(where)} AS d "
+        f"JOIN (SELECT day AS m, argMax(sig, version) AS sig FROM {MONTH_STATE} GROUP BY day) AS ms ON d.m = ms.m "
+        f"WHERE d.sig = ms.sig AND d.m NOT IN {_stale_months()} AND ({RETENTION} = 0 OR toInt32(d.m) + {RETENTION} > {TODAY})"
+    )
+
+
+def months_sql(first_day: int, end_day: int) -> str:
+    """The months whose lists answer for every day of theirs, as their first day's number (see Rollups.recompute_month)."""
+    return f"{_months_usable(f'day >= {day_literal(first_day)} AND day < {day_literal(end_day)}')} ORDER BY month"
+
+
+def latest_months(where: str) -> str:
+    """(month, version) of each month's latest lists, for `IN`."""
+    return f"(SELECT day, max(version) FROM {MONTH_STATE} WHERE {where} GROUP BY day)"
 
 
 def _list_sql(field: str, bots: str, day: int) -> str:
@@ -162,13 +214,14 @@ class Rollups:
         if before == note:
             return
         kept = before.removeprefix(RETENTION_NOTE)
-        for table in TABLES:  # a day's rollups go once its last event can have gone (the events' TTL: event_time + N days)
+        for table in TABLES + MONTH_TABLES:  # a day's rollups go once its last event can have gone (event_time + N days)
             if days is None:
                 engine = self.client.query(f"SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = '{table}'")
                 if " TTL " in engine.result_rows[0][0]:
                     self.client.command(f"ALTER TABLE {table} REMOVE TTL")
             else:
-                self.client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime64(day, 0, 'UTC') + toIntervalDay({days + 1})")
+                after = days + (32 if table in MONTH_TABLES else 1)  # a month's lists: once its last day can have gone
+                self.client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime64(day, 0, 'UTC') + toIntervalDay({after})")
         self.client.command(f"ALTER TABLE {STATE} MODIFY COMMENT '{note}'")
         if kept.isdigit() and (days is None or days > int(kept)):
             self.touch_all()  # a longer retention: the days whose rollups the shorter one took are made again
@@ -186,10 +239,17 @@ class Rollups:
     def step(self) -> bool:
         """Roll up the next due day, if any; whether there was one."""
         day = self.due()
-        if day is None:
-            return False
-        self.recompute(day)
-        return True
+        if day is not None:
+            self.recompute(day)
+            return True
+        rows = self.client.query(
+            f"SELECT toInt32(d.m) FROM {_month_sigs('1')} AS d LEFT JOIN (SELECT day AS m, argMax(sig, version) AS sig FROM {MONTH_STATE} "
+            f"GROUP BY day) AS ms ON d.m = ms.m WHERE d.sig != ms.sig AND d.m NOT IN {_stale_months()} "
+            f"AND ({RETENTION} = 0 OR toInt32(d.m) + {RETENTION} > {TODAY}) ORDER BY d.m DESC LIMIT 1"
+        ).result_rows
+        if rows:
+            self.recompute_month(int(rows[0][0]))
+        return bool(rows)
 
     def build_all(self) -> int:
         """Every due day now (tests, benchmarks); how many."""
@@ -212,24 +272,44 @@ class Rollups:
             f"INSERT INTO {HOURS} (day, hour, domain, type, bot, namespace, events, version) "
             f"SELECT toDate32(event_time), toHour(event_time), {grouped}, count(), {version} {rows} GROUP BY 1, 2, 3, 4, 5, 6"
         )
-        for table, top, field, bots in ((PAGES, PAGES_TOP, "title", "countIf(bot)"), (EDITORS, EDITORS_TOP, "user", "toUInt32(max(bot))")):
+        for table, top, _, _, field, bots, _ in LISTS:
             self.client.command(f"TRUNCATE TABLE {SCRATCH}")
             self.client.command(_list_sql(field, bots, day))
-            self.client.command(
-                f"INSERT INTO {table} (domain, key, day, name, edits, created, bots, version) "
-                f"SELECT domain, key, {day_literal(day)}, name, edits, created, bots, {version} FROM {SCRATCH}"
-            )
-            ranked = (  # each wiki's list, and every wiki's
-                f"SELECT domain AS list, row_number() OVER (PARTITION BY domain ORDER BY edits DESC, key) AS rank, domain, key, edits "
-                f"FROM {SCRATCH} UNION ALL "
-                f"SELECT '' AS list, row_number() OVER (ORDER BY edits DESC, key) AS rank, domain, key, edits FROM {SCRATCH}"
-            )
-            self.client.command(
-                f"INSERT INTO {top} (day, list, rank, domain, key, edits, version) "
-                f"SELECT {day_literal(day)}, list, rank, domain, key, edits, {version} FROM ({ranked}) WHERE rank <= {TOP_CAP}"
-            )
+            self._lists(table, top, day, version)
         self.client.command(f"TRUNCATE TABLE {SCRATCH}")
         self.client.command(f"INSERT INTO {STATE} (day, version) SELECT {day_literal(day)}, {version}")
+
+    def recompute_month(self, month: int) -> None:
+        """A month's lists, from its days' latest rollups (not the events: a month of FINAL is a month of reading), once
+        no day of it is due; its signature says which day versions they are of, so a day made again makes it stale."""
+        version = int(self.client.query(f"SELECT {NOW_US}").result_rows[0][0])
+        days = f"toDate32(toStartOfMonth(day)) = {day_literal(month)}"
+        sig = self.client.query(f"SELECT sum(sig) FROM {_month_sigs(days)}").result_rows[0][0]
+        for table, _, month_table, month_top, _, _, bots in LISTS:
+            self.client.command(f"TRUNCATE TABLE {SCRATCH}")
+            self.client.command(
+                f"INSERT INTO {SCRATCH} SELECT any(domain), key, any(name), sum(edits), sum(created), {bots} FROM {table} "
+                f"WHERE {days} AND (day, version) IN {latest(days)} GROUP BY key"
+            )
+            self._lists(month_table, month_top, month, version)
+        self.client.command(f"TRUNCATE TABLE {SCRATCH}")
+        self.client.command(f"INSERT INTO {MONTH_STATE} (day, version, sig) SELECT {day_literal(month)}, {version}, {int(sig)}")
+
+    def _lists(self, table: str, top: str, day: int, version: int) -> None:
+        """The scratch table's pages (editors) as `day`'s rows of `table`, and its ranked lists in `top`."""
+        self.client.command(
+            f"INSERT INTO {table} (domain, key, day, name, edits, created, bots, version) "
+            f"SELECT domain, key, {day_literal(day)}, name, edits, created, bots, {version} FROM {SCRATCH}"
+        )
+        ranked = (  # each wiki's list, and every wiki's
+            f"SELECT domain AS list, row_number() OVER (PARTITION BY domain ORDER BY edits DESC, key) AS rank, domain, key, edits "
+            f"FROM {SCRATCH} UNION ALL "
+            f"SELECT '' AS list, row_number() OVER (ORDER BY edits DESC, key) AS rank, domain, key, edits FROM {SCRATCH}"
+        )
+        self.client.command(
+            f"INSERT INTO {top} (day, list, rank, domain, key, edits, version) "
+            f"SELECT {day_literal(day)}, list, rank, domain, key, edits, {version} FROM ({ranked}) WHERE rank <= {TOP_CAP}"
+        )
 
 
 class Pacer:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any
 
 from wikipulse.archive import rollups
+from wikipulse.core.errors import OperatorError
 from wikipulse.dashboard.history_queries import (
     BY,
     DAY,
@@ -34,75 +36,106 @@ from wikipulse.dashboard.history_queries import (
 )
 
 Ask = Callable[[str], list[dict[str, Any]]]
-FIRST_M = 40  # candidates a day's list gives at first (x4 each time the bound is not passed)
+FIRST_M = 40  # candidates a list gives at first (x4 each time the bound is not passed)
+MAX_LITERAL = 2000  # candidates written into the totals' SQL; more are found again inside it
 EVENTS = rollups.TABLE
+Ranges = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """[a, b) day numbers the rollups answer; [since, until) unix-second ranges the events answer."""
+    """`covered`: [a, b) day numbers the day rollups answer; `raw`: [since, until) unix seconds the events answer;
+    `months`: first days of the months whose lists answer the top lists for every day of theirs."""
 
-    covered: tuple[tuple[int, int], ...]
-    raw: tuple[tuple[int, int], ...]
+    covered: Ranges
+    raw: Ranges
+    months: tuple[int, ...] = ()
 
 
 def coverage_sql(sel: HistorySelection) -> str:
-    return rollups.coverage_sql(sel.since // DAY, -(-sel.until // DAY))
+    first, end = sel.since // DAY, -(-sel.until // DAY)
+    return (
+        f"SELECT 'day' AS kind, day FROM ({rollups.coverage_sql(first, end)}) "
+        f"UNION ALL SELECT 'month' AS kind, month AS day FROM ({rollups.months_sql(first, end)})"
+    )
+
+
+def _runs(days: list[int]) -> Ranges:
+    runs: list[tuple[int, int]] = []
+    for d in sorted(set(days)):
+        if runs and runs[-1][1] == d:
+            runs[-1] = (runs[-1][0], d + 1)
+        else:
+            runs.append((d, d + 1))
+    return tuple(runs)
+
+
+def _gaps(since: int, until: int, spans: Ranges) -> Ranges:
+    """[since, until) in seconds, less the day spans."""
+    out: list[tuple[int, int]] = []
+    at = since
+    for a, b in spans:
+        if at < a * DAY:
+            out.append((at, a * DAY))
+        at = max(at, b * DAY)
+    if at < until:
+        out.append((at, until))
+    return tuple(out)
+
+
+def _month_end(first: int) -> int:
+    d = date(1970, 1, 1) + timedelta(days=first)
+    return (date(d.year + d.month // 12, d.month % 12 + 1, 1) - date(1970, 1, 1)).days
 
 
 def plan_of(rows: list[dict[str, Any]], sel: HistorySelection) -> Plan:
-    """The Plan from coverage_sql's rows; a covered day only if it lies whole inside the selection (days are UTC)."""
-    days = sorted({int(r["day"]) for r in rows if sel.since <= int(r["day"]) * DAY and (int(r["day"]) + 1) * DAY <= sel.until})
-    covered: list[tuple[int, int]] = []
-    for d in days:
-        if covered and covered[-1][1] == d:
-            covered[-1] = (covered[-1][0], d + 1)
-        else:
-            covered.append((d, d + 1))
-    raw: list[tuple[int, int]] = []
-    at = sel.since
-    for a, b in covered:
-        if at < a * DAY:
-            raw.append((at, a * DAY))
-        at = b * DAY
-    if at < sel.until:
-        raw.append((at, sel.until))
-    return Plan(tuple(covered), tuple(raw))
+    """The Plan from coverage_sql's rows; a covered day or month only if it lies whole inside the selection (UTC)."""
+    inside = [(str(r["kind"]), int(r["day"])) for r in rows]
+    covered = _runs([d for kind, d in inside if kind == "day" and sel.since <= d * DAY and (d + 1) * DAY <= sel.until])
+    months = tuple(sorted(m for kind, m in inside if kind == "month" and sel.since <= m * DAY and _month_end(m) * DAY <= sel.until))
+    return Plan(covered, _gaps(sel.since, sel.until, covered), months)
 
 
 def plan(ask: Ask, sel: HistorySelection) -> Plan:
     """What the rollups cover of the selection; nothing if the archive has none (an archiver of the release before)."""
-    from wikipulse.core.errors import OperatorError
-
     try:
         return plan_of(ask(coverage_sql(sel)), sel)
     except OperatorError:
         return Plan((), ((sel.since, sel.until),))
 
 
-def _days(p: Plan) -> str:
-    return "(" + " OR ".join(f"(day >= {rollups.day_literal(a)} AND day < {rollups.day_literal(b)})" for a, b in p.covered) + ")"
+def _in_days(spans: Ranges) -> str:
+    runs: list[tuple[int, int]] = []
+    for a, b in sorted(spans):  # adjacent spans as one (a year of months is one range)
+        if runs and runs[-1][1] >= a:
+            runs[-1] = (runs[-1][0], max(b, runs[-1][1]))
+        else:
+            runs.append((a, b))
+    return "(" + " OR ".join(f"(day >= {rollups.day_literal(a)} AND day < {rollups.day_literal(b)})" for a, b in runs) + ")"
 
 
-def _rollup_where(sel: HistorySelection, p: Plan, column: str = "domain") -> str:
-    picked = f"{column} IN ({', '.join(map(_quote_domain, sel.domains))}) AND " if sel.domains else ""
-    return f"{picked}{_days(p)} AND (day, version) IN {rollups.latest(_days(p))}"
+def _picked(sel: HistorySelection, column: str = "domain") -> str:
+    return f"{column} IN ({', '.join(map(_quote_domain, sel.domains))}) AND " if sel.domains else ""
 
 
-def _raw_where(sel: HistorySelection, p: Plan) -> str:
-    picked = f"domain IN ({', '.join(map(_quote_domain, sel.domains))}) AND " if sel.domains else ""
-    ranges = " OR ".join(
-        f"(event_time >= toDateTime64({int(a)}, 3, 'UTC') AND event_time < toDateTime64({int(b)}, 3, 'UTC'))" for a, b in p.raw
+def _rollup_where(sel: HistorySelection, runs: Ranges, months: bool = False) -> str:
+    latest = rollups.latest_months if months else rollups.latest
+    return f"{_picked(sel)}{_in_days(runs)} AND (day, version) IN {latest(_in_days(runs))}"
+
+
+def _raw_where(sel: HistorySelection, ranges: Ranges) -> str:
+    spans = " OR ".join(
+        f"(event_time >= toDateTime64({int(a)}, 3, 'UTC') AND event_time < toDateTime64({int(b)}, 3, 'UTC'))" for a, b in ranges
     )
-    return f"{picked}({ranges})"
+    return f"{_picked(sel)}({spans})"
 
 
 def total_query(sel: HistorySelection, p: Plan) -> str:
     if not p.covered:
         return total_sql(sel)
-    parts = [f"SELECT sum(events) AS n FROM {rollups.DAYS} WHERE {_rollup_where(sel, p)}"]
+    parts = [f"SELECT sum(events) AS n FROM {rollups.DAYS} WHERE {_rollup_where(sel, p.covered)}"]
     if p.raw:
-        parts.append(f"SELECT count() AS n FROM {EVENTS} FINAL WHERE {_raw_where(sel, p)}")
+        parts.append(f"SELECT count() AS n FROM {EVENTS} FINAL WHERE {_raw_where(sel, p.raw)}")
     return f"SELECT toUInt64(sum(n)) AS events FROM ({' UNION ALL '.join(parts)})"
 
 
@@ -114,22 +147,24 @@ def graph_query(sel: HistorySelection, p: Plan) -> str:
     ms = "(toInt64(toInt32(day)) * 24 + hour) * 3600000" if hourly else "toInt64(toInt32(day)) * 86400000"
     parts = [
         f"SELECT toInt64({bucket.key_of(ms, 'toYYYYMM(day)')}) AS bucket, {part} AS part, sum(events) AS n "
-        f"FROM {rollups.HOURS if hourly else rollups.DAYS} WHERE {_rollup_where(sel, p)} GROUP BY bucket, part"
+        f"FROM {rollups.HOURS if hourly else rollups.DAYS} WHERE {_rollup_where(sel, p.covered)} GROUP BY bucket, part"
     ]
     if p.raw:
         parts.append(
             f"SELECT toInt64({bucket.key}) AS bucket, {part} AS part, count() AS n FROM {EVENTS} FINAL "
-            f"WHERE {_raw_where(sel, p)} GROUP BY bucket, part"
+            f"WHERE {_raw_where(sel, p.raw)} GROUP BY bucket, part"
         )
     return f"SELECT bucket, part, toUInt64(sum(n)) AS events FROM ({' UNION ALL '.join(parts)}) GROUP BY bucket, part ORDER BY bucket, part"
 
 
 @dataclass(frozen=True)
 class TopKind:
-    """Top pages or top editors: their rollup tables, the event's field, and how the columns are named."""
+    """Top pages or top editors: their rollup tables (per day, per month), the event's field, the answer's columns."""
 
     table: str
     top: str
+    month_table: str
+    month_top: str
     field: str
     name: str  # the answer's column for the page or editor
     bots: str  # the answer's bots column, from the rollup's `bots`
@@ -139,49 +174,96 @@ class TopKind:
         return top_pages_sql(sel, limit) if self.field == "title" else top_editors_sql(sel, limit)
 
 
-PAGES = TopKind(rollups.PAGES, rollups.PAGES_TOP, "title", "page", "sum(bots) AS by_bots", "countIf(bot)")
-EDITORS = TopKind(rollups.EDITORS, rollups.EDITORS_TOP, "user", "editor", "max(bots) AS bot", "toUInt32(max(bot))")
+PAGES = TopKind(rollups.PAGES, rollups.PAGES_TOP, rollups.PAGES_M, rollups.PAGES_TOP_M, "title", "page", "sum(bots) AS by_bots",
+                "countIf(bot)")  # fmt: skip
+EDITORS = TopKind(rollups.EDITORS, rollups.EDITORS_TOP, rollups.EDITORS_M, rollups.EDITORS_TOP_M, "user", "editor",
+                  "max(bots) AS bot", "toUInt32(max(bot))")  # fmt: skip
 
 
-def top_sql(kind: TopKind, sel: HistorySelection, p: Plan, m: int, limit: int = TOP_SIZE) -> str:
-    """The list over the candidates of depth m, each row with the bound no other page's total can pass (module)."""
-    lists = f"list IN ({', '.join(map(_quote_domain, sel.domains))})" if sel.domains else "list = ''"
-    top_where = f"{lists} AND {_days(p)} AND (day, version) IN {rollups.latest(_days(p))}"
-    edge = (
-        (
-            f"SELECT any(domain) AS site, cityHash64(domain, {kind.field}) AS key, any({kind.field}) AS name, toUInt32(count()) AS edits, "
-            f"toUInt32(countIf(type = 'new')) AS created, {kind.raw_bots} AS bots FROM {EVENTS} FINAL WHERE {_raw_where(sel, p)} "
-            f"AND type IN {rollups.PAGE_TYPES!r} AND {kind.field} != '' GROUP BY key"
-        )
-        if p.raw
-        else ""
-    )
-    candidates = f"SELECT domain, key FROM {kind.top} WHERE {top_where} AND rank <= {int(m)}"
-    if edge:
-        candidates += f" UNION ALL SELECT site, key FROM (SELECT site, key FROM ({edge}) ORDER BY edits DESC, key LIMIT {int(m)})"
-    rows = [
-        f"SELECT domain AS site, key, name, edits, created, bots FROM {kind.table} WHERE {_rollup_where(sel, p)} AND (domain, key) IN cand"
-    ]
-    bound = f"(SELECT max(s) FROM (SELECT list, sum(edits) AS s FROM {kind.top} WHERE {top_where} AND rank = {int(m) + 1} GROUP BY list))"
-    if edge:
-        rows.append(f"SELECT site, key, name, edits, created, bots FROM ({edge}) WHERE (site, key) IN cand")
-        bound += f" + (SELECT sum(edits) FROM (SELECT edits FROM ({edge}) ORDER BY edits DESC LIMIT 1 OFFSET {int(m)}))"
+@dataclass(frozen=True)
+class Sources:
+    """Where a top list's counts are: month lists, day lists (the covered days outside them), the events (the rest)."""
+
+    months: Ranges
+    days: Ranges
+    raw: Ranges
+
+
+def sources(sel: HistorySelection, p: Plan) -> Sources:
+    months = tuple((m, _month_end(m)) for m in p.months)
+    in_months = {d for a, b in months for d in range(a, b)}
+    days = _runs([d for a, b in p.covered for d in range(a, b) if d not in in_months])
+    spans = tuple(sorted(months + days))
+    return Sources(months, days, _gaps(sel.since, sel.until, spans))
+
+
+def _edge(kind: TopKind, sel: HistorySelection, raw: Ranges) -> str:
+    """The uncovered part's pages (editors) with their counts, from the events with FINAL."""
     return (
-        f"WITH cand AS ({candidates}) SELECT any(site) AS site, any(name) AS {kind.name}, sum(edits) AS edits, sum(created) AS created, "
-        f"{kind.bots}, toUInt64({bound}) AS bound FROM ({' UNION ALL '.join(rows)}) "
-        f"GROUP BY key ORDER BY edits DESC, site, {kind.name} LIMIT {int(limit)}"
+        f"SELECT any(domain) AS site, cityHash64(domain, {kind.field}) AS key, any({kind.field}) AS name, toUInt32(count()) AS edits, "
+        f"toUInt32(countIf(type = 'new')) AS created, {kind.raw_bots} AS bots FROM {EVENTS} FINAL WHERE {_raw_where(sel, raw)} "
+        f"AND type IN {rollups.PAGE_TYPES!r} AND {kind.field} != '' GROUP BY key"
+    )
+
+
+def candidates_sql(kind: TopKind, sel: HistorySelection, src: Sources, m: int) -> str:
+    """The candidates of depth m, (domain, key), each row with the bound no other page's total can pass (module)."""
+    lists = f"list IN ({', '.join(map(_quote_domain, sel.domains))})" if sel.domains else "list = ''"
+    tops = [
+        f"SELECT list, rank, domain, key, edits FROM {table} WHERE {lists} AND {_rollup_where(HistorySelection((), 0, 0), runs, months)}"
+        for table, runs, months in ((kind.top, src.days, False), (kind.month_top, src.months, True))
+        if runs
+    ]
+    ranked = " UNION ALL ".join(tops)
+    candidates = f"SELECT domain, key FROM ({ranked}) WHERE rank <= {int(m)}"
+    bound = f"(SELECT max(s) FROM (SELECT list, sum(edits) AS s FROM ({ranked}) WHERE rank = {int(m) + 1} GROUP BY list))"
+    if src.raw:
+        edge = _edge(kind, sel, src.raw)
+        candidates += f" UNION ALL SELECT site, key FROM (SELECT site, key FROM ({edge}) ORDER BY edits DESC, key LIMIT {int(m)})"
+        bound += f" + (SELECT sum(edits) FROM (SELECT edits FROM ({edge}) ORDER BY edits DESC LIMIT 1 OFFSET {int(m)}))"
+    return f"SELECT DISTINCT toString(domain) AS domain, key, toUInt64({bound}) AS bound FROM ({candidates})"
+
+
+def _string(text: str) -> str:
+    """A ClickHouse string literal of any text (a domain as the archive holds it)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def totals_sql(
+    kind: TopKind, sel: HistorySelection, src: Sources, candidates: list[tuple[str, int]] | None, limit: int = TOP_SIZE, m: int = 0
+) -> str:
+    """The candidates' exact totals (the per-page rollups, ordered by page, and the events), the list's first `limit`.
+    The candidates as found (a set ClickHouse's primary key index reads directly), or, with None, found again in it."""
+    if candidates is None:
+        picked = f"(SELECT domain, key FROM ({candidates_sql(kind, sel, src, m)}))"
+    else:
+        picked = "(" + ", ".join(f"({_string(d)}, {int(k)})" for d, k in candidates) + ")"
+    rows = [
+        f"SELECT domain AS site, key, name, edits, created, bots FROM {table} WHERE {_rollup_where(sel, runs, months)} "
+        f"AND (domain, key) IN {picked}"
+        for table, runs, months in ((kind.table, src.days, False), (kind.month_table, src.months, True))
+        if runs
+    ]
+    if src.raw:
+        rows.append(f"SELECT site, key, name, edits, created, bots FROM ({_edge(kind, sel, src.raw)}) WHERE (site, key) IN {picked}")
+    return (
+        f"SELECT any(site) AS site, any(name) AS {kind.name}, sum(edits) AS edits, sum(created) AS created, {kind.bots} "
+        f"FROM ({' UNION ALL '.join(rows)}) GROUP BY key ORDER BY edits DESC, site, {kind.name} LIMIT {int(limit)}"
     )
 
 
 def top_list(ask: Ask, kind: TopKind, sel: HistorySelection, p: Plan, limit: int = TOP_SIZE) -> list[dict[str, Any]]:
     """The exact top list: from the rollups when the bound decides it (module), else from the events with FINAL."""
+    src = sources(sel, p)
     m = FIRST_M
-    while p.covered and m < rollups.TOP_CAP:
-        rows = ask(top_sql(kind, sel, p, m, limit))
-        if not rows:
+    while (src.days or src.months) and m < rollups.TOP_CAP:
+        found = ask(candidates_sql(kind, sel, src, m))
+        if not found:
             return []  # no page in any list or in the uncovered part: nothing at all
-        bound = int(rows[0]["bound"])
+        bound = int(found[0]["bound"])
+        picked = [(str(r["domain"]), int(r["key"])) for r in found]
+        rows = ask(totals_sql(kind, sel, src, picked if len(picked) <= MAX_LITERAL else None, limit, m))
         if (len(rows) < limit and bound == 0) or (len(rows) == limit and int(rows[-1]["edits"]) > bound):
-            return [{k: v for k, v in row.items() if k != "bound"} for row in rows]
+            return rows
         m *= 4
     return ask(kind.raw_sql(sel, limit))
