@@ -17,14 +17,16 @@ Tables (all in the archive's database, none matching the `events` Merge table's 
                    is settled, and no event of it has reached the retention TTL.
   rollup_days      day x domain x type x bot x namespace: events        (the total, graphs by day/week/month)
   rollup_hours     the same per hour                                     (graphs by hour: ranges up to 31 days)
-  rollup_pages     domain x page x day: edits, created, by bots          (ordered by page: exact totals of a few)
+  rollup_pages     page x day: domain, edits, created, by bots            (ordered by page key: exact totals of a few)
   rollup_pages_top day x list x rank: the day's TOP_CAP most edited pages of each wiki (list = domain) and of every
-                   wiki (list = ''), for the exact top lists' candidates and bound (history_queries.top_list)
+                   wiki (list = ''), for the exact top lists' candidates and bound (history_rollups.top_list)
   rollup_editors, rollup_editors_top   the same for editors (bot: max)
+  rollup_month_state, rollup_*_m       the lists per month, made from the month's days' rollups once none is due;
+                   `sig` digests the day versions they are of: used only while it equals the days' latest
 Rows carry their version and readers take each day's latest: a recompute writes rows, then the state row, so a
 crash between leaves rows nobody reads. Plain MergeTrees: nothing merges away a version a reader may still use.
 
-A day is computed by the archiver in its ClickHouse thread, between two inserts (Archiver.rollup_step), never
+A day is computed by the archiver in its ClickHouse thread, between two inserts (Pacer.step), never
 concurrently with one: every insert before the recompute is in what it reads and has touched before `version`,
 every insert after it touches after. That is what makes "touched after its version" exact. Its cost is bounded to a
 quarter of that thread's time (BENCHMARKS.md).
@@ -104,13 +106,13 @@ CREATE = (
     f"CREATE TABLE IF NOT EXISTS {STATE} (day Date32, version UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY day",
     _create(DAYS, counts_columns(False), "day, domain, type, bot, namespace"),
     _create(HOURS, counts_columns(True), "day, hour, domain, type, bot, namespace"),
-    _create(PAGES, LIST_COLUMNS, "domain, key, day"),
-    _create(EDITORS, LIST_COLUMNS, "domain, key, day"),
+    _create(PAGES, LIST_COLUMNS, "key, day"),
+    _create(EDITORS, LIST_COLUMNS, "key, day"),
     _create(PAGES_TOP, TOP_COLUMNS, "day, list, rank"),
     _create(EDITORS_TOP, TOP_COLUMNS, "day, list, rank"),
     f"CREATE TABLE IF NOT EXISTS {MONTH_STATE} (day Date32, version UInt64, sig UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY day",
-    _create(PAGES_M, LIST_COLUMNS, "domain, key, day"),
-    _create(EDITORS_M, LIST_COLUMNS, "domain, key, day"),
+    _create(PAGES_M, LIST_COLUMNS, "key, day"),
+    _create(EDITORS_M, LIST_COLUMNS, "key, day"),
     _create(PAGES_TOP_M, TOP_COLUMNS, "day, list, rank"),
     _create(EDITORS_TOP_M, TOP_COLUMNS, "day, list, rank"),
     f"CREATE TABLE IF NOT EXISTS {SCRATCH} (domain String, key UInt64, name String, {COUNTS}) ENGINE = Memory",

@@ -5,11 +5,12 @@ any insert into it, within retention) and the rest, read from the events with FI
 (the recent hours, a day touched since, the retention edge, an archive not rolled up yet). The total and the graph
 add the two parts. With no day covered, the SQL is history_queries' own.
 
-The top lists are exact too, by Fagin's threshold: each covered day keeps its TOP_CAP most edited pages per wiki and
-over every wiki, ranked. Candidates are the first M of every day's list in the selection (the wiki's lists, or the
-every-wiki list) and the first M of the uncovered part; their totals are summed exactly (the per-page rollup, ordered
-by page, and the events). A page that is no candidate has at most, on each day, the count of rank M+1 of its list:
-the bound is their sum over the days (the largest over the picked wikis) plus the uncovered part's count at M+1.
+The top lists are exact too, by Fagin's threshold: each covered day and month keeps its TOP_CAP most edited pages per
+wiki and over every wiki, ranked (a month's lists made from its days', used while they are of its days' latest
+versions). Candidates are the first M of every list in the selection (its months', the other covered days', of the
+picked wikis or of every wiki) and the first M of the uncovered part; their totals are summed exactly (the per-page
+rollups, ordered by page, and the events). A page that is no candidate has at most, in each list, the count of rank
+M+1: the bound is their sum over the lists (the largest over the picked wikis) plus the uncovered part's at M+1.
 When the list's last row has more edits than the bound, no other page can enter it or tie with it, and the list is
 the one the plain GROUP BY over every event gives; else M grows, and past TOP_CAP the events are read with FINAL.
 """
@@ -37,8 +38,8 @@ from wikipulse.dashboard.history_queries import (
 
 Ask = Callable[[str], list[dict[str, Any]]]
 FIRST_M = 40  # candidates a list gives at first (x4 each time the bound is not passed)
-MAX_LITERAL = 2000  # candidates written into the totals' SQL; more are found again inside it
 EVENTS = rollups.TABLE
+MAX_KEYS = 10_000  # candidates written into the totals' SQL (ClickHouse parses at most 256 KiB of it); past it: FINAL
 Ranges = tuple[tuple[int, int], ...]
 
 
@@ -118,9 +119,9 @@ def _picked(sel: HistorySelection, column: str = "domain") -> str:
     return f"{column} IN ({', '.join(map(_quote_domain, sel.domains))}) AND " if sel.domains else ""
 
 
-def _rollup_where(sel: HistorySelection, runs: Ranges, months: bool = False) -> str:
+def _rollup_where(sel: HistorySelection | None, runs: Ranges, months: bool = False) -> str:
     latest = rollups.latest_months if months else rollups.latest
-    return f"{_picked(sel)}{_in_days(runs)} AND (day, version) IN {latest(_in_days(runs))}"
+    return f"{_picked(sel) if sel else ''}{_in_days(runs)} AND (day, version) IN {latest(_in_days(runs))}"
 
 
 def _raw_where(sel: HistorySelection, ranges: Ranges) -> str:
@@ -206,46 +207,44 @@ def _edge(kind: TopKind, sel: HistorySelection, raw: Ranges) -> str:
     )
 
 
-def candidates_sql(kind: TopKind, sel: HistorySelection, src: Sources, m: int) -> str:
-    """The candidates of depth m, (domain, key), each row with the bound no other page's total can pass (module)."""
+def ranked_sql(kind: TopKind, sel: HistorySelection, src: Sources, m: int) -> str:
+    """The first m+1 of every list in the selection, and of the uncovered part (list '~'): (list, rank, key, edits)."""
     lists = f"list IN ({', '.join(map(_quote_domain, sel.domains))})" if sel.domains else "list = ''"
-    tops = [
-        f"SELECT list, rank, domain, key, edits FROM {table} WHERE {lists} AND {_rollup_where(HistorySelection((), 0, 0), runs, months)}"
+    parts = [
+        f"SELECT toString(list) AS list, rank, key, edits FROM {table} WHERE {lists} AND {_rollup_where(None, runs, months)} "
+        f"AND rank <= {int(m) + 1}"
         for table, runs, months in ((kind.top, src.days, False), (kind.month_top, src.months, True))
         if runs
     ]
-    ranked = " UNION ALL ".join(tops)
-    candidates = f"SELECT domain, key FROM ({ranked}) WHERE rank <= {int(m)}"
-    bound = f"(SELECT max(s) FROM (SELECT list, sum(edits) AS s FROM ({ranked}) WHERE rank = {int(m) + 1} GROUP BY list))"
     if src.raw:
-        edge = _edge(kind, sel, src.raw)
-        candidates += f" UNION ALL SELECT site, key FROM (SELECT site, key FROM ({edge}) ORDER BY edits DESC, key LIMIT {int(m)})"
-        bound += f" + (SELECT sum(edits) FROM (SELECT edits FROM ({edge}) ORDER BY edits DESC LIMIT 1 OFFSET {int(m)}))"
-    return f"SELECT DISTINCT toString(domain) AS domain, key, toUInt64({bound}) AS bound FROM ({candidates})"
+        parts.append(
+            f"SELECT '~' AS list, toUInt32(row_number() OVER (ORDER BY edits DESC, key)) AS rank, key, edits "
+            f"FROM (SELECT key, edits FROM ({_edge(kind, sel, src.raw)}) ORDER BY edits DESC, key LIMIT {int(m) + 1})"
+        )
+    return " UNION ALL ".join(parts)
 
 
-def _string(text: str) -> str:
-    """A ClickHouse string literal of any text (a domain as the archive holds it)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def candidates(rows: list[dict[str, Any]], m: int) -> tuple[list[int], int]:
+    """ranked_sql's rows -> (the candidates' keys, the bound no other page's total can pass: the module)."""
+    keys = sorted({int(r["key"]) for r in rows if int(r["rank"]) <= m})
+    after: dict[str, int] = {}
+    for r in rows:
+        if int(r["rank"]) == m + 1:
+            after[str(r["list"])] = after.get(str(r["list"]), 0) + int(r["edits"])
+    edge = after.pop("~", 0)
+    return keys, max(after.values(), default=0) + edge
 
 
-def totals_sql(
-    kind: TopKind, sel: HistorySelection, src: Sources, candidates: list[tuple[str, int]] | None, limit: int = TOP_SIZE, m: int = 0
-) -> str:
-    """The candidates' exact totals (the per-page rollups, ordered by page, and the events), the list's first `limit`.
-    The candidates as found (a set ClickHouse's primary key index reads directly), or, with None, found again in it."""
-    if candidates is None:
-        picked = f"(SELECT domain, key FROM ({candidates_sql(kind, sel, src, m)}))"
-    else:
-        picked = "(" + ", ".join(f"({_string(d)}, {int(k)})" for d, k in candidates) + ")"
+def totals_sql(kind: TopKind, sel: HistorySelection, src: Sources, keys: list[int], limit: int = TOP_SIZE) -> str:
+    """The candidates' exact totals (the per-page rollups, ordered by page key, and the events), the first `limit`."""
+    picked = "(" + ", ".join(str(int(k)) for k in keys) + ")"
     rows = [
-        f"SELECT domain AS site, key, name, edits, created, bots FROM {table} WHERE {_rollup_where(sel, runs, months)} "
-        f"AND (domain, key) IN {picked}"
+        f"SELECT domain AS site, key, name, edits, created, bots FROM {table} WHERE key IN {picked} AND {_rollup_where(sel, runs, months)}"
         for table, runs, months in ((kind.table, src.days, False), (kind.month_table, src.months, True))
         if runs
     ]
     if src.raw:
-        rows.append(f"SELECT site, key, name, edits, created, bots FROM ({_edge(kind, sel, src.raw)}) WHERE (site, key) IN {picked}")
+        rows.append(f"SELECT site, key, name, edits, created, bots FROM ({_edge(kind, sel, src.raw)}) WHERE key IN {picked}")
     return (
         f"SELECT any(site) AS site, any(name) AS {kind.name}, sum(edits) AS edits, sum(created) AS created, {kind.bots} "
         f"FROM ({' UNION ALL '.join(rows)}) GROUP BY key ORDER BY edits DESC, site, {kind.name} LIMIT {int(limit)}"
@@ -257,12 +256,12 @@ def top_list(ask: Ask, kind: TopKind, sel: HistorySelection, p: Plan, limit: int
     src = sources(sel, p)
     m = FIRST_M
     while (src.days or src.months) and m < rollups.TOP_CAP:
-        found = ask(candidates_sql(kind, sel, src, m))
-        if not found:
+        keys, bound = candidates(ask(ranked_sql(kind, sel, src, m)), m)
+        if not keys:
             return []  # no page in any list or in the uncovered part: nothing at all
-        bound = int(found[0]["bound"])
-        picked = [(str(r["domain"]), int(r["key"])) for r in found]
-        rows = ask(totals_sql(kind, sel, src, picked if len(picked) <= MAX_LITERAL else None, limit, m))
+        if len(keys) > MAX_KEYS:
+            break
+        rows = ask(totals_sql(kind, sel, src, keys, limit))
         if (len(rows) < limit and bound == 0) or (len(rows) == limit and int(rows[-1]["edits"]) > bound):
             return rows
         m *= 4
