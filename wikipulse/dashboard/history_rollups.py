@@ -208,28 +208,36 @@ def _edge(kind: TopKind, sel: HistorySelection, raw: Ranges) -> str:
 
 
 def ranked_sql(kind: TopKind, sel: HistorySelection, src: Sources, m: int) -> str:
-    """The first m+1 of every list in the selection, and of the uncovered part (list '~'): (list, rank, key, edits)."""
+    """Every list of the selection to its depth and one more (day_depth), and the uncovered part's (list '~'):
+    (list, rank, depth, key, edits)."""
     lists = f"list IN ({', '.join(map(_quote_domain, sel.domains))})" if sel.domains else "list = ''"
     parts = [
-        f"SELECT toString(list) AS list, rank, key, edits FROM {table} WHERE {lists} AND {_rollup_where(None, runs, months)} "
-        f"AND rank <= {int(m) + 1}"
-        for table, runs, months in ((kind.top, src.days, False), (kind.month_top, src.months, True))
+        f"SELECT toString(list) AS list, rank, toUInt32({depth}) AS depth, key, edits FROM {table} "
+        f"WHERE {lists} AND {_rollup_where(None, runs, months)} AND rank <= {depth + 1}"
+        for table, runs, months, depth in ((kind.top, src.days, False, day_depth(src, m)), (kind.month_top, src.months, True, int(m)))
         if runs
     ]
     if src.raw:
         parts.append(
-            f"SELECT '~' AS list, toUInt32(row_number() OVER (ORDER BY edits DESC, key)) AS rank, key, edits "
+            f"SELECT '~' AS list, toUInt32(row_number() OVER (ORDER BY edits DESC, key)) AS rank, toUInt32({int(m)}) AS depth, key, edits "
             f"FROM (SELECT key, edits FROM ({_edge(kind, sel, src.raw)}) ORDER BY edits DESC, key LIMIT {int(m) + 1})"
         )
     return " UNION ALL ".join(parts)
 
 
+def day_depth(src: Sources, m: int) -> int:
+    """How deep the day lists are read beside month lists: a quarter (a day's 40th page is mostly noise, and the day
+    lists of a partial month would give most candidates for little of the bound)."""
+    return max(int(m) // 4, 5) if src.months else int(m)
+
+
 def candidates(rows: list[dict[str, Any]], m: int) -> tuple[list[int], int]:
-    """ranked_sql's rows -> (the candidates' keys, the bound no other page's total can pass: the module)."""
-    keys = sorted({int(r["key"]) for r in rows if int(r["rank"]) <= m})
+    """ranked_sql's rows -> (the candidates' keys, the bound no other page's total can pass: the module): a row within
+    its list's depth is a candidate; the rows just past it add up to the bound."""
+    keys = sorted({int(r["key"]) for r in rows if int(r["rank"]) <= int(r["depth"])})
     after: dict[str, int] = {}
     for r in rows:
-        if int(r["rank"]) == m + 1:
+        if int(r["rank"]) == int(r["depth"]) + 1:
             after[str(r["list"])] = after.get(str(r["list"]), 0) + int(r["edits"])
     edge = after.pop("~", 0)
     return keys, max(after.values(), default=0) + edge
