@@ -233,3 +233,21 @@ async def test_the_archiver_rolls_up_the_days_as_it_archives(
     covered = await archiver.call(assert_same_answers, archive, sel)
     assert covered.covered and covered.raw
     archiver.close()
+
+
+def test_the_rollup_sql_quotes_only_host_names() -> None:
+    """A selection made without clean_selection still cannot put a quote into the rollups' SQL."""
+    from wikipulse.dashboard.history_queries import HistoryError
+
+    hostile = HistorySelection(("x' OR 1=1 --",), (TODAY - 40) * DAY, TODAY * DAY)
+    covered = hr.Plan(((TODAY - 40, TODAY - 1),), (((TODAY - 1) * DAY, TODAY * DAY),), (TODAY - 40,))
+    src = hr.sources(hostile, covered)
+    with pytest.raises(HistoryError):
+        hr.total_query(hostile, covered)
+    with pytest.raises(HistoryError):
+        hr.graph_query(hostile, covered)
+    with pytest.raises(HistoryError):
+        hr.ranked_sql(hr.PAGES, hostile, src, 40)
+    with pytest.raises(HistoryError):
+        hr.totals_sql(hr.EDITORS, hostile, src, [1, 2])
+    assert hr.candidates([], 40) == ([], 0)
