@@ -10,7 +10,8 @@ claimed from another consumer name), the table's ReplacingMergeTree on the event
 `FINAL` reads it exactly (README: the archive).
 
 The archiver holds the embedded engine's directory (only one process can), so it also answers read-only
-queries on 127.0.0.1 for `sql` and `history` while it runs (query_server.py).
+queries on 127.0.0.1 for `sql` and `history` while it runs (query_server.py). Between its inserts, in the same
+ClickHouse thread, it rolls up the settled days for the History view (rollups.py).
 """
 
 from __future__ import annotations

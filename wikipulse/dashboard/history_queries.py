@@ -9,7 +9,8 @@ Data shapes:
 Every SQL text here is built from validated values only: domains are host names (no quote can occur in one, and
 each is checked again where it is quoted), times are integers, the split and the bucket come from fixed tables.
 The queries read only event_time, domain, type, bot, namespace, title and user, and each event once: the table is
-a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive/table.py).
+a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive/table.py). The page
+reads these through the rollups where they cover a range, with the same answers (history_rollups.py).
 """
 
 from __future__ import annotations
