@@ -10,7 +10,8 @@ claimed from another consumer name), the table's ReplacingMergeTree on the event
 `FINAL` reads it exactly (README: the archive).
 
 The archiver holds the embedded engine's directory (only one process can), so it also answers read-only
-queries on 127.0.0.1 for `sql` and `history` while it runs (query_server.py).
+queries on 127.0.0.1 for `sql` and `history` while it runs (query_server.py). Between its inserts, in the same
+ClickHouse thread, it rolls up the settled days for the History view (rollups.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from wikipulse.archive.query_server import QueryServer
+from wikipulse.archive.rollups import Pacer
 from wikipulse.archive.table import TABLE, Archive, ArchiveUnavailable, batch_token, connect
 from wikipulse.core.events import Accepted, Canary, validate
 from wikipulse.core.settings import ArchiverSettings, redact_url
@@ -111,6 +113,7 @@ class Archiver(Handler):
         self._recorded: list[int] = []  # the sizes of the pending batches, to read them again in the same batches
         self._replays: collections.deque[bool] = collections.deque()  # for each read on its way: whether it replays
         self._inserting: tuple[list[Entry], asyncio.Future[Counter[str]]] | None = None
+        self.rollups = Pacer()  # the rollups, made in the ClickHouse thread between inserts (rollups.py)
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
@@ -121,6 +124,7 @@ class Archiver(Handler):
             try:
                 archive = Archive(await self.call(connect, self.settings))
                 await self.call(archive.ensure_schema, self.settings.archive_retention)
+                await self.call(self.rollups.open, archive.client, self.settings.archive_retention)
                 await self.queries.open(self.call)
                 self.archive = archive
             except ArchiveUnavailable as exc:
@@ -130,8 +134,7 @@ class Archiver(Handler):
         return self.archive
 
     async def ensure_group(self) -> None:
-        """The group, if missing: a new stream comes with every declared group (trimming.py), so a fresh deployment's
-        first events are archived however late the archiver starts."""
+        """The group, if missing (a new stream comes with every declared group, trimming.py: none of its events missed)."""
         await self.consumer.ensure_group()
 
     async def _start_of_new_group(self) -> str:
@@ -153,12 +156,11 @@ class Archiver(Handler):
             await self.lease.release()
 
     async def consume(self) -> None:
-        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one, until an error.
-
-        Each batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in
-        order. So after a crash the pending entries are read again in the very same batches (own pending first,
-        COUNT = the recorded sizes), and a batch whose insert had landed is inserted again with the same token:
-        ClickHouse drops it. At most three batches are unacknowledged: one acknowledged, one inserted, one read."""
+        """Read, insert, acknowledge, with the next batch read while ClickHouse inserts this one, until an error. Each
+        batch's size is recorded (keys.Layout.archiver_batches) before it is inserted and dropped with its XACK, in order:
+        after a crash the pending entries are read again in the very same batches (own pending first, COUNT = the
+        recorded sizes), and a batch whose insert had landed is inserted again with the same token: ClickHouse drops
+        it. At most three batches are unacknowledged: one acknowledged, one inserted, one read."""
         await self.consumer.consume(self)
 
     async def begin(self) -> None:
@@ -184,6 +186,8 @@ class Archiver(Handler):
             self._inserting = None
         if batch.entries:
             self._inserting = (batch.entries, asyncio.ensure_future(self.call(self.insert, self.archive, batch.entries)))
+        elif self._inserting is None:  # an idle stream: the rollups go on (an archive of before them is rolled up)
+            await self.call(self.rollups.step)
 
     async def end(self) -> None:
         self._inserting = None  # its batch stays pending: read again, in the same batch, and inserted with the same token
@@ -207,6 +211,7 @@ class Archiver(Handler):
             archive.insert(ids, raws, batch_token([e[0] for e in entries]))
             counters["inserts"] += 1
         counters["archived"] += len(ids)
+        self.rollups.step()
         return counters
 
     async def acknowledge(self, entries: list[Entry], insert: asyncio.Future[Counter[str]]) -> None:

@@ -111,7 +111,15 @@ CREATE_READ = f"CREATE TABLE IF NOT EXISTS {TABLE} ({READ_COLUMNS}) ENGINE = Mer
 # on 2 cores the insert shares the machine with Redis and the next read (BENCHMARKS.md, the archive). No cap on
 # the partitions one insert makes (ClickHouse refuses more than 100 by default, and the archiver would retry that
 # batch forever): the partition key bounds them (CREATE).
-INSERT_SETTINGS = {"optimize_on_insert": 0, "max_threads": 1, "max_insert_threads": 1, "max_partitions_per_insert_block": 0}
+# A retried batch's part in the rollups' touch view is deduplicated on its own (archive/rollups.py): written if it was
+# lost, dropped if it landed.
+INSERT_SETTINGS = {
+    "optimize_on_insert": 0,
+    "max_threads": 1,
+    "max_insert_threads": 1,
+    "max_partitions_per_insert_block": 0,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
 
 # Every read-only query's limits, for `sql`, `history`, the archiver's endpoint and the /history page alike: a
 # person's query must neither hold the archiver's memory nor run for ever. `readonly=1` last, so the limits are

@@ -39,14 +39,11 @@ from wikipulse.dashboard.history_queries import (
     extent_of,
     extent_sql,
     graph_figure,
-    graph_sql,
     search_from_selection,
     selection_from_search,
-    top_editors_sql,
-    top_pages_sql,
     total_of,
-    total_sql,
 )
+from wikipulse.dashboard.history_rollups import EDITORS, PAGES, graph_query, plan, top_list, total_query
 from wikipulse.fold.trending import links
 
 logger = logging.getLogger(__name__)
@@ -201,9 +198,10 @@ def show(ask: Ask, sel: HistorySelection) -> tuple[Any, ...]:
     """The selection's total, graph, top pages and top editors, or what kept the archive from answering."""
     resolution = f" · one bar per {sel.bucket.name}"
     try:
-        total = total_of(ask(total_sql(sel)))
-        figure = graph_figure(ask(graph_sql(sel)), sel)
-        pages, editors = ask(top_pages_sql(sel)), ask(top_editors_sql(sel))
+        covered = plan(ask, sel)  # the days the rollups answer, the rest from the events (history_rollups.py)
+        total = total_of(ask(total_query(sel, covered)))
+        figure = graph_figure(ask(graph_query(sel, covered)), sel)
+        pages, editors = top_list(ask, PAGES, sel, covered), top_list(ask, EDITORS, sel, covered)
     except ARCHIVE_ERRORS as exc:
         logger.warning("history: %s", exc)
         return "–", {"data": [], "layout": {}}, [], [], failure_text(exc), ""

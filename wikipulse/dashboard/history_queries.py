@@ -9,7 +9,8 @@ Data shapes:
 Every SQL text here is built from validated values only: domains are host names (no quote can occur in one, and
 each is checked again where it is quoted), times are integers, the split and the bucket come from fixed tables.
 The queries read only event_time, domain, type, bot, namespace, title and user, and each event once: the table is
-a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive/table.py).
+a ReplacingMergeTree keyed on the event, and FINAL collapses a retried batch's copies (archive/table.py). The page
+reads these through the rollups where they cover a range, with the same answers (history_rollups.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from wikipulse.archive.rollups import PAGE_TYPES
 from wikipulse.archive.table import LATEST_TIME, TABLE
 from wikipulse.core.events import is_valid_domain
 from wikipulse.dashboard.view import MAX_DOMAINS, NAMESPACES, utc_iso
@@ -31,7 +33,6 @@ LATEST = datetime.fromtimestamp(LATEST_TIME, UTC).date()  # an event time past i
 DEFAULT_DAYS = 30  # the range shown when the URL names none: the last 30 days the archive holds
 TOP_SIZE = 20  # rows of the top pages and top editors
 MAX_SEARCH = 4096  # characters of a URL's query string read at all
-PAGE_TYPES = ("edit", "new")  # what counts as editing a page (as the live lists count it: pages.PAGE_TYPES)
 TYPES = ("edit", "new", "log", "categorize")  # the feed's types; anything else is one "other" trace
 NAMED_NAMESPACES = tuple(int(n) for n in NAMESPACES if n != "all")  # the rest is one "other namespaces" trace
 
@@ -51,22 +52,32 @@ class HistoryError(ValueError):
 
 @dataclass(frozen=True)
 class Bucket:
-    """The graph's resolution. `key` is an SQL expression of the row giving an integer per bucket: the bucket's start
+    """The graph's resolution. Its key is an SQL expression of a row giving an integer per bucket: the bucket's start
     in unix seconds, or YYYYMM for months (no DateTime conversion, so no year-2106 wrap)."""
 
     name: str
     seconds: int  # its length (a month's is nominal: 31 days)
-    key: str
+    offset: int = 0  # fixed-length buckets start `offset` seconds after the epoch's (weeks on Monday, 1969-12-29)
+
+    def key_of(self, ms: str, month: str) -> str:
+        """The key from the row's time: `ms` its unix milliseconds, `month` its YYYYMM (both SQL expressions)."""
+        if self.name == "month":
+            return month
+        if not self.offset:
+            return f"intDiv({ms}, {self.seconds * 1000}) * {self.seconds}"
+        return f"intDiv({ms} - {self.offset * 1000}, {self.seconds * 1000}) * {self.seconds} + {self.offset}"
+
+    @property
+    def key(self) -> str:
+        """The key of an event row."""
+        return self.key_of("toUnixTimestamp64Milli(event_time)", "toYYYYMM(event_time)")
 
 
 def _fixed(name: str, seconds: int, offset: int = 0) -> Bucket:
-    # Buckets of a fixed length, aligned to `offset` seconds after the epoch (weeks start on Monday, 1969-12-29).
-    ms = "toUnixTimestamp64Milli(event_time)"
-    key = f"intDiv({ms} - {offset * 1000}, {seconds * 1000}) * {seconds} + {offset}"
-    return Bucket(name, seconds, key if offset else f"intDiv({ms}, {seconds * 1000}) * {seconds}")
+    return Bucket(name, seconds, offset)
 
 
-MONTH = Bucket("month", 31 * DAY, "toYYYYMM(event_time)")
+MONTH = Bucket("month", 31 * DAY)
 # The finest resolution with at most MAX_BUCKETS buckets over the range: hours up to a month, days up to two years,
 # weeks up to fourteen, months beyond.
 BUCKETS = (_fixed("hour", 3600), _fixed("day", DAY), _fixed("week", 7 * DAY, -3 * DAY), MONTH)
