@@ -23,7 +23,7 @@ from tests.test_subscriber import load_stream
 from wikipulse.archive import rollups as rollups_module
 from wikipulse.archive.archiver import Archiver
 from wikipulse.archive.rollups import STATE, TOUCH_VIEW, Rollups
-from wikipulse.archive.table import Archive, batch_token, connect
+from wikipulse.archive.table import Archive, QueryRefused, batch_token, connect
 from wikipulse.core.settings import Settings
 from wikipulse.dashboard import history_rollups as hr
 from wikipulse.dashboard.history_queries import HistorySelection, graph_sql, top_editors_sql, top_pages_sql, total_sql
@@ -159,6 +159,29 @@ def test_top_lists_equal_a_plain_group_by_over_the_distinct_events(archive: Arch
             expected = sorted(((d, v, n) for (d, v), n in counts.items()), key=lambda r: (-r[2], r[0], r[1]))[:20]
             shown = [(r["site"], r[kind.name], r["edits"]) for r in hr.top_list(ask, kind, sel, covered)]
             assert shown == expected
+
+
+def test_a_top_list_past_a_query_limit_is_the_one_query_over_the_events(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: thousands of candidates made a totals query past ClickHouse's 256 KiB, and a deep ranked read
+    past max_result_rows, and the page said "the archive refused the query". Past either, the list is FINAL's."""
+    first = TODAY - 20
+    insert(archive, heavy_events(4000, 9, first, 15), 0)
+    Rollups(archive.client).build_all()
+    sel = HistorySelection(("en.wikipedia.org",), first * DAY, (first + 15) * DAY)
+    covered = hr.plan(asker(archive), sel)
+    assert covered.covered
+    monkeypatch.setattr(hr, "MAX_SQL", 100)  # every totals query is too long
+    log: list[str] = []
+    assert hr.top_list(asker(archive, log), hr.PAGES, sel, covered) == asker(archive)(top_pages_sql(sel))
+    assert "FROM rollup_" in log[0] and "rollup_" not in log[-1] and len(log) == 2  # one ranked read, then FINAL
+    monkeypatch.undo()
+
+    def refusing(sql: str) -> list[dict[str, Any]]:
+        if "rollup_" in sql:
+            raise QueryRefused("the query's result passed its row limit (max_result_rows)", "max_result_rows")
+        return asker(archive)(sql)
+
+    assert hr.top_list(refusing, hr.EDITORS, sel, covered) == asker(archive)(top_editors_sql(sel))
 
 
 def test_a_day_at_the_retention_edge_is_read_from_the_events(archive: Archive) -> None:

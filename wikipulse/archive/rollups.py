@@ -342,4 +342,5 @@ class Pacer:
             logger.warning("rollups: %s (the day stays due; the History view reads it from the events)", one_line(exc, 300))
             worked = False
         spent = time.monotonic() - started
-        self.at = time.monotonic() + (max(ROLLUP_GAP, 3 * spent) if worked else ROLLUP_IDLE)
+        # A failed day costs what it took too (it is tried again): the inserts keep three quarters of the thread.
+        self.at = time.monotonic() + max(ROLLUP_GAP if worked else ROLLUP_IDLE, 3 * spent)

@@ -39,7 +39,7 @@ from wikipulse.dashboard.history_queries import (
 Ask = Callable[[str], list[dict[str, Any]]]
 FIRST_M = 40  # candidates a list gives at first (x4 each time the bound is not passed)
 EVENTS = rollups.TABLE
-MAX_KEYS = 10_000  # candidates written into the totals' SQL (ClickHouse parses at most 256 KiB of it); past it: FINAL
+MAX_SQL = 240_000  # characters of a totals query (its candidates' keys, once a source): ClickHouse parses 256 KiB at most
 Ranges = tuple[tuple[int, int], ...]
 
 
@@ -264,12 +264,16 @@ def top_list(ask: Ask, kind: TopKind, sel: HistorySelection, p: Plan, limit: int
     src = sources(sel, p)
     m = FIRST_M
     while (src.days or src.months) and m < rollups.TOP_CAP:
-        keys, bound = candidates(ask(ranked_sql(kind, sel, src, m)), m)
-        if not keys:
-            return []  # no page in any list or in the uncovered part: nothing at all
-        if len(keys) > MAX_KEYS:
+        try:
+            keys, bound = candidates(ask(ranked_sql(kind, sel, src, m)), m)
+            if not keys:
+                return []  # no page in any list or in the uncovered part: nothing at all
+            totals = totals_sql(kind, sel, src, keys, limit)
+            if len(totals) > MAX_SQL:
+                break
+            rows = ask(totals)
+        except OperatorError:  # a query limit (e.g. the ranked rows of many days, deep): the one query over the events
             break
-        rows = ask(totals_sql(kind, sel, src, keys, limit))
         if (len(rows) < limit and bound == 0) or (len(rows) == limit and int(rows[-1]["edits"]) > bound):
             return rows
         m *= 4
