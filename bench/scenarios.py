@@ -261,6 +261,7 @@ class Pipeline:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()  # reaped: a Popen collected while its process runs is a ResourceWarning (an error in the tests)
             for log in self.logs:
                 log.close()
             self.redis.stop()
