@@ -224,9 +224,10 @@ class Rollups:
             else:
                 after = days + (32 if table in MONTH_TABLES else 1)  # a month's lists: once its last day can have gone
                 self.client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime64(day, 0, 'UTC') + toIntervalDay({after})")
-        self.client.command(f"ALTER TABLE {STATE} MODIFY COMMENT '{note}'")
         if kept.isdigit() and (days is None or days > int(kept)):
             self.touch_all()  # a longer retention: the days whose rollups the shorter one took are made again
+        # Last: a crash before it leaves the old note, so the next start does all of the above again (it is idempotent).
+        self.client.command(f"ALTER TABLE {STATE} MODIFY COMMENT '{note}'")
 
     def due(self) -> int | None:
         """The latest settled day touched since its rollups were made (or never made), within retention; None if none."""
