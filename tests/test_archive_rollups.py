@@ -184,6 +184,38 @@ def test_a_top_list_past_a_query_limit_is_the_one_query_over_the_events(archive:
     assert hr.top_list(refusing, hr.EDITORS, sel, covered) == asker(archive)(top_editors_sql(sel))
 
 
+def test_a_day_whose_rollup_keeps_failing_is_paced_by_what_it_cost(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by review: after a failed recompute the next try came ROLLUP_IDLE later whatever the failure took, so a
+    day failing after a long scan could hold the archiver's ClickHouse thread (its inserts) most of the time."""
+    monkeypatch.setattr(rollups_module, "ROLLUP_IDLE", 0.0)
+    monkeypatch.setattr(rollups_module, "ROLLUP_GAP", 0.0)
+    insert(archive, heavy_events(2000, 11, TODAY - 5, 1), 0)
+    pacer = rollups_module.Pacer()
+    pacer.open(archive.client, "")
+    archive.client.command(f"DROP TABLE {rollups_module.DAYS}")  # every recompute now fails, after reading the day
+    pacer.step()
+    assert "rollups:" in caplog.text  # said, and the day stays due
+    assert pacer.at > time.monotonic()  # the next try waits three times what this one took
+
+
+def test_a_crash_during_a_retention_change_does_it_again_at_the_next_start(archive: Archive) -> None:
+    """A longer retention touches every day again (their rollups may have gone with the shorter one's TTL); the note
+    of the retention in force is written last, so a start that fails before the touches does them at the next one."""
+    insert(archive, heavy_events(500, 12, TODAY - 4, 2), 0)
+    rollups = Rollups(archive.client)
+    rollups.ensure("10d")
+    touched = lambda: int(archive.client.query(f"SELECT count() FROM {rollups_module.TOUCHED}").result_rows[0][0])  # noqa: E731
+    before = touched()
+    archive.client.command("DROP TABLE events")  # the Merge table touch_all reads: the start fails there
+    with pytest.raises(Exception, match="events"):
+        rollups.ensure("20d")
+    archive.ensure_schema()  # the next start
+    rollups.ensure("20d")
+    assert touched() > before  # the days were touched again
+
+
 def test_a_day_at_the_retention_edge_is_read_from_the_events(archive: Archive) -> None:
     first = TODAY - 12
     insert(archive, heavy_events(6000, 4, first, 13), 0)
