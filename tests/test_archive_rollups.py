@@ -206,7 +206,10 @@ def test_a_crash_during_a_retention_change_does_it_again_at_the_next_start(archi
     insert(archive, heavy_events(500, 12, TODAY - 4, 2), 0)
     rollups = Rollups(archive.client)
     rollups.ensure("10d")
-    touched = lambda: int(archive.client.query(f"SELECT count() FROM {rollups_module.TOUCHED}").result_rows[0][0])  # noqa: E731
+
+    def touched() -> int:
+        return int(archive.client.query(f"SELECT count() FROM {rollups_module.TOUCHED}").result_rows[0][0])
+
     before = touched()
     archive.client.command("DROP TABLE events")  # the Merge table touch_all reads: the start fails there
     with pytest.raises(Exception, match="events"):
