@@ -43,12 +43,6 @@ local function claim(stream, group, consumer, ids)
   return owned
 end
 
-local function acknowledge(stream, group, ids)
-  for i = 1, #ids, 1000 do
-    redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids)))
-  end
-end
-
 -- The h section: HINCRBY each field, then EXPIREAT the hash.
 local function add_hashes(h)
   local i = 1

@@ -28,7 +28,7 @@ from wikipulse.store.connect import Client, pack, raw_connection
 from wikipulse.store.retry import drop
 from wikipulse.store.scripts import script
 
-APPLY_SCRIPT = script(__package__, "apply", "fence")  # every KEYS and ARGV slot and payload section: apply.lua
+APPLY_SCRIPT = script(__package__, "apply", "fence", "acknowledge")  # every KEYS and ARGV slot and payload section: apply.lua
 
 
 _NOT_IN_IDS = re.compile(rb'[^0-9",-]')

@@ -30,7 +30,9 @@ from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
 _KINDS = ", ".join(f"['{kind}'] = true" for kind in model.EVENT_TYPES)
-READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + script(__package__, "routes_read", "fence", "trim")
+READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + script(
+    __package__, "routes_read", "fence", "trim", "acknowledge"
+)
 Copied = dict[str, tuple[int, int, list[Any]]]  # route -> (added, refused as duplicates, trim's reply)
 
 

@@ -18,7 +18,7 @@
 -- acknowledged here, and each route's lease fences the whole script (its first writes), as it fences the copier's own
 -- writes (router.ShardWriter). The channel hears the entries added, after the write (pub/sub: at most once).
 -- READ_MAX (entries a read takes at most) and `kinds` (the event types, a set) are defined before it (route_reader.py),
--- and fence.lua's and trim.lua's functions.
+-- and fence.lua's, trim.lua's and acknowledge.lua's functions.
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local routes = cjson.decode(ARGV[6])
 local copy = ARGV[7] == '1'
@@ -28,15 +28,12 @@ if copy then
     if holder then return redis.error_reply('WPLEASE ' .. holder) end
   end
 end
-local function ack(ids)
-  for i = 1, #ids, 1000 do redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids))) end
-end
 if ARGV[5] ~= '' then
   local ids = {}
   for _, p in ipairs(redis.call('XPENDING', stream, group, '-', ARGV[5], 2 * READ_MAX, consumer)) do
     ids[#ids + 1] = p[1]
   end
-  ack(ids)
+  acknowledge(stream, group, ids)
 end
 if tonumber(ARGV[3]) == 0 then return {0, '', 0, {}, {}} end
 -- New entries to copy here: read with XRANGE from the group's last delivered id, which the copy then moves on (XGROUP
@@ -174,6 +171,6 @@ if delivered then
 else  -- own pending entries (a batch handed over, not acknowledged yet)
   local ids = {}
   for i, e in ipairs(entries) do ids[i] = e[1] end
-  ack(ids)
+  acknowledge(stream, group, ids)
 end
 return {#entries, last, trimmed, {}, results}
