@@ -33,3 +33,21 @@ def test_a_chosen_redis_server_binary_wins(monkeypatch: pytest.MonkeyPatch, tmp_
     assert find_binary() == str(chosen)
     monkeypatch.delenv("WIKIPULSE_REDIS_SERVER")
     assert find_binary() != str(chosen)
+
+
+def test_a_cluster_node_whose_bus_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:
+    """Seen in CI: a bus port free_port() found was taken by the time the node bound it, and the cluster failed."""
+    import socket
+
+    from wikipulse.devtools.redis_server import LocalCluster
+
+    cluster = LocalCluster(tmp_path, masters=3)
+    taken = int(cluster.nodes[0].extra[cluster.nodes[0].extra.index("--cluster-port") + 1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with cluster:
+            assert cluster.nodes[0].extra[cluster.nodes[0].extra.index("--cluster-port") + 1] != str(taken)
+            with redis.cluster.RedisCluster.from_url(cluster.url) as client:
+                client.set("k", "v")
+                assert client.get("k") == b"v"

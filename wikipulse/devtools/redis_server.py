@@ -195,13 +195,31 @@ class LocalCluster:
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
         for node in self.nodes:
-            node.start()
+            self._start_new(node)
         cli = str(Path(cluster_binary()).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         replicas = ["--cluster-replicas", str(self.replicas)] if self.replicas else []
         subprocess.run([cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"], check=True, capture_output=True, timeout=60)
         self.wait_ok(timeout)
         return self
+
+    @staticmethod
+    def _start_new(node: RedisServer, attempts: int = 3) -> None:
+        """A node before the cluster is made: a port free_port() found may be taken by the time it binds (an outgoing
+        connection's ephemeral port, on a busy machine: seen in CI), so it is started again on other ports."""
+        for attempt in range(attempts):
+            try:
+                node.start()
+                return
+            except RedisServerError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+            if node.process is not None and node.process.stderr is not None:
+                node.process.stderr.close()  # the exited server's: read already
+            node.port = free_port()
+            extra = list(node.extra)
+            extra[extra.index("--cluster-port") + 1] = str(free_port())
+            node.extra = tuple(extra)
 
     def live(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
