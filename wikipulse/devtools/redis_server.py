@@ -163,6 +163,24 @@ def cluster_binary() -> str:
     return path
 
 
+def start_new_node(node: RedisServer, attempts: int = 3) -> None:
+    """A node before the cluster is made: a port free_port() found may be taken by the time it binds (an outgoing
+    connection's ephemeral port, on a busy machine: seen in CI), so it is started again on other ports."""
+    for attempt in range(attempts):
+        try:
+            node.start()
+            return
+        except RedisServerError as exc:
+            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+        if node.process is not None and node.process.stderr is not None:
+            node.process.stderr.close()  # the exited server's: read already
+        node.port = free_port()
+        extra = list(node.extra)
+        extra[extra.index("--cluster-port") + 1] = str(free_port())
+        node.extra = tuple(extra)
+
+
 class LocalCluster:
     """A real Redis Cluster of `masters` masters, each with `replicas` replicas, on 127.0.0.1, for tests, benchmarks and
     `up --cluster`.
@@ -195,31 +213,13 @@ class LocalCluster:
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
         for node in self.nodes:
-            self._start_new(node)
+            start_new_node(node)
         cli = str(Path(cluster_binary()).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         replicas = ["--cluster-replicas", str(self.replicas)] if self.replicas else []
         subprocess.run([cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"], check=True, capture_output=True, timeout=60)
         self.wait_ok(timeout)
         return self
-
-    @staticmethod
-    def _start_new(node: RedisServer, attempts: int = 3) -> None:
-        """A node before the cluster is made: a port free_port() found may be taken by the time it binds (an outgoing
-        connection's ephemeral port, on a busy machine: seen in CI), so it is started again on other ports."""
-        for attempt in range(attempts):
-            try:
-                node.start()
-                return
-            except RedisServerError as exc:
-                if "Address already in use" not in str(exc) or attempt == attempts - 1:
-                    raise
-            if node.process is not None and node.process.stderr is not None:
-                node.process.stderr.close()  # the exited server's: read already
-            node.port = free_port()
-            extra = list(node.extra)
-            extra[extra.index("--cluster-port") + 1] = str(free_port())
-            node.extra = tuple(extra)
 
     def live(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
