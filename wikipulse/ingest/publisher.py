@@ -23,6 +23,7 @@ from wikipulse.core.tasks import background, run_together
 from wikipulse.ingest.batcher import Batcher
 from wikipulse.ingest.feed import FEED_ERRORS, Connection, Feed, FeedEnded, Rejected400
 from wikipulse.ingest.recovery import RECOVERABLE, Recovery
+from wikipulse.ingest.route_reader import ReadPlan
 from wikipulse.ingest.router import Router
 from wikipulse.ingest.routes import RouteCopier
 from wikipulse.ingest.writer import BatchWriter, IngestBatch, RedisDown
@@ -37,8 +38,14 @@ logger = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(
-        self, settings: PublisherSettings, client: Client, session: aiohttp.ClientSession, layout: keys.Layout | None = None
+        self,
+        settings: PublisherSettings,
+        client: Client,
+        session: aiohttp.ClientSession,
+        layout: keys.Layout | None = None,
+        routes: RouteCopier | None = None,
     ) -> None:
+        """`routes`: the routes' copier of this process, whose plan the writes copy by when they can (route_inline.lua)."""
         s = self.settings = settings
         self.client = client
         self.layout = layout or keys.Layout(s.stream)
@@ -49,7 +56,8 @@ class Publisher:
         self.batcher = Batcher(s.batch_size, s.batch_delay, s.max_event_bytes, s.dedup_window)
         self.lease = Lease(client, self.keys.lease, s.lease_ttl)
         self.recovery = Recovery(s, client, self.keys, self.lease, self.batcher, self.totals)
-        self.writer = BatchWriter(s, client, self.lease, self.keys, self.layout.sharded)
+        self.routes = routes
+        self.writer = BatchWriter(s, client, self.lease, self.keys, self.layout.sharded, (lambda: routes.plan) if routes else ReadPlan)
         self._inflight: asyncio.Future[None] | None = None
 
     async def load_state(self) -> None:
@@ -82,7 +90,9 @@ class Publisher:
                 self._inflight = None
 
     async def _write(self, batch: IngestBatch) -> None:
-        written, duplicates, had_position, grew = await self.writer.write(batch, time.time(), self.recovery.after)
+        written, duplicates, had_position, grew, routed = await self.writer.write(batch, time.time(), self.recovery.after)
+        if routed and self.routes is not None:
+            self.routes.copied_at_write(routed)
         self.totals.update(batch.counters)
         self.totals.update(published=written, duplicates=duplicates)
         if duplicates:
@@ -202,13 +212,14 @@ async def run_publisher(settings: PublisherSettings) -> None:
     client, layout = await open_client(settings)
     async with client, aiohttp.ClientSession(read_bufsize=1 << 20) as session:
         await check_redis(client, settings)
-        publisher = Publisher(settings, client, session, layout)
+        copier = RouteCopier(settings, client, layout)  # the routes (routes.py): idle while none is declared
+        publisher = Publisher(settings, client, session, layout, copier)
         # Sharded, the publisher's process also routes its stream to the shards' streams (router.py); if a role
         # fails, the others are stopped and the process fails, rather than publish on with nothing routed.
         roles = {"publisher": publisher.run()}
         if layout.sharded:
             roles["router"] = Router(settings, client, layout).run()
-        roles["routes"] = RouteCopier(settings, client, layout).run()  # the routes (routes.py): idle while none is declared
+        roles["routes"] = copier.run()
         try:
             async with background(log_stats(publisher, settings.stats_interval), "the publisher's stats logging"):
                 await run_together(roles)

@@ -31,9 +31,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
@@ -187,6 +188,40 @@ async def count_trimmed(client: Client, stream: str, totals: Counter[str], trimm
     totals["trimmed"] += trimmed
 
 
+async def load_wanted(client: Client, totals: Counter[str]) -> dict[str, Definition]:
+    """The routes' definitions; one that cannot be read is logged (once) and counted, and skipped."""
+    wanted, refused = load_definitions(await client.hgetall(keys.ROUTES))
+    for bad, exc in refused.items():
+        if not totals[key := f"bad:{bad.decode(errors='replace')}"]:
+            logger.error("route %r: its definition in %s cannot be read (%s): skipped", bad, keys.ROUTES, exc)
+        totals[key] += 1
+    return wanted
+
+
+async def start_of_group(client: Client, wanted: dict[str, Definition]) -> str:
+    """The earliest route's start. First, no route is marked live: a crash before they are marked again finds them so."""
+    for d in wanted.values():
+        await client.hdel(keys.Route(d.name).router_stats, "live")
+    earliest = min(id_key(d.start) for d in wanted.values())
+    return f"{earliest[0]}-{earliest[1]}"
+
+
+async def stop_copying_at_write(client: Client, plan: ReadPlan) -> ReadPlan:
+    """Before the copier changes its set of routes: a write sent with the plan so far copies nothing (route_inline.lua)."""
+    await client.delete(keys.ROUTES_EPOCH)
+    return replace(plan, at_write=b"")
+
+
+async def copying_at_write(client: Client, plan: ReadPlan, epoch: str) -> ReadPlan:
+    """The plan with what the publisher's write needs to copy its batches itself when the group stands at the end of the
+    stream (route_inline.lua), under a new epoch, set in Redis (keys.ROUTES_EPOCH)."""
+    token, _ttl, maxlen, keep, grace = plan.copy_args
+    at_write = {"epoch": epoch, "token": token, "group": keys.ROUTES_GROUP, "consumer": CONSUMER, "maxlen": maxlen, "keep": keep,
+                "grace": grace, "filters": orjson.loads(plan.filters)}  # fmt: skip
+    await client.set(keys.ROUTES_EPOCH, epoch)
+    return replace(plan, at_write=orjson.dumps(at_write))
+
+
 class RouteCopier(Handler):
     doing = "copying"
 
@@ -199,14 +234,15 @@ class RouteCopier(Handler):
         self.totals: Counter[str] = Counter()
         self._polled = -1e9
         self._wanted: dict[str, Definition] = {}  # the definitions read last
+        self._epochs = 0  # the sets of routes this copier took up (each one's epoch: route_inline.lua)
         self._publish = client.register_script(PUBLISH_SCRIPT)
         self.in_redis = not isinstance(client, RedisCluster)  # one Redis: the reads copy (route_reader.py)
-        self.plan = ReadPlan()  # what the reads are told of the routes
+        self.plan = ReadPlan()  # what the reads, and the publisher's writes, are told of the routes
         self.reader = RouteReader(client, self.stream, lambda: self.plan)
         self.consumer = StreamConsumer(client, self.stream, keys.ROUTES_GROUP, CONSUMER, log=logger, what="routes",
                                        declared=declared_groups(settings, layout.stream, layout.sharded),
                                        count=min(settings.read_batch_size, READ_MAX), backoff_cap=settings.backoff_cap,
-                                       start=self._start_of_group, confirm=True, read_ahead=False, gather=GATHER,
+                                       start=lambda: start_of_group(client, self._wanted), confirm=True, read_ahead=False, gather=GATHER,
                                        source=self.reader)  # fmt: skip
 
     async def run(self) -> None:
@@ -268,12 +304,12 @@ class RouteCopier(Handler):
         if not force and now - self._polled < POLL_INTERVAL:
             return
         self._polled = now
-        wanted, refused = load_definitions(await self.client.hgetall(keys.ROUTES))
-        for bad, exc in refused.items():
-            if not self.totals[key := f"bad:{bad.decode(errors='replace')}"]:
-                logger.error("route %r: its definition in %s cannot be read (%s): skipped", bad, keys.ROUTES, exc)
-            self.totals[key] += 1
-        for name in [n for n, live in self.routes.items() if wanted.get(n) is None or wanted[n].token != live.definition.token]:
+        wanted = await load_wanted(self.client, self.totals)
+        stale = [n for n, live in self.routes.items() if wanted.get(n) is None or wanted[n].token != live.definition.token]
+        changing = bool(stale) or not wanted.keys() <= self.routes.keys()
+        if changing:  # first: a write copying at once must not move the group past what the change needs (a catch-up)
+            self.plan = await stop_copying_at_write(self.client, self.plan)
+        for name in stale:
             live = self.routes.pop(name)
             await live.let_go()
             await drop_keys(self.client, live.route)  # anything this copier wrote after `route remove` (or a re-add)
@@ -285,20 +321,21 @@ class RouteCopier(Handler):
                 with contextlib.suppress(ResponseError):  # an idle group would count as trimmed unread
                     await self.consumer.destroy_group()
             return
+        if not changing:
+            return
         # Made now, the group delivers everything any route may hold (no catch-up: a route skips what came before its
         # own start); made anew (it vanished while routes remained), it delivers again what their streams hold, refused.
         fresh = await self.consumer.ensure_group() is not None
         for name, d in sorted(wanted.items()):
             if name not in self.routes:
                 await self._take_up(d, fresh)
-        self.plan = read_plan(self.routes, self.lease if self.in_redis else None)
+        plan = read_plan(self.routes, self.lease if self.in_redis else None)
+        self._epochs += 1
+        self.plan = await copying_at_write(self.client, plan, f"{self.token}:{self._epochs}") if plan.targets else plan
 
-    async def _start_of_group(self) -> str:
-        """The earliest route's start. First, no route is marked live: a crash before they are marked again finds them so."""
-        for d in self._wanted.values():
-            await self.client.hdel(keys.Route(d.name).router_stats, "live")
-        earliest = min(id_key(d.start) for d in self._wanted.values())
-        return f"{earliest[0]}-{earliest[1]}"
+    def copied_at_write(self, copied: Copied) -> None:
+        """What the publisher's write copied to the routes itself (route_inline.lua), in the totals."""
+        count_copied(copied, self.routes, self.totals)
 
     async def _take_up(self, d: Definition, fresh_group: bool) -> None:
         route = keys.Route(d.name)

@@ -180,3 +180,7 @@ def lua_filters(routes: Sequence[tuple[Sequence[Clause], tuple[int, int]]]) -> s
         [[[_INDEX[name] + 1, {_as_written(name, v).decode(): 1 for v in values}] for name, values in where], f"{after[0]}-{after[1]}"]
         for where, after in routes
     ]).decode()  # fmt: skip
+
+
+# What the scripts that judge entries in Redis (route_judge.lua) are told before their text: the event types, a set.
+LUA_KINDS = "local kinds = {" + ", ".join(f"['{kind}'] = true" for kind in model.EVENT_TYPES) + "}\n"

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
-from wikipulse.core import model
+from wikipulse.ingest.route_filters import LUA_KINDS
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, NodeConnection, pack
 from wikipulse.store.consumer import NEW
@@ -29,11 +29,15 @@ from wikipulse.store.streams import Entry, ReadBatch, StreamReader
 
 CONSUMER = "routes"  # one copier at a time (its lease), so one name: a restarted copier finds its pending entries
 READ_MAX = 5000  # entries a read takes at most (and so acknowledges at most next time: one XACK call per 1,000)
-_KINDS = ", ".join(f"['{kind}'] = true" for kind in model.EVENT_TYPES)
-READ_SCRIPT = f"local READ_MAX = {READ_MAX}\nlocal kinds = {{{_KINDS}}}\n" + script(
-    __package__, "routes_read", "fence", "trim", "acknowledge"
+READ_SCRIPT = f"local READ_MAX = {READ_MAX}\n{LUA_KINDS}" + script(
+    __package__, "routes_read", "fence", "trim", "acknowledge", own=("route_judge", "route_copy")
 )
 Copied = dict[str, tuple[int, int, list[Any]]]  # route -> (added, refused as duplicates, trim's reply)
+
+
+def copied_of(names: tuple[str, ...], reply: list[Any]) -> Copied | None:
+    """A script's copies in Redis ({added, refused, trim's reply} per route, in the plan's order), by route; None if none."""
+    return {name: (int(a), int(r), list(grew)) for name, (a, r, grew) in zip(names, reply, strict=True)} if reply else None
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ReadPlan:
     filters: str = "[]"
     targets: tuple[str, ...] = ()  # empty: hand the entries over
     copy_args: tuple[str | int, ...] = ()
+    at_write: bytes = b""  # the plan the publisher's write copies by (route_inline.lua); empty: it copies nothing
 
 
 class RouteReader(StreamReader):
@@ -85,9 +90,10 @@ class RouteReader(StreamReader):
                 raise
             raise error from exc
         self.acked_to = ""
-        names = self._sent.names
-        self.copied = {name: (int(a), int(r), list(grew)) for name, (a, r, grew) in zip(names, copied, strict=True)} if copied else None
+        self.copied = copied_of(self._sent.names, copied)
         if not n:
+            if last:  # the group's last delivered id: the publisher's writes copy what comes next (route_inline.lua)
+                self._seen = last.decode()
             if self._start == NEW and self._block:  # wait for the next entry (without reading it for the group)
                 connection = self._waiter.connection
                 await connection.send_packed_command(pack(("XREAD", "COUNT", 1, "BLOCK", self._block, "STREAMS", self._stream, self._seen)))

@@ -9,6 +9,7 @@ trims the stream and counts what a consumer group lost to it (trimming.py).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -17,6 +18,8 @@ from redis.exceptions import ResponseError
 
 from wikipulse.core.events import parse_dt
 from wikipulse.core.settings import PublisherSettings
+from wikipulse.ingest.route_filters import LUA_KINDS
+from wikipulse.ingest.route_reader import Copied, ReadPlan, copied_of
 from wikipulse.store import keys
 from wikipulse.store.connect import Client
 from wikipulse.store.lease import Lease, fenced_error
@@ -24,7 +27,8 @@ from wikipulse.store.retry import REDIS_ERRORS
 from wikipulse.store.scripts import script
 from wikipulse.store.trimming import declared_groups
 
-WRITE_SCRIPT = script(__package__, "write", "fence", "trim")  # its KEYS, ARGV and reply: write.lua
+# Its KEYS, ARGV and reply: write.lua; it copies to the routes as the copier's read does (route_judge, route_copy).
+WRITE_SCRIPT = LUA_KINDS + script(__package__, "write", "fence", "trim", own=("route_judge", "route_copy", "route_inline"))
 
 
 class RedisDown(Exception):
@@ -63,6 +67,7 @@ class Written(NamedTuple):
     duplicates: int
     had_position: bool  # a position was stored before: if this process stored one, its absence means Redis lost data
     trimmed_unread: dict[str, int]  # {group: entries trimmed unread so far} for the groups that lost entries now
+    routed: Copied | None = None  # what the write copied to the routes itself (the copier's plan), by route
 
 
 class BatchWriter:
@@ -73,8 +78,10 @@ class BatchWriter:
         lease: Lease,
         publisher_keys: keys.PublisherKeys = keys.UNSHARDED_PUBLISHER,
         sharded: bool = False,
+        routes: Callable[[], ReadPlan] = ReadPlan,
     ) -> None:
-        self.settings, self.lease = settings, lease
+        """`routes`: the routes' copier's current plan (route_copier.py), at each write."""
+        self.settings, self.lease, self.routes = settings, lease, routes
         k = publisher_keys
         self._keys = [settings.stream, k.seen, k.position, k.stats, k.rejected, k.lease]
         self._script = client.register_script(WRITE_SCRIPT)
@@ -105,15 +112,17 @@ class BatchWriter:
             "stream_keep": s.stream_keep,
             "grace_ms": int(s.stream_grace * 1000),
         }
-        args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, *batch.frames]
+        routes = self.routes()
+        plan, routes_keys = (routes.at_write, [keys.ROUTES_EPOCH, *routes.targets]) if routes.at_write else (b"", [])
+        args = [s.channel, s.stream_maxlen, s.dedup_window, orjson.dumps(payload), self.lease.token, self.lease.ttl_ms, plan, *batch.frames]
         try:
-            reply = await self._script(keys=self._keys, args=args)
+            reply = await self._script(keys=[*self._keys, *routes_keys], args=args)
         except REDIS_ERRORS as exc:  # first: on a cluster, CLUSTERDOWN and TRYAGAIN are ResponseErrors too
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
             if str(exc).startswith(BEHIND + " "):
                 raise WritesLost(str(exc).split(" ", 1)[1]) from None
             raise fenced_error(exc, "another publisher ({holder}) holds the lease") from exc
-        written, duplicates, had_position, *grew = reply
+        written, duplicates, had_position, routed, *grew = reply
         groups = {(g.decode() if isinstance(g, bytes) else str(g)): int(n) for g, n in zip(grew[::2], grew[1::2], strict=True)}
-        return Written(int(written), int(duplicates), bool(had_position), groups)
+        return Written(int(written), int(duplicates), bool(had_position), groups, copied_of(routes.names, routed))

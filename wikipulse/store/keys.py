@@ -348,6 +348,9 @@ class Layout:
 ROUTES = f"{PREFIX}:routes"
 ROUTES_STATS = f"{PREFIX}:routes:stats"  # the copier's counters: `trimmed` (delivered, then trimmed before copied), `unreadable`
 ROUTES_LEASE = f"{PREFIX}:routes:lease"
+# The copier's current set of routes, for the publisher's write to copy its batch at once (one Redis only): the copier
+# deletes it before it changes the set, and sets a new value after (ingest/route_inline.lua).
+ROUTES_EPOCH = f"{PREFIX}:routes:epoch"
 ROUTES_GROUP = "wikipulse-routes"
 ROUTE_PREFIX = "wiki:route:"
 MAX_ROUTES = 16

@@ -11,6 +11,7 @@ def lua(package: str, *names: str) -> str:
     return "\n".join(files(package).joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
 
 
-def script(package: str, name: str, *fragments: str) -> str:
-    """The script `name` of `package`, after the shared fragments of this package it calls (fence, trim), in order."""
-    return "\n".join([lua(__package__, *fragments), lua(package, name)] if fragments else [lua(package, name)])
+def script(package: str, name: str, *fragments: str, own: tuple[str, ...] = ()) -> str:
+    """The script `name` of `package`, after the shared fragments of this package it calls (fence, trim), in order,
+    then the fragments of its own package (`own`)."""
+    return "\n".join([lua(__package__, *fragments), lua(package, *own, name)] if fragments else [lua(package, *own, name)])

@@ -1,0 +1,34 @@
+-- For write.lua: the publisher's batch copied to the routes in the same atomic step as its write, when the copier's
+-- read has nothing left to copy before it (route_copier.py, "Copied at the write"). The plan (the copier's, JSON):
+-- {"epoch", "token", "group", "consumer", "maxlen", "keep", "grace", "filters": route_filters.lua_filters}.
+-- routes_at_end(stream, plan): the plan when this write may copy, else nil. It may when KEYS[7] holds the plan's epoch
+-- (the copier clears it before it changes its set of routes, and sets a new one after: a write sent with an older plan
+-- copies nothing), the copier holds every route's lease (KEYS[7 + 3r]), and its group stands at the end of the stream
+-- with nothing pending (so no entry before this batch is left to copy, in Redis or in the copier's process).
+local function routes_at_end(stream, plan)
+  if redis.call('GET', KEYS[7]) ~= plan['epoch'] then return nil end
+  for r = 1, #plan['filters'] do
+    if redis.call('GET', KEYS[7 + 3 * r]) ~= plan['token'] then return nil end
+  end
+  local ok, groups = pcall(stream_groups, stream)
+  if not ok then return nil end
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  for _, g in ipairs(groups) do
+    if g['name'] == plan['group'] then
+      if g['pending'] == 0 and last and g['last-delivered-id'] == last[1] then return plan end
+      return nil
+    end
+  end
+  return nil
+end
+-- copy_batch(stream, plan, parts, last): each route's part copied (route_copy.lua), then the copier's group moved past
+-- the batch (`last`: its last entry), so its read does not copy it again. Returns copy_parts' results; {} when a copy
+-- failed (another type of key under a route's name): the group stays, and the copier's read copies the batch (what
+-- was added now is refused there, counted as duplicates) and says what failed.
+local function copy_batch(stream, plan, parts, last)
+  local results = copy_parts(plan['filters'], parts, 7, plan['maxlen'], plan['keep'], plan['grace'])
+  if not results then return {} end
+  redis.call('XGROUP', 'CREATECONSUMER', stream, plan['group'], plan['consumer'])  -- trimming counts it as read (trim.lua)
+  redis.call('XGROUP', 'SETID', stream, plan['group'], last)
+  return results
+end
