@@ -49,8 +49,8 @@ local function route_tests(routes)
   end
   return tests, parts
 end
--- sort_entry(tests, h, parts, e): the entry `e` (its head `h`) added to the part of each route it belongs to; whether
--- any route wants it.
+-- sort_entry(tests, h, parts, e): the entry `e` (its head `h`; an entry, or a number that stands for it) added to the
+-- part of each route it belongs to; whether any route wants it.
 local function sort_entry(tests, h, parts, e)
   local wanted = false
   for r = 1, #tests do

@@ -79,7 +79,8 @@ if not (copy and judged) then
   return {#entries, last, trimmed, out, {}}
 end
 
-local results, err = copy_parts(routes, parts, 1, tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]))
+local function entry(e) return e[1], e[2][2], e[2][4] end  -- head_of checked its fields: data, fold
+local results, err = copy_parts(routes, parts, 1, tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), entry)
 if not results then return redis.error_reply(err) end
 if delivered then
   redis.call('XGROUP', 'SETID', stream, group, last)

@@ -31,7 +31,7 @@ local routes = ARGV[7] ~= '' and routes_at_end(KEYS[1], cjson.decode(ARGV[7])) o
 local tests, parts
 if routes then tests, parts = route_tests(routes['filters']) end
 create_groups(KEYS[1], p['groups'])
-local written, zadd, dups, last_added = {}, {}, 0, nil
+local written, zadd, dups, last_added, wanted = {}, {}, 0, nil, {}
 local had_position = redis.call('EXISTS', KEYS[3])
 -- Which ids the window holds already: one ZMSCORE per 1,000 (a ZSCORE per event cost ~8% of the throughput).
 local named, seen = {}, {}
@@ -52,7 +52,7 @@ for i = 8, #ARGV do
     if tests then
       local h = fold_head(fold)
       if not h then tests = nil  -- Python's to judge: the copier's read copies this batch
-      else sort_entry(tests, h, parts, {entry, {'data', ARGV[i], 'fold', fold}}) end
+      elseif sort_entry(tests, h, parts, i) then wanted[i] = entry end  -- frame i: for some route, the entry's id
     end
     if id ~= '' then
       zadd[#zadd + 1] = string.match(entry, '^%d+')
@@ -72,7 +72,9 @@ for name, v in pairs(p['status']) do redis.call('HSET', KEYS[4], name, v) end
 for _, r in ipairs(p['rejected']) do redis.call('LPUSH', KEYS[5], r) end
 if #p['rejected'] > 0 then redis.call('LTRIM', KEYS[5], 0, tonumber(p['keep']) - 1) end
 local copied = {}
-if tests and #written > 0 then copied = copy_batch(KEYS[1], routes, parts, last_added) end
+if tests and #written > 0 then
+  copied = copy_batch(KEYS[1], routes, parts, last_added, function(i) return wanted[i], ARGV[i], folds[i - 7] end)
+end
 local reply = {#written, dups, had_position, copied}
 for _, v in ipairs(trim(KEYS[1], maxlen, KEYS[4], tonumber(p['stream_keep']), tonumber(p['grace_ms']))) do reply[#reply + 1] = v end
 return reply
