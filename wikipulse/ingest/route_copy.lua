@@ -4,7 +4,7 @@
 -- that no route wants, which cost the write ~2.5 µs an event). KEYS[base + 3r - 2] and KEYS[base + 3r - 1] are route
 -- r's stream and counters. An id its stream holds
 -- already (a batch copied again) is refused and counted as a duplicate; a route holds only what came after its start
--- (or its catch-up's end: route[2]). Each entry added is PUBLISHed on the route's channel when somebody listens (pub/sub:
+-- (or its catch-up's end: route[2]; nil: all of it does). Each entry added is PUBLISHed on the route's channel when somebody listens (pub/sub:
 -- a listener hears what is published while it listens), counted, and the stream trimmed (trim.lua).
 -- Returns {added, refused, trim's reply} per route.
 local function copy_parts(routes, parts, base, maxlen, keep, grace, entry)
@@ -17,7 +17,7 @@ local function copy_parts(routes, parts, base, maxlen, keep, grace, entry)
     local heard = patterns or #parts[r] > 0 and redis.call('PUBSUB', 'NUMSUB', target)[2] > 0
     for _, x in ipairs(parts[r]) do
       local id, json, summary = entry(x)
-      if id_after(id, after) then
+      if not after or id_after(id, after) then
         local ok = redis.pcall('XADD', target, id, 'data', json, 'fold', summary)
         if type(ok) == 'table' and ok.err then
           if not string.find(ok.err, 'equal or smaller', 1, true) then return nil, ok.err end
