@@ -40,6 +40,7 @@ from wikipulse.ingest.route_filters import head_of, matcher
 from wikipulse.ingest.route_reader import READ_SCRIPT, Copied
 from wikipulse.ingest.router import ShardWriter
 from wikipulse.ingest.routes import Live, RouteCopier, add_route, parse_where
+from wikipulse.ingest.writer import BatchWriter, IngestBatch
 from wikipulse.queries import stats
 from wikipulse.store import keys
 from wikipulse.store.connect import open_client
@@ -563,7 +564,15 @@ async def test_routes_on_a_cluster(cluster_client: RedisCluster, cluster_setting
     copier = RouteCopier(s, cluster_client, layout)
     assert await copier.lease.try_acquire() is None
     await copier.refresh()
-    await load_stream(cluster_client, lines[3000:], with_fold=True)
+    # The publisher's write never copies on a cluster (the routes' streams are in slots of their own): no CROSSSLOT.
+    assert not copier.in_redis and copier.plan.at_write == b""
+    lease = Lease(cluster_client, layout.publisher.lease, s.lease_ttl)
+    writer = BatchWriter(s, cluster_client, lease, layout.publisher, layout.sharded, lambda: copier.plan)
+    assert await lease.try_acquire() is None
+    events = [orjson.loads(x) for x in lines[3000:3010]]
+    batch = IngestBatch(frames=lines[3000:3010], folds=[summary_of(e) for e in events], ids=[e["meta"]["id"] for e in events])
+    assert (await writer.write(batch, time.time())).routed is None
+    await load_stream(cluster_client, lines[3010:], with_fold=True)
     reply = await cluster_client.xreadgroup(keys.ROUTES_GROUP, "routes", {s.stream: ">"}, count=20_000)
     entries = [(i, [f for kv in fields.items() for f in kv]) for i, fields in reply[0][1]]
     await copier.copy(entries[:3000])

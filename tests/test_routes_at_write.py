@@ -8,6 +8,7 @@ of the events, every entry once, in order, with the original ids."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -195,3 +196,51 @@ async def test_a_route_declared_meanwhile_is_caught_up_before_the_writes_copy_ag
     dewiki = [orjson.loads(x)["meta"]["id"] for x in pipeline.sent[start:] if orjson.loads(x)["meta"]["domain"] == "de.wikipedia.org"]
     assert [orjson.loads(f[b"data"])["meta"]["id"] for _, f in await route_entries(redis_client, "dewiki")] == dewiki
     assert pipeline.copier.totals["duplicates"] == 0
+
+
+async def test_the_writes_copy_again_after_their_epoch_was_lost(pipeline: Pipeline, redis_client: aioredis.Redis) -> None:
+    """Deleted (by another copier that held the lease for a while, or by hand): the copier's next look at the
+    definitions takes its routes up anew under a new epoch, and the writes copy again."""
+    assert await pipeline.write(events(1, 200)) is not None
+    await redis_client.delete(keys.ROUTES_EPOCH)
+    assert await pipeline.write(events(201, 200)) is None
+    await pipeline.copier.refresh(force=True)
+    assert await drive(pipeline.copier) != []
+    assert await pipeline.write(events(401, 200)) is not None
+    await pipeline.assert_each_route_is_its_slice()
+
+
+async def test_a_key_of_another_type_under_a_routes_name_stops_no_write(pipeline: Pipeline, redis_client: aioredis.Redis) -> None:
+    """The write is past its first writes when it copies: a key made by hand where a route's stream, counters, lease
+    or the epoch live makes it copy nothing (the copier's read then says what is wrong), never fail."""
+    route = keys.Route("creations")
+    start = 1
+    for key, make in ((route.stream, "list"), (route.router_stats, "list"), (route.router_lease, "hash"), (keys.ROUTES_EPOCH, "hash")):
+        assert await pipeline.at_end()
+        saved = await redis_client.dump(key)
+        await redis_client.delete(key)
+        if make == "list":
+            await redis_client.rpush(key, "x")
+        else:
+            await redis_client.hset(key, "x", "y")
+        assert await pipeline.write(events(start, 100)) is None, key  # written whole, copied to no route
+        await redis_client.delete(key)
+        if saved is not None:
+            await redis_client.restore(key, 0, saved)
+        assert await drive(pipeline.copier) != []  # the copier's read copies it
+        assert await pipeline.write(events(start + 100, 100)) is not None
+        start += 200
+    await pipeline.assert_each_route_is_its_slice()
+
+
+async def test_a_route_starting_past_the_end_of_the_stream_leaves_the_write_to_the_read(pipeline: Pipeline) -> None:
+    """A start set by hand ahead of the stream: the write does not copy (the read skips what comes before the start)."""
+    plan = pipeline.copier.plan
+    ahead = orjson.loads(plan.at_write)
+    ahead["filters"][0][1] = "99999999999999-0"
+    pipeline.writer.routes = lambda: dataclasses.replace(plan, at_write=orjson.dumps(ahead))
+    assert await pipeline.write(events(1, 100)) is None
+    pipeline.writer.routes = lambda: pipeline.copier.plan
+    assert await pipeline.write(events(101, 100)) is None  # the group is behind now: the copier's read is next
+    assert await drive(pipeline.copier) != []
+    await pipeline.assert_each_route_is_its_slice()

@@ -2,8 +2,9 @@
 
 It reads the ingest stream with its own consumer group (keys.ROUTES_GROUP; consumer.StreamConsumer's loop, the reads
 route_reader.py's) and copies each entry a route's filter holds for, with its original id and fields, to the route's
-stream, then PUBLISHes its JSON on the route's channel. On one Redis, the read's script makes those copies itself (the
-entries never leave Redis: the copier's process spends next to nothing on them); on a cluster, or for a batch with an
+stream, then PUBLISHes its JSON on the route's channel. On one Redis, the copies are made in Redis (the entries never
+leave it): while the group stands at the end of the stream, by the publisher's write itself, by the copier's plan and
+under its epoch (route_inline.lua, route_at_write.py); else by the read's script. On a cluster, or for a batch with an
 entry only its JSON can tell, the copier makes them, through the router's writer.
 
 Exactly once into each route's stream, across kill -9, by the router's rules and its writer (router.ShardWriter): a
@@ -31,14 +32,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from wikipulse.core.settings import PublisherSettings
+from wikipulse.ingest.route_at_write import WriteEpoch
 from wikipulse.ingest.route_filters import Definition, Head, Matcher, describe, heads_of, id_key, load_definitions, lua_filters, matcher
 from wikipulse.ingest.route_reader import CONSUMER, READ_MAX, Copied, ReadPlan, RouteReader
 from wikipulse.ingest.router import ShardWriter
@@ -206,22 +207,6 @@ async def start_of_group(client: Client, wanted: dict[str, Definition]) -> str:
     return f"{earliest[0]}-{earliest[1]}"
 
 
-async def stop_copying_at_write(client: Client, plan: ReadPlan) -> ReadPlan:
-    """Before the copier changes its set of routes: a write sent with the plan so far copies nothing (route_inline.lua)."""
-    await client.delete(keys.ROUTES_EPOCH)
-    return replace(plan, at_write=b"")
-
-
-async def copying_at_write(client: Client, plan: ReadPlan, epoch: str) -> ReadPlan:
-    """The plan with what the publisher's write needs to copy its batches itself when the group stands at the end of the
-    stream (route_inline.lua), under a new epoch, set in Redis (keys.ROUTES_EPOCH)."""
-    token, _ttl, maxlen, keep, grace = plan.copy_args
-    at_write = {"epoch": epoch, "token": token, "group": keys.ROUTES_GROUP, "consumer": CONSUMER, "maxlen": maxlen, "keep": keep,
-                "grace": grace, "filters": orjson.loads(plan.filters)}  # fmt: skip
-    await client.set(keys.ROUTES_EPOCH, epoch)
-    return replace(plan, at_write=orjson.dumps(at_write))
-
-
 class RouteCopier(Handler):
     doing = "copying"
 
@@ -234,7 +219,7 @@ class RouteCopier(Handler):
         self.totals: Counter[str] = Counter()
         self._polled = -1e9
         self._wanted: dict[str, Definition] = {}  # the definitions read last
-        self._epochs = 0  # the sets of routes this copier took up (each one's epoch: route_inline.lua)
+        self.at_write = WriteEpoch(client, self.token)  # what the publisher's writes copy by (route_at_write.py)
         self._publish = client.register_script(PUBLISH_SCRIPT)
         self.in_redis = not isinstance(client, RedisCluster)  # one Redis: the reads copy (route_reader.py)
         self.plan = ReadPlan()  # what the reads, and the publisher's writes, are told of the routes
@@ -294,6 +279,7 @@ class RouteCopier(Handler):
 
     async def _forget(self) -> None:
         routes, self.routes = list(self.routes.values()), {}
+        await self.at_write.forget(self.plan)
         self.plan = ReadPlan()
         await asyncio.gather(*(live.let_go() for live in routes))  # at once: a stop is quick
         self._polled = -1e9
@@ -306,9 +292,9 @@ class RouteCopier(Handler):
         self._polled = now
         wanted = await load_wanted(self.client, self.totals)
         stale = [n for n, live in self.routes.items() if wanted.get(n) is None or wanted[n].token != live.definition.token]
-        changing = bool(stale) or not wanted.keys() <= self.routes.keys()
+        changing = bool(stale) or not wanted.keys() <= self.routes.keys() or await self.at_write.lost(self.plan)
         if changing:  # first: a write copying at once must not move the group past what the change needs (a catch-up)
-            self.plan = await stop_copying_at_write(self.client, self.plan)
+            self.plan = await self.at_write.stop(self.plan)
         for name in stale:
             live = self.routes.pop(name)
             await live.let_go()
@@ -329,9 +315,7 @@ class RouteCopier(Handler):
         for name, d in sorted(wanted.items()):
             if name not in self.routes:
                 await self._take_up(d, fresh)
-        plan = read_plan(self.routes, self.lease if self.in_redis else None)
-        self._epochs += 1
-        self.plan = await copying_at_write(self.client, plan, f"{self.token}:{self._epochs}") if plan.targets else plan
+        self.plan = await self.at_write.start(read_plan(self.routes, self.lease if self.in_redis else None))
 
     def copied_at_write(self, copied: Copied) -> None:
         """What the publisher's write copied to the routes itself (route_inline.lua), in the totals."""

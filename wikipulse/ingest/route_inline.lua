@@ -4,11 +4,22 @@
 -- routes_at_end(stream, plan): the plan when this write may copy, else nil. It may when KEYS[7] holds the plan's epoch
 -- (the copier clears it before it changes its set of routes, and sets a new one after: a write sent with an older plan
 -- copies nothing), the copier holds every route's lease (KEYS[7 + 3r]), and its group stands at the end of the stream
--- with nothing pending (so no entry before this batch is left to copy, in Redis or in the copier's process).
+-- with nothing pending (so no entry before this batch is left to copy, in Redis or in the copier's process). A lease is
+-- only read here, never taken again: once one lapsed, the copier's read (which takes it) copies until it is renewed.
+-- Every key it touches is checked for its type first (a key made by hand under a route's name): nothing in the copy
+-- may fail, since the publisher's write must not (it is past its first writes here).
+local function holds(key, value)
+  return redis.pcall('GET', key) == value  -- another type: an error reply, a table
+end
+local function of_type(key, wanted)
+  local t = redis.call('TYPE', key)['ok']
+  return t == wanted or t == 'none'
+end
 local function routes_at_end(stream, plan)
-  if redis.call('GET', KEYS[7]) ~= plan['epoch'] then return nil end
+  if not holds(KEYS[7], plan['epoch']) then return nil end
   for r = 1, #plan['filters'] do
-    if redis.call('GET', KEYS[7 + 3 * r]) ~= plan['token'] then return nil end
+    local at = 7 + 3 * r
+    if not (holds(KEYS[at], plan['token']) and of_type(KEYS[at - 2], 'stream') and of_type(KEYS[at - 1], 'hash')) then return nil end
   end
   local ok, groups = pcall(stream_groups, stream)
   if not ok then return nil end

@@ -2,7 +2,9 @@
 (routes_read.lua). On one Redis, the script copies each batch to the routes' streams and channels itself, fenced by
 their leases, and acknowledges it: the entries never leave Redis. On a cluster (each route's stream in a slot of its
 own), or for a batch with an entry whose summary only its JSON can tell, it hands over only the entries some route may
-want, for the copier to copy; the next read acknowledges them.
+want, for the copier to copy; the next read acknowledges them. A read that finds the group at the end of the stream
+(the publisher's writes copy while it stands there: route_inline.lua) pauses AT_END_PAUSE, then waits for an entry
+after the group's position.
 
 It reads on a connection of its own to the ingest stream's master, so each batch is confirmed on a replica there
 (streams.StreamReader's confirmation) before the copier copies it, as the router's are: else a failover could take
