@@ -6,7 +6,8 @@ routes (`git worktree add /tmp/base 4f2c406`). Each run starts from an empty Red
 (its own process, full speed) feeds publisher.py, and subscriber.py folds, both real processes of the tree measured;
 with routes, the copier runs in the publisher's process, as deployed. The publisher's rate is N over the time between
 the stream's first and last entry (their ids are Redis's clock); the fold's, N over the time from the first entry to
-the moment the subscriber had folded all N. The variants take turns, and the medians are reported.
+the moment the subscriber had folded all N. The variants take turns; reported are the medians, and the paired medians (each
+round's ratio to the base tree's run of the same round: rounds swing together on a shared machine).
 
 `--compare DIR` runs another checkout with routes (e.g. main) with three routes too; `--commands` prints Redis's time
 an event in each command and script (INFO commandstats, reset at each run); `--profile DIR` runs the publisher under
@@ -165,6 +166,16 @@ def main() -> None:
         print(f"| {name} | {pub:,.0f} | {pub / median(b, 'publisher'):.2f}× | {fold:,.0f} | {fold / median(b, 'fold'):.2f}× "
               f"| {cpu:.1f} | {cpu / median(b, 'publisher_us'):.2f}× | {median(name, 'subscriber_us'):.1f} "
               f"| {rcpu:.1f} | {rcpu / median(b, 'redis_us'):.2f}× | {copier} |")  # fmt: skip
+    # Paired: each round's ratio to the base tree's run of the same round, then their median (rounds swing together).
+    print("\npaired (median of the per-round ratios to the base run of the same round):")
+    print("| variant | publisher rate | fold rate | publisher CPU an event | Redis CPU an event | publisher rate, min–max |")
+    print("|---|---|---|---|---|---|")
+    for name, _, _ in variants[1:]:
+        ratios = {key: [x[key] / y[key] for x, y in zip(results[name], results[b], strict=True)]
+                  for key in ("publisher", "fold", "publisher_us", "redis_us")}  # fmt: skip
+        rates = ratios["publisher"]
+        medians = " | ".join(f"{statistics.median(v):.3f}×" for v in ratios.values())
+        print(f"| {name} | {medians} | {min(rates):.2f}–{max(rates):.2f} |")
     routed = results[variants[-1][0]][-1]["routed"]
     print(f"\nthe three routes hold {routed:,.0f} entries ({routed / args.events:.0%} of the events)")
     if args.commands:
