@@ -2,11 +2,11 @@
 -- the original ids, for the scripts that copy in Redis (routes_read.lua, write.lua). A part holds what `entry` turns
 -- into an entry's id, JSON and summary (a read's entries; the write's frame numbers: no table is made for an entry
 -- that no route wants, which cost the write ~2.5 µs an event). KEYS[base + 3r - 2] and KEYS[base + 3r - 1] are route
--- r's stream and counters. An id its stream holds
--- already (a batch copied again) is refused and counted as a duplicate; a route holds only what came after its start
--- (or its catch-up's end: route[2]; nil: all of it does). Each entry added is PUBLISHed on the route's channel when somebody listens (pub/sub:
--- a listener hears what is published while it listens), counted, and the stream trimmed (trim.lua).
--- Returns {added, refused, trim's reply} per route.
+-- r's stream and counters. An id its stream holds already (a batch copied again) is refused and counted as a
+-- duplicate; a route holds only what came after its start (or its catch-up's end: route[2]; nil: all of it does).
+-- Each entry added is PUBLISHed on the route's channel when somebody listens (pub/sub: a listener hears what is
+-- published while it listens), counted, and the stream trimmed (trim.lua).
+-- Returns {added, refused, trim's reply} per route; nil and the error when an XADD failed otherwise.
 local function copy_parts(routes, parts, base, maxlen, keep, grace, entry)
   local patterns = redis.call('PUBSUB', 'NUMPAT') > 0
   local results = {}

@@ -37,10 +37,10 @@ local function routes_at_end(stream, plan)
   end
   return nil
 end
--- copy_batch(stream, plan, parts, last, entry): each route's part copied (route_copy.lua), then the copier's group moved past
--- the batch (`last`: its last entry), so its read does not copy it again. Returns copy_parts' results; {} when a copy
--- failed (another type of key under a route's name): the group stays, and the copier's read copies the batch (what
--- was added now is refused there, counted as duplicates) and says what failed.
+-- copy_batch(stream, plan, parts, last, entry): each route's part copied (route_copy.lua), then the copier's group
+-- moved past the batch (`last`: its last entry), so its read does not copy it again. Returns copy_parts' results. Should
+-- an XADD fail all the same (routes_at_end checked the keys' types), it returns {} and leaves the group where it is:
+-- the copier's read copies the batch (what was added now is refused there, counted as duplicates) and says what failed.
 local function copy_batch(stream, plan, parts, last, entry)
   local results = copy_parts(plan['filters'], parts, 7, plan['maxlen'], plan['keep'], plan['grace'], entry)
   if not results then return {} end

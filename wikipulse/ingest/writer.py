@@ -3,7 +3,8 @@
 A batch's events go to the stream (XADD) and the channel (PUBLISH) together with the dedup window, the SSE
 position and the counters, so the stored position never runs ahead of or behind what was written. The call
 is fenced by the publisher's lease, checks the dedup window itself (two writers cannot add an event twice),
-trims the stream and counts what a consumer group lost to it (trimming.py).
+trims the stream and counts what a consumer group lost to it (trimming.py). Given the routes' copier's plan (one Redis),
+the same call copies the batch to the routes while the copier keeps up (route_inline.lua, docs/routes.md).
 """
 
 from __future__ import annotations
