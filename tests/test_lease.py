@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 
+import redis
 import redis.asyncio as aioredis
 
 from wikipulse.store.lease import Lease, died_here
@@ -50,3 +52,27 @@ async def test_two_leases_of_one_process_taking_one_key_at_once_leave_one_holder
         assert sorted(a is None for a in answers) == [False, True], (attempt, answers)
         await first.release()
         await second.release()
+
+
+async def test_a_renewal_that_loses_the_cancellation_still_stops(redis_client: aioredis.Redis) -> None:
+    """A cancellation can be lost inside a Redis call (redis-py turns it into a connection error: store/retry.py's
+    stop_if_cancelled). The renewal loop, which goes on after Redis errors, must stop all the same: else the process
+    hangs at SIGTERM (seen: a publisher that did not stop in 30 s)."""
+    lease = Lease(redis_client, "wp:test:lease", 0.3)
+    assert await lease.try_acquire() is None
+    real, entered = lease.try_acquire, asyncio.Event()
+
+    async def losing_the_cancellation() -> str | None:
+        entered.set()
+        try:
+            await asyncio.sleep(1)  # the call on its way when the stop comes
+            return await real()
+        except asyncio.CancelledError:
+            raise redis.exceptions.ConnectionError("Connection closed by server.") from None
+
+    lease.try_acquire = losing_the_cancellation  # type: ignore[method-assign]
+    keeper = asyncio.create_task(lease.keep())
+    await asyncio.wait_for(entered.wait(), 5)
+    keeper.cancel()
+    done, _ = await asyncio.wait([keeper], timeout=2)
+    assert keeper in done and keeper.cancelled()

@@ -22,7 +22,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from wikipulse.store import keys
-from wikipulse.store.retry import REDIS_ERRORS, Backoff
+from wikipulse.store.retry import REDIS_ERRORS, Backoff, pause_before_retry
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class NoticeHub:
                 self._set_up(False)
                 delay, level = backoff.next_delay(), logging.DEBUG if isinstance(exc, REDIS_ERRORS) else logging.ERROR
                 logger.log(level, "notice subscription lost (%s: %s); subscribing again in %.1fs", type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+                await pause_before_retry(delay)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await client.aclose()

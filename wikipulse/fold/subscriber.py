@@ -32,7 +32,7 @@ from wikipulse.fold.writes import WritePipeline
 from wikipulse.store import keys
 from wikipulse.store.connect import Client, open_client
 from wikipulse.store.policy import check_redis
-from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, is_full
+from wikipulse.store.retry import REDIS_ERRORS, Backoff, Outage, is_full, pause_before_retry
 from wikipulse.store.streams import Entry
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ async def watch_spikes(client: Client, subscriber: Subscriber) -> None:
                 if full:
                     logger.warning("Redis takes writes again: spike alerts resumed")
                 full = False
-        await asyncio.sleep(CHECK_EVERY)
+        await pause_before_retry(CHECK_EVERY)
 
 
 def tune_gc() -> None:

@@ -202,7 +202,7 @@ def log_totals(publisher: Publisher) -> None:
 
 async def log_stats(publisher: Publisher, interval: float) -> None:
     while True:
-        await asyncio.sleep(interval)
+        await pause_before_retry(interval)
         log_totals(publisher)
         with contextlib.suppress(*REDIS_ERRORS, ResponseError):  # a full Redis refuses it: the write path says so
             await publisher.heartbeat()

@@ -19,7 +19,7 @@ import socket
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full
+from wikipulse.store.retry import REDIS_ERRORS, RedisFull, is_full, pause_before_retry
 from wikipulse.store.scripts import lua
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Lease:
         taken logs so; the fenced writes are what stop this process from writing after that."""
         reported: str | None = None
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await pause_before_retry(self.ttl / 3)
             try:
                 holder = await self.try_acquire()
             except REDIS_ERRORS as exc:

@@ -105,7 +105,9 @@ def stop_if_cancelled() -> None:
 
 
 async def pause_before_retry(delay: float) -> None:
-    """Sleep before a retry, unless this task has been asked to stop (see stop_if_cancelled)."""
+    """Sleep before a retry, or before the next round of a loop that goes on after Redis errors (a lease's renewal, a
+    periodic check), unless this task has been asked to stop (see stop_if_cancelled): else a cancellation lost in a
+    Redis call leaves the loop running, and the process does not stop at SIGTERM."""
     stop_if_cancelled()
     await asyncio.sleep(delay)
 
