@@ -64,9 +64,9 @@ def copier_done(client: redis.Redis, n: int) -> bool:
     return group is not None and group["pending"] == 0 and group["last-delivered-id"] == last
 
 
-def _commandstats(client: redis.Redis) -> dict[str, float]:
-    """{command or script: usec Redis spent in it so far} (INFO commandstats)."""
-    return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in client.info("commandstats").items()}
+def _commandstats(client: redis.Redis) -> dict[str, tuple[float, int]]:
+    """{command or script: (usec Redis spent in it so far, calls)} (INFO commandstats)."""
+    return {name.removeprefix("cmdstat_"): (float(v["usec"]), int(v["calls"])) for name, v in client.info("commandstats").items()}
 
 
 def run_once(tree: Path, redis_url: str, feed: str, n: int, routes: bool, profile: Path | None = None) -> dict[str, float]:
@@ -117,7 +117,9 @@ def run_once(tree: Path, redis_url: str, feed: str, n: int, routes: bool, profil
     out = {"publisher": n / (last - first), "fold": n / (folded_at - first)}
     # CPU time an event: what contention on a shared machine does not change much (the rates above it does)
     out.update(subscriber_us=cpu[0] / n * 1e6, publisher_us=cpu[1] / n * 1e6, redis_us=redis_cpu / n * 1e6)
-    out.update({f"cmd:{name}": usec / n for name, usec in spent.items()})  # µs an event in each command
+    out.update({f"cmd:{name}": usec / n for name, (usec, _) in spent.items()})  # µs an event in each command
+    # The copier's waits: its blocking XREADs (nothing else in the pipeline sends XREAD), and the publisher's writes
+    out.update(waits=spent.get("xread", (0, 0))[1], writes=spent.get("evalsha", (0, 0))[1])
     if routes:
         out["copier"] = n / (copied_at - first)
         out["routed"] = sum(client.xlen(keys.Route(name).stream) for name in ROUTES)
@@ -187,6 +189,10 @@ def main() -> None:
         for k in names:
             if max(median(v, k) for v, _, _ in variants) >= 0.05:
                 print(f"| {k[4:]} | " + " | ".join(f"{median(v, k):.2f}" for v, _, _ in variants) + " |")
+        print("\nthe copier's waits (XREAD) and the publisher's writes (EVALSHA) a run, medians:")
+        for name, _, routes in variants:
+            if routes:
+                print(f"  {name}: {median(name, 'waits'):.0f} waits, {median(name, 'writes'):.0f} writes")
 
 
 if __name__ == "__main__":
