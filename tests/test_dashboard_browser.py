@@ -380,8 +380,9 @@ def test_screenshot(browser: Browser, seeded: tuple[redis.Redis, str], tmp_path:
 
 LIVE = "() => document.querySelector('#push-status').textContent === 'live'"
 TOTAL = "() => document.querySelector('#graph .js-plotly-plot').data[0].y.reduce((a, b) => a + (b || 0), 0)"
-# A store's data, from Dash's own state in the page.
-STORE = "id => { const s = window.dash_stores[0].getState(); return s.paths.strs[id].reduce((n, k) => n[k], s.layout).props.data; }"
+# A component's prop, and a store's data, from Dash's own state in the page.
+PROP = "(id, prop) => { const s = window.dash_stores[0].getState(); return s.paths.strs[id].reduce((n, k) => n[k], s.layout).props[prop]; }"
+STORE = f"id => ({PROP})(id, 'data')"
 PUSHED_MARK = f"() => (({STORE})('pushed') || {{then: {{}}}}).then.mark"
 SHOWN_MARK = f"() => (({STORE})('shown') || {{}}).mark"
 
@@ -417,6 +418,50 @@ def test_a_new_event_is_pushed_with_no_polling_request_in_between(browser: Brows
     page.close()
 
 
+PAGE_STATE = f"""() => ({{status: document.querySelector('#push-status').textContent, total: ({TOTAL})(),
+    pushed: ({PUSHED_MARK})(), shown: ({SHOWN_MARK})()}})"""
+
+
+def wait_for_total(pages: list[Page], base: str, total: int, timeout: float = 20000) -> None:
+    """Every page shows `total`; else the failure says what each page and the server's push stood at."""
+    for page in pages:
+        try:
+            page.wait_for_function(f"() => ({TOTAL})() === {total}", timeout=timeout)
+        except PlaywrightTimeoutError:
+            states = [p.evaluate(PAGE_STATE) for p in pages]
+            raise AssertionError(f"not every page shows {total}: {states}, push status {push_status(base)}") from None
+
+
+def test_a_page_s_socket_is_never_closed_for_inactivity(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    """Dash's worker closes a socket after 5 minutes without a message, and does not reconnect it: a page watching
+    through a quiet feed or an outage (nothing pushed) would freeze, polling off. The page's config turns it off."""
+    _, base = seeded
+    page, _ = open_page(browser, base)
+    config = page.evaluate("() => JSON.parse(document.getElementById('_dash-config').textContent).websocket")
+    assert config["inactivity_timeout"] == 0, config  # the worker closes only when it is > 0
+    page.close()
+
+
+def test_a_page_that_says_it_shows_something_older_is_pushed_to_at_once(browser: Browser, seeded: tuple[redis.Redis, str]) -> None:
+    """A redraw over HTTP computed before a fold can land after that fold's push: the page then shows the older
+    figure and says so (resync). It is pushed to from there at once, not left behind until the next event."""
+    client, base = seeded
+    page, errors = open_page(browser, base + "?domains=fr.wikipedia.org&res=10s")
+    page.wait_for_function(LIVE, timeout=10000)
+    page.wait_for_function(f"() => ({SHOWN_MARK})() !== undefined", timeout=10000)
+    before = page.evaluate(f"() => [({PROP})('graph', 'figure'), ({PROP})('shown', 'data')]")
+    assert page.evaluate(TOTAL) == 0
+    fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
+    page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=5000)
+    # The late redraw: the figure and its state from before the fold, as the refresh callback sets them.
+    redraw = "([figure, shown]) => { dash_clientside.set_props('graph', {figure}); dash_clientside.set_props('shown', {data: shown}); }"
+    page.evaluate(redraw, before)
+    page.wait_for_function(f"() => ({TOTAL})() === 0", timeout=5000)
+    page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=5000)  # no event since: only the push can bring it back
+    assert errors == []
+    page.close()
+
+
 def settle_pages(base: str, expected: int, timeout: float = 45) -> dict[str, Any]:
     """The push status once it counts `expected` pages: a page closed by an earlier test leaves the count when the
     server sees its socket close, which on a loaded machine can wait for the websocket's ping timeout."""
@@ -447,14 +492,12 @@ def test_ten_pages_get_the_same_push_and_leave_nothing_behind(browser: Browser, 
     assert status["subscribed"]
     assert client.pubsub_numsub(keys.NOTICES) == [(keys.NOTICES.encode(), 1)]  # one subscription for all of them
     fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 7, time.time()))
-    for page in pages:
-        page.wait_for_function(f"() => ({TOTAL})() === 7", timeout=20000)
+    wait_for_total(pages, base, 7)
     # The pages were drawn at different moments; pushed one version, they show the same, and share its next update.
     pages[0].wait_for_timeout(1000)
     computed = push_status(base)["updates_computed"]
     fold_into(redis_url_of(client), make_events("fr.wikipedia.org", 2, time.time()))
-    for page in pages:
-        page.wait_for_function(f"() => ({TOTAL})() === 9", timeout=20000)
+    wait_for_total(pages, base, 9)
     # The graph's update once for all of them, and the lists' once or twice (each socket's lists fall due at their own
     # moment, so a slow round can straddle two versions): far from one per page (one a page before).
     assert push_status(base)["updates_computed"] - computed <= 4

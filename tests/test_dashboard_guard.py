@@ -107,6 +107,7 @@ class Page:
         self.pushed: list[float] = []
         self.messages: list[dict[str, Any]] = []
         self.answer: dict[str, Any] | None = None  # answer get_props with this instead of the stores
+        self.reader: asyncio.Task[None] | None = None  # its run, when open_pushed started it
 
     async def run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for message in ws:
@@ -383,6 +384,71 @@ async def test_a_page_back_on_a_new_socket_is_let_go_from_its_old_one(
     for reader in (old_reader, new_reader):
         reader.cancel()
     await no_pages_left(base)
+
+
+def said(page: Page, component: str, prop: str) -> list[Any]:
+    """What the server set `component.prop` to on this page, in order."""
+    sets = [m["payload"] for m in page.messages if m.get("type") == "set_props"]
+    return [p["props"][prop] for p in sets if p.get("componentId") == component and prop in p.get("props", {})]
+
+
+Opened = tuple[aiohttp.ClientWebSocketResponse, Page]
+
+
+async def open_pushed(session: aiohttp.ClientSession, base: str, address: str, renderer: str) -> Opened:
+    """A page from `address` starting its push on a socket of its own, read by a task."""
+    ws, page = await connect(session, base, address), Page(None)
+    page.reader = asyncio.create_task(page.run(ws))
+    await ws.send_json(start(push_output(base), "r", renderer))
+    return ws, page
+
+
+async def fill(session: aiohttp.ClientSession, base: str, net: str, n: int) -> list[Opened]:
+    """`n` pushed pages, one socket each, from addresses net.0 to net.(n-1) (page ids net-0...): admitted."""
+    before = push_status(base)["pages"]
+    pages = [await open_pushed(session, base, f"{net}.{i}", f"{net}-{i}") for i in range(n)]
+    await wait_for(lambda: push_status(base)["pages"] == before + n, 10, "the pages were not admitted")
+    return pages
+
+
+async def close_all(base: str, pages: list[Opened]) -> None:
+    for ws, page in pages:
+        await ws.close()
+        if page.reader is not None:
+            page.reader.cancel()
+    await no_pages_left(base)
+
+
+async def test_a_page_back_on_a_new_socket_when_the_process_is_full_is_still_served(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
+) -> None:
+    """Its old socket's place is its own: the caps are judged once it was let go from there, not before (it was
+    refused, counted twice)."""
+    _, base, _, _ = dashboard
+    pages = await fill(session, base, "10.0.8", MAX_PAGES)
+    back = await open_pushed(session, base, "10.0.8.0", "10.0.8-0")
+    await wait_for(lambda: pages[0][0].closed, 10, "the old socket, left with no page, stayed open")
+    await wait_for(lambda: said(back[1], "push-status", "children") == ["live"], 10, f"not served: {back[1].messages}")
+    assert push_status(base)["pages"] == MAX_PAGES
+    await close_all(base, [*pages[1:], back])
+
+
+async def test_a_page_pushed_to_and_refused_on_its_next_socket_polls_again(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
+) -> None:
+    """Its socket was lost (Dash judged it dead), another page took its place meanwhile, and the process is full: the
+    page was told it is busy but left with its polling off, so it froze. It polls again."""
+    _, base, _, _ = dashboard
+    pages = await fill(session, base, "10.0.9", MAX_PAGES)
+    assert said(pages[0][1], "tick", "disabled") == [True]  # pushed to: it stopped polling
+    await pages[0][0].close()
+    await wait_for(lambda: push_status(base)["pages"] == MAX_PAGES - 1, 10, "the lost socket's page still counts")
+    pages[1:1] = await fill(session, base, "10.0.10", 1)
+    back = await open_pushed(session, base, "10.0.9.0", "10.0.9-0")
+    await wait_for(lambda: bool(said(back[1], "push-status", "children")), 10, "the page was told nothing")
+    assert said(back[1], "push-status", "children") == ["busy: polling every 2 s"]
+    assert said(back[1], "tick", "disabled") == said(back[1], "lists-tick", "disabled") == [False]
+    await close_all(base, [*pages[1:], back])
 
 
 async def test_two_dashboard_processes_on_one_redis_push_their_own_pages_with_no_sticky_sessions(

@@ -38,7 +38,10 @@ def build_app(settings: DashboardSettings, client: SyncClient | None = None) -> 
     client = client or open_sync_client(settings, cluster, socket_timeout=5, socket_connect_timeout=5)
     check_shards_sync(client, settings)  # another shard count would read other keys than the pipeline writes
     # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
-    app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi")
+    # No inactivity timeout: a watched page can go minutes without a push (a quiet feed, an outage), and Dash's worker
+    # would then close its socket for good (no reconnect), freezing the page with its polling off. Dead sockets are
+    # found by Dash's heartbeat and socket_push's alive check.
+    app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi", websocket_inactivity_timeout=0)
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
 

@@ -5,10 +5,10 @@ socket's loop; a further page of the same socket joins it; a page already served
 the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the counts moved, at most every
 MIN_PUSH_GAP, the loop sends each page the update from what it shows (view_updates.py: computed once per view and
 version, shared as text); the lists at most every LISTS_MS. What a page shows is asked once, then is what the last
-push made of it, until the page says otherwise (`resync`): a message per page and update, not a round trip. A page
-that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket; asked at most every ALIVE_CHECK) is
-no longer pushed to and told to poll, and a socket none of whose pages answers is dropped, as is one that leaves
-more than the guard's backlog unsent (guard.Guard.push).
+push made of it, until the page says otherwise (`resync`: it is pushed to from there at once): a message per page
+and update, not a round trip. A page that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket;
+asked at most every ALIVE_CHECK) is no longer pushed to and told to poll, and a socket none of whose pages answers
+is dropped, as is one that leaves more than the guard's backlog unsent (guard.Guard.push).
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ class SocketPush:
         if renderer in conn.pages or len(conn.pages) >= PAGES_PER_SOCKET:
             self.guard.refuse("the push started again on one socket")
             raise PreventUpdate
+        if (before := self.serving.get(renderer)) is not None and before is not conn:
+            let_go(self.hub, before, renderer)  # the page came back on a new socket: its old one, if open, is not its
         if not self.hub.admit(conn.address):
-            ws.set_prop_sync("push-status", "children", f"busy: {POLLING}")
+            set_polling(ws, f"busy: {POLLING}")  # it may have been pushed to before, on a socket since lost
             raise PreventUpdate
         conn.pages[renderer] = PushedPage(ws, message_head(renderer))
         self.hub.page_opened(conn.address)
-        if (before := self.serving.get(renderer)) is not None and before is not conn:
-            let_go(self.hub, before, renderer)  # the page came back on a new socket: its old one, if open, is not its
         self.serving[renderer] = conn
         ws.set_prop_sync("tick", "disabled", True)
         ws.set_prop_sync("lists-tick", "disabled", True)
@@ -92,11 +92,7 @@ class SocketPush:
             await self._loop(ws, conn)
         finally:
             conn.pusher = False
-            for page in conn.pages.values():
-                self.hub.page_closed(conn.address)
-                for task in page.asking.values():
-                    task.cancel()
-            conn.pages.clear()
+            close_pages(self.hub, conn)
 
     async def _loop(self, ws: Any, conn: Connection) -> None:
         """Until the socket closes (Dash then cancels this task): woken by the hub (at most every MIN_PUSH_GAP)."""
@@ -194,13 +190,18 @@ class SocketPush:
             return  # not drawn yet: asked again at the next push
         await self._push_page(conn, renderer, page, self.hub.state, graph)
 
-    def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
-        """The page says what it shows (it was redrawn over HTTP, zoomed, or could not apply an update)."""
-        page = conn.pages.get(page_id(ws))
-        if page is not None:
-            page.said += 1
-            page.shown = shown if isinstance(shown, dict) else None
-            page.lists = lists if isinstance(lists, list) else None
+    async def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
+        """The page says what it shows (it was redrawn over HTTP, zoomed, or could not apply an update): it is pushed
+        to from there at once, as a redraw computed before the last notice may have landed after its push."""
+        renderer = page_id(ws)
+        if (page := conn.pages.get(renderer)) is None:
+            return
+        lists_moved = isinstance(lists, list) and lists != page.lists  # not at every zoom: the lists cost more
+        page.said += 1
+        page.shown = shown if isinstance(shown, dict) else None
+        page.lists = lists if isinstance(lists, list) else None
+        pushes = [graph for graph, due in ((True, page.shown is not None), (False, lists_moved)) if due]
+        await asyncio.gather(*(self._push_page(conn, renderer, page, self.hub.state, graph) for graph in pushes))
 
 
 def page_id(ws: Any) -> str:
@@ -221,6 +222,15 @@ async def check_alive(hub: NoticeHub, conn: Connection, renderer: str, page: Pus
         page.asking.pop("alive", None)
 
 
+def close_pages(hub: NoticeHub, conn: Connection) -> None:
+    """The socket's loop ended (it closed): none of its pages is served any more."""
+    for page in conn.pages.values():
+        hub.page_closed(conn.address)
+        for task in page.asking.values():
+            task.cancel()
+    conn.pages.clear()
+
+
 def let_go(hub: NoticeHub, conn: Connection, renderer: str) -> None:
     """Stop serving a page on `conn`, without a word to it: it is pushed to over another socket now. A page whose
     socket was replaced (Dash reconnects a socket it thinks dead) would else count twice while the old one is open."""
@@ -236,8 +246,13 @@ def let_go(hub: NoticeHub, conn: Connection, renderer: str) -> None:
 def stop_pushing(hub: NoticeHub, conn: Connection, renderer: str, page: PushedPage) -> None:
     if conn.pages.pop(renderer, None) is not None:
         hub.page_closed(conn.address)
-        page.ws.set_prop_sync("tick", "disabled", False)
-        page.ws.set_prop_sync("lists-tick", "disabled", False)
-        page.ws.set_prop_sync("push-status", "children", POLLING)
+        set_polling(page.ws, POLLING)
         if not conn.pages:
             conn.drop()  # none of its pages answers: a socket nobody reads, holding what was queued on it
+
+
+def set_polling(ws: Any, status: str) -> None:
+    """The page refreshes itself over HTTP again (layout's tick and lists-tick), and says so."""
+    ws.set_prop_sync("tick", "disabled", False)
+    ws.set_prop_sync("lists-tick", "disabled", False)
+    ws.set_prop_sync("push-status", "children", status)
