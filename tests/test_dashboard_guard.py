@@ -26,6 +26,7 @@ import redis
 from tests.helpers import callback_body, start_dashboard
 from tests.helpers import post_callback as post
 from wikipulse.dashboard.guard import callback_refusal, message_refusal, parse_message
+from wikipulse.dashboard.push import MIN_PUSH_GAP
 from wikipulse.dashboard.socket_push import PAGE_TIMEOUT, PAGES_PER_SOCKET
 from wikipulse.dashboard.view_updates import UpdateCache
 from wikipulse.devtools.redis_server import RedisServer, free_port
@@ -386,18 +387,20 @@ async def test_a_page_back_on_a_new_socket_is_let_go_from_its_old_one(
     await no_pages_left(base)
 
 
-def said(page: Page, component: str, prop: str) -> list[Any]:
-    """What the server set `component.prop` to on this page, in order."""
-    sets = [m["payload"] for m in page.messages if m.get("type") == "set_props"]
+def said(page: Page, component: str, prop: str, renderer: str | None = None) -> list[Any]:
+    """What the server set `component.prop` to on this socket's pages (or on `renderer`'s), in order."""
+    sets = [m["payload"] for m in page.messages if m.get("type") == "set_props" and renderer in (None, m.get("rendererId"))]
     return [p["props"][prop] for p in sets if p.get("componentId") == component and prop in p.get("props", {})]
 
 
 Opened = tuple[aiohttp.ClientWebSocketResponse, Page]
 
 
-async def open_pushed(session: aiohttp.ClientSession, base: str, address: str, renderer: str) -> Opened:
+async def open_pushed(
+    session: aiohttp.ClientSession, base: str, address: str, renderer: str, shown: dict[str, Any] | None = None
+) -> Opened:
     """A page from `address` starting its push on a socket of its own, read by a task."""
-    ws, page = await connect(session, base, address), Page(None)
+    ws, page = await connect(session, base, address), Page(shown)
     page.reader = asyncio.create_task(page.run(ws))
     await ws.send_json(start(push_output(base), "r", renderer))
     return ws, page
@@ -440,7 +443,7 @@ async def test_a_page_pushed_to_and_refused_on_its_next_socket_polls_again(
     page was told it is busy but left with its polling off, so it froze. It polls again."""
     _, base, _, _ = dashboard
     pages = await fill(session, base, "10.0.9", MAX_PAGES)
-    assert said(pages[0][1], "tick", "disabled") == [True]  # pushed to: it stopped polling
+    await wait_for(lambda: said(pages[0][1], "tick", "disabled") == [True], 10, "not told to stop polling")  # pushed to
     await pages[0][0].close()
     await wait_for(lambda: push_status(base)["pages"] == MAX_PAGES - 1, 10, "the lost socket's page still counts")
     pages[1:1] = await fill(session, base, "10.0.10", 1)
@@ -448,7 +451,62 @@ async def test_a_page_pushed_to_and_refused_on_its_next_socket_polls_again(
     await wait_for(lambda: bool(said(back[1], "push-status", "children")), 10, "the page was told nothing")
     assert said(back[1], "push-status", "children") == ["busy: polling every 2 s"]
     assert said(back[1], "tick", "disabled") == said(back[1], "lists-tick", "disabled") == [False]
-    await close_all(base, [*pages[1:], back])
+    await close_all(base, [*pages, back])
+
+
+async def test_a_page_pushed_to_and_refused_by_a_full_socket_polls_again(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
+) -> None:
+    """The same for a page that comes back on a socket already serving a browser's worth of tabs."""
+    _, base, _, _ = dashboard
+    old, page = await open_pushed(session, base, "10.0.12.1", "tab")
+    await wait_for(lambda: said(page, "tick", "disabled") == [True], 10, "not told to stop polling")
+    full, tabs = await open_pushed(session, base, "10.0.12.2", "tab-0")
+    for i in range(1, PAGES_PER_SOCKET):
+        await full.send_json(start(push_output(base), "r", f"tab-{i}"))
+    await wait_for(lambda: push_status(base)["pages"] == 1 + PAGES_PER_SOCKET, 10, "the tabs were not admitted")
+    await full.send_json(start(push_output(base), "r2", "tab"))
+    await wait_for(lambda: bool(said(tabs, "push-status", "children", "tab")), 10, "the page was told nothing")
+    assert said(tabs, "tick", "disabled", "tab") == said(tabs, "lists-tick", "disabled", "tab") == [False]
+    await wait_for(lambda: old.closed, 10, "its old socket, left with no page, stayed open")
+    assert push_status(base)["pages"] == PAGES_PER_SOCKET
+    await close_all(base, [(old, page), (full, tabs)])
+
+
+def resync_request(base: str, renderer: str, n: int, shown: Any, lists: Any) -> dict[str, Any]:
+    """The message a page sends when what it shows is not what its last push made of it (view_updates.WATCH_SHOWN)."""
+    callback = next(d for d in dependencies(base) if [i["id"] for i in d.get("inputs", [])] == ["resync"])
+    body = callback_body(callback, {("resync", "data"): n, ("shown", "data"): shown, ("lists-shown", "data"): lists})
+    return {"type": "callback_request", "requestId": f"s{n}", "rendererId": renderer, "payload": body}
+
+
+async def test_what_a_page_says_it_shows_is_pushed_from_at_most_every_push_gap(
+    dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
+) -> None:
+    """A page saying what the server holds gets nothing (a push would make it say so again, and again); one saying
+    something else is pushed to from there; and a crafted page saying another view with every message, 50 a second,
+    gets a push per MIN_PUSH_GAP, not one per message."""
+    _, base, _, _ = dashboard
+    ws, page = await open_pushed(session, base, "10.0.13.1", "saying", drawn_state(base))
+    await wait_for(lambda: bool(page.pushed), 10, "the page's first push")
+    await asyncio.sleep(0.5)
+    lists, pushes = page.stores["lists-shown"], len(page.pushed)
+    await ws.send_json(resync_request(base, "saying", 1, page.stores["shown"], lists))
+    await asyncio.sleep(1.5)
+    assert len(page.pushed) == pushes  # what it holds: nothing to push
+    older = {**page.stores["shown"], "mark": "another-process:1"}
+    page.stores["shown"] = older
+    await ws.send_json(resync_request(base, "saying", 2, older, lists))
+    await wait_for(lambda: len(page.pushed) > pushes, 5, "not pushed to from what it said")
+    computed, began = push_status(base)["updates_computed"], time.monotonic()
+    for i in range(100):
+        zoom = {"rev": "crafted", "xaxis": [i, i + 1]}
+        await ws.send_json(resync_request(base, "saying", 3 + i, {**older, "zoom": zoom}, lists))
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    took = time.monotonic() - began
+    assert push_status(base)["updates_computed"] - computed <= took / MIN_PUSH_GAP + 2  # was one a message: 100
+    await close_all(base, [(ws, page)])
 
 
 async def test_two_dashboard_processes_on_one_redis_push_their_own_pages_with_no_sticky_sessions(

@@ -39,8 +39,9 @@ def build_app(settings: DashboardSettings, client: SyncClient | None = None) -> 
     check_shards_sync(client, settings)  # another shard count would read other keys than the pipeline writes
     # The FastAPI backend: an ASGI app, served by uvicorn (serve), not by a development server.
     # No inactivity timeout: a watched page can go minutes without a push (a quiet feed, an outage), and Dash's worker
-    # would then close its socket for good (no reconnect), freezing the page with its polling off. Dead sockets are
-    # found by Dash's heartbeat and socket_push's alive check.
+    # would then close its socket and not reconnect it until the tab is hidden and shown again, freezing the page with
+    # its polling off. A closed browser's socket closes with it (or uvicorn's ping finds it dead); a closed tab behind
+    # a socket its other tabs keep is let go by socket_push's alive check, at the next push.
     app = dash.Dash(__name__, title="wikipulse", update_title="", backend="fastapi", websocket_inactivity_timeout=0)
     app.layout = serve_layout
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")

@@ -5,16 +5,17 @@ socket's loop; a further page of the same socket joins it; a page already served
 the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the counts moved, at most every
 MIN_PUSH_GAP, the loop sends each page the update from what it shows (view_updates.py: computed once per view and
 version, shared as text); the lists at most every LISTS_MS. What a page shows is asked once, then is what the last
-push made of it, until the page says otherwise (`resync`: it is pushed to from there at once): a message per page
-and update, not a round trip. A page that does not answer within PAGE_TIMEOUT (a tab closed behind a shared socket;
-asked at most every ALIVE_CHECK) is no longer pushed to and told to poll, and a socket none of whose pages answers
-is dropped, as is one that leaves more than the guard's backlog unsent (guard.Guard.push).
+push made of it, until the page says otherwise (`resync`: it is pushed to from there within MIN_PUSH_GAP): a message
+per page and update, not a round trip. A page that does not answer within PAGE_TIMEOUT (a tab closed behind a shared
+socket; asked at most every ALIVE_CHECK) is no longer pushed to and told to poll, and a socket none of whose pages
+answers is dropped, as is one that leaves more than the guard's backlog unsent (guard.Guard.push).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 import time
 import weakref
@@ -25,7 +26,7 @@ from typing import Any
 from dash.exceptions import PreventUpdate, WebsocketDisconnected
 
 from wikipulse.dashboard.guard import Connection, Guard
-from wikipulse.dashboard.push import NoticeHub
+from wikipulse.dashboard.push import MIN_PUSH_GAP, NoticeHub
 from wikipulse.dashboard.view_updates import UpdateCache, cache_key, message_head, set_props_message
 from wikipulse.store.retry import REDIS_ERRORS
 
@@ -49,6 +50,8 @@ class PushedPage:
     asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
     asked_at: float = 0.0  # when it last answered a question (or was asked one)
     busy: set[bool] = field(default_factory=set)  # graph (True) or lists (False): a push to it in flight
+    due: set[bool] = field(default_factory=set)  # ... or a push from what it said (resync), not sent yet
+    due_at: float = -math.inf  # when the last push from what it said went
     again: set[bool] = field(default_factory=set)  # ... and the data moved meanwhile: push once more after it
 
 
@@ -71,20 +74,7 @@ class SocketPush:
 
     async def serve(self, ws: Any, conn: Connection) -> None:
         """The persistent callback's run for one page of `conn`."""
-        renderer = page_id(ws)
-        if renderer in conn.pages or len(conn.pages) >= PAGES_PER_SOCKET:
-            self.guard.refuse("the push started again on one socket")
-            raise PreventUpdate
-        if (before := self.serving.get(renderer)) is not None and before is not conn:
-            let_go(self.hub, before, renderer)  # the page came back on a new socket: its old one, if open, is not its
-        if not self.hub.admit(conn.address):
-            set_polling(ws, f"busy: {POLLING}")  # it may have been pushed to before, on a socket since lost
-            raise PreventUpdate
-        conn.pages[renderer] = PushedPage(ws, message_head(renderer))
-        self.hub.page_opened(conn.address)
-        self.serving[renderer] = conn
-        ws.set_prop_sync("tick", "disabled", True)
-        ws.set_prop_sync("lists-tick", "disabled", True)
+        take_page(self.hub, self.guard, self.serving, ws, conn)
         if conn.pusher:
             raise PreventUpdate  # the socket's loop serves this page too
         conn.pusher = True
@@ -192,16 +182,53 @@ class SocketPush:
 
     async def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
         """The page says what it shows (it was redrawn over HTTP, zoomed, or could not apply an update): it is pushed
-        to from there at once, as a redraw computed before the last notice may have landed after its push."""
+        to from there, soon (a redraw computed before a notice may have landed after that notice's push)."""
         renderer = page_id(ws)
         if (page := conn.pages.get(renderer)) is None:
             return
-        lists_moved = isinstance(lists, list) and lists != page.lists  # not at every zoom: the lists cost more
+        if isinstance(shown, dict) and shown != page.shown:  # only what moved: a push that sets what it already said
+            page.due.add(True)  # would make it say so again, and again
+        if isinstance(lists, list) and lists != page.lists:
+            page.due.add(False)
         page.said += 1
         page.shown = shown if isinstance(shown, dict) else None
         page.lists = lists if isinstance(lists, list) else None
-        pushes = [graph for graph, due in ((True, page.shown is not None), (False, lists_moved)) if due]
-        await asyncio.gather(*(self._push_page(conn, renderer, page, self.hub.state, graph) for graph in pushes))
+        if page.due and "resync" not in page.asking:
+            page.asking["resync"] = asyncio.create_task(self._push_due(conn, renderer, page))
+
+    async def _push_due(self, conn: Connection, renderer: str, page: PushedPage) -> None:
+        """At most every MIN_PUSH_GAP, as the hub's wakes: a page says what it shows at its own pace (a crafted one
+        with another view each message), and each push of a new view is computed."""
+        await asyncio.sleep(page.due_at + MIN_PUSH_GAP - time.monotonic())
+        page.asking.pop("resync", None)
+        if renderer not in conn.pages:
+            return
+        page.due_at, due, page.due = time.monotonic(), page.due, set()
+        await asyncio.gather(*(self._push_page(conn, renderer, page, self.hub.state, graph) for graph in due))
+
+
+def take_page(hub: NoticeHub, guard: Guard, serving: weakref.WeakValueDictionary[str, Connection], ws: Any, conn: Connection) -> None:
+    """Serve the page of `ws` on `conn` from now on, or refuse it (PreventUpdate). A page back on a new socket is let go
+    from its old one first (its place there is its own), and one refused that was pushed to before polls again."""
+    renderer = page_id(ws)
+    if renderer in conn.pages:
+        guard.refuse("the push started again on one socket")
+        raise PreventUpdate  # it is served already
+    if (before := serving.get(renderer)) is not None and before is not conn:
+        let_go(hub, before, renderer)  # its old socket, if still open, is not its any more
+    if len(conn.pages) >= PAGES_PER_SOCKET:  # more tabs than a browser's: crafted, or tabs closed without a word
+        guard.refuse("more pages on one socket than a browser's tabs")
+        if before is not None:  # its polling was turned off: on again (a page never pushed to polls already)
+            set_polling(ws, f"busy: {POLLING}")
+        raise PreventUpdate
+    if not hub.admit(conn.address):
+        set_polling(ws, f"busy: {POLLING}")
+        raise PreventUpdate
+    conn.pages[renderer] = PushedPage(ws, message_head(renderer))
+    hub.page_opened(conn.address)
+    serving[renderer] = conn
+    ws.set_prop_sync("tick", "disabled", True)
+    ws.set_prop_sync("lists-tick", "disabled", True)
 
 
 def page_id(ws: Any) -> str:
