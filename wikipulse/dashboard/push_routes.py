@@ -69,10 +69,10 @@ def register_push(app: dash.Dash, hub: NoticeHub, guard: Guard, client: SyncClie
 
     @app.callback(Input("resync", "data"), State("shown", "data"), State("lists-shown", "data"), websocket=True, prevent_initial_call=True)
     async def resync(_n: Any, shown: Any, lists: Any) -> None:
-        """The page says what it shows (view_updates.WATCH_SHOWN): it is pushed to from there at once."""
+        """The page says what it shows (view_updates.WATCH_SHOWN): it is pushed to from there (SocketPush.resync)."""
         ws, conn = dash.ctx.websocket, CONNECTION.get()
         if ws is not None and conn is not None:
-            await push.resync(ws, conn, shown, lists)
+            push.resync(ws, conn, shown, lists)
         raise PreventUpdate
 
     # In the page: a pushed update is applied only to what it was made from (view_updates.py).

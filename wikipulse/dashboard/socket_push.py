@@ -2,7 +2,7 @@
 
 Dash restarts the persistent push callback whenever a socket (re)connects, once per page. The first page's run is the
 socket's loop; a further page of the same socket joins it; a page already served, or past PAGES_PER_SOCKET, or past
-the hub's caps (NoticeHub.admit), is refused (it keeps polling). Whenever the counts moved, at most every
+the hub's caps (NoticeHub.admit), is refused (it polls). Whenever the counts moved, at most every
 MIN_PUSH_GAP, the loop sends each page the update from what it shows (view_updates.py: computed once per view and
 version, shared as text); the lists at most every LISTS_MS. What a page shows is asked once, then is what the last
 push made of it, until the page says otherwise (`resync`: it is pushed to from there within MIN_PUSH_GAP): a message
@@ -50,9 +50,9 @@ class PushedPage:
     asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
     asked_at: float = 0.0  # when it last answered a question (or was asked one)
     busy: set[bool] = field(default_factory=set)  # graph (True) or lists (False): a push to it in flight
-    due: set[bool] = field(default_factory=set)  # ... or a push from what it said (resync), not sent yet
-    due_at: float = -math.inf  # when the last push from what it said went
     again: set[bool] = field(default_factory=set)  # ... and the data moved meanwhile: push once more after it
+    due: set[bool] = field(default_factory=set)  # graph or lists: to push from what the page said (resync)
+    due_at: float = -math.inf  # when the last push from what it said went
 
 
 class SocketPush:
@@ -180,9 +180,9 @@ class SocketPush:
             return  # not drawn yet: asked again at the next push
         await self._push_page(conn, renderer, page, self.hub.state, graph)
 
-    async def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
+    def resync(self, ws: Any, conn: Connection, shown: Any, lists: Any) -> None:
         """The page says what it shows (it was redrawn over HTTP, zoomed, or could not apply an update): it is pushed
-        to from there, soon (a redraw computed before a notice may have landed after that notice's push)."""
+        to from there within MIN_PUSH_GAP (a redraw computed before a notice may have landed after that notice's push)."""
         renderer = page_id(ws)
         if (page := conn.pages.get(renderer)) is None:
             return

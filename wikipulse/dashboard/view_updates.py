@@ -9,7 +9,7 @@ The update goes to the page's `pushed` store with what it applies to (`for`) and
 the page applies it only when its graph still shows `for` (APPLY_TO_GRAPH), so an update crossing a redraw of the page
 (a new selection, drawn over HTTP) is dropped, not applied to the wrong figure. The server takes `then` as what the
 page shows next; whenever that is not so (the page was redrawn over HTTP, zoomed, or dropped an update), the page says
-what it shows over its socket (WATCH_SHOWN, then dashboard's resync callback), and is pushed to from there at once.
+what it shows over its socket (WATCH_SHOWN, then dashboard's resync callback), and is pushed to from there.
 """
 
 from __future__ import annotations
