@@ -484,24 +484,31 @@ async def test_what_a_page_says_it_shows_is_pushed_from_at_most_every_push_gap(
     dashboard: tuple[str, str, Path, int], session: aiohttp.ClientSession
 ) -> None:
     """A page saying what the server holds gets nothing (a push would make it say so again, and again); one saying
-    something else is pushed to from there; and a crafted page saying another view with every message, 50 a second,
-    gets a push per MIN_PUSH_GAP, not one per message."""
+    other lists gets those, and only those; one saying another figure is pushed to from there; and a crafted page
+    saying another view with every message, 50 a second, gets a push per MIN_PUSH_GAP, not one per message."""
     _, base, _, _ = dashboard
     ws, page = await open_pushed(session, base, "10.0.13.1", "saying", drawn_state(base))
-    await wait_for(lambda: bool(page.pushed), 10, "the page's first push")
-    await asyncio.sleep(0.5)
+
+    def lists_pushed() -> list[Any]:
+        return [d["for"] for d in said(page, "lists-pushed", "data")]
+
+    await wait_for(lambda: bool(page.pushed) and bool(lists_pushed()), 10, "the page's first pushes")  # the lists' at 0-5 s
     lists, pushes = page.stores["lists-shown"], len(page.pushed)
     await ws.send_json(resync_request(base, "saying", 1, page.stores["shown"], lists))
     await asyncio.sleep(1.5)
     assert len(page.pushed) == pushes  # what it holds: nothing to push
+    lists = [*lists[:3], 60]  # the hour's trending pages: picked over HTTP
+    await ws.send_json(resync_request(base, "saying", 2, page.stores["shown"], lists))
+    await wait_for(lambda: lists_pushed()[-1] == lists, 5, "the lists it said were not pushed from")
+    assert len(page.pushed) == pushes  # its figure did not move
     older = {**page.stores["shown"], "mark": "another-process:1"}
     page.stores["shown"] = older
-    await ws.send_json(resync_request(base, "saying", 2, older, lists))
+    await ws.send_json(resync_request(base, "saying", 3, older, lists))
     await wait_for(lambda: len(page.pushed) > pushes, 5, "not pushed to from what it said")
     computed, began = push_status(base)["updates_computed"], time.monotonic()
     for i in range(100):
         zoom = {"rev": "crafted", "xaxis": [i, i + 1]}
-        await ws.send_json(resync_request(base, "saying", 3 + i, {**older, "zoom": zoom}, lists))
+        await ws.send_json(resync_request(base, "saying", 4 + i, {**older, "zoom": zoom}, lists))
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.5)
     took = time.monotonic() - began

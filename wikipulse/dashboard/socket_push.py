@@ -47,7 +47,8 @@ class PushedPage:
     shown: dict[str, Any] | None = None  # what its graph shows, as far as the server knows (None: ask)
     lists: list[Any] | None = None  # what its lists show, likewise
     said: int = 0  # times the page said what it shows: an update made before that must not overwrite it
-    asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight
+    asking: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # store -> the question in flight; "resync":
+    # the push due from what it said (its tasks end with the page)
     asked_at: float = 0.0  # when it last answered a question (or was asked one)
     busy: set[bool] = field(default_factory=set)  # graph (True) or lists (False): a push to it in flight
     again: set[bool] = field(default_factory=set)  # ... and the data moved meanwhile: push once more after it
